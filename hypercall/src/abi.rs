@@ -1,0 +1,147 @@
+//! The Xen PV ABI structures this crate passes to Xen, with their layouts
+//! pinned by compile-time assertions, plus constants `xen-sys` lacks.
+//!
+//! Invariant: every struct handed to Xen by pointer has exactly the size and
+//! field offsets of Xen 4.17's public headers (checked below at build time).
+
+use core::mem::{offset_of, size_of};
+use static_assertions::const_assert_eq;
+
+pub use xen_sys::{mmu_update, mmuext_op, multicall_entry, start_info};
+
+/// Hypercall numbers used by this crate (`xen/include/public/xen.h`).
+pub mod nr {
+    pub use xen_sys::{
+        __HYPERVISOR_console_io as CONSOLE_IO, __HYPERVISOR_event_channel_op as EVENT_CHANNEL_OP,
+        __HYPERVISOR_memory_op as MEMORY_OP, __HYPERVISOR_mmu_update as MMU_UPDATE,
+        __HYPERVISOR_mmuext_op as MMUEXT_OP, __HYPERVISOR_multicall as MULTICALL,
+        __HYPERVISOR_sched_op as SCHED_OP, __HYPERVISOR_set_timer_op as SET_TIMER_OP,
+        __HYPERVISOR_update_va_mapping as UPDATE_VA_MAPPING, __HYPERVISOR_vcpu_op as VCPU_OP,
+        __HYPERVISOR_vm_assist as VM_ASSIST, __HYPERVISOR_xen_version as XEN_VERSION,
+    };
+}
+
+pub use xen_sys::{
+    CONSOLEIO_write, EVTCHNOP_send, SCHEDOP_shutdown, SHUTDOWN_crash, SHUTDOWN_poweroff,
+    SHUTDOWN_reboot, VMASST_CMD_enable, VMASST_TYPE_writable_pagetables, MMUEXT_INVLPG_ALL,
+    MMUEXT_INVLPG_LOCAL, MMUEXT_NEW_BASEPTR, MMUEXT_NEW_USER_BASEPTR, MMUEXT_PIN_L1_TABLE,
+    MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_ALL,
+    MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_UNPIN_TABLE, MMU_MACHPHYS_UPDATE, MMU_NORMAL_PT_UPDATE,
+    MMU_PT_UPDATE_PRESERVE_AD,
+};
+
+/// `update_va_mapping` flag: flush the whole local TLB afterwards.
+pub const UVMF_TLB_FLUSH: u64 = 1;
+/// `update_va_mapping` flag: invalidate only the updated address afterwards.
+pub const UVMF_INVLPG: u64 = 2;
+/// `update_va_mapping` flag: apply the flush on every vCPU, not only this one.
+pub const UVMF_ALL: u64 = 4;
+/// `update_va_mapping` flag value: no flush.
+pub const UVMF_NONE: u64 = 0;
+
+/// `memory_op` sub-command: the domain's pseudo-physical memory map.
+pub const XENMEM_MEMORY_MAP: u32 = 9;
+/// `memory_op` sub-command: the host's machine memory map (dom0 only).
+pub const XENMEM_MACHINE_MEMORY_MAP: u32 = 10;
+/// `memory_op` sub-command: current reservation of a domain, in pages.
+pub const XENMEM_CURRENT_RESERVATION: u32 = 3;
+/// `memory_op` sub-command: maximum reservation of a domain, in pages.
+pub const XENMEM_MAXIMUM_RESERVATION: u32 = 4;
+
+/// `xen_version` sub-command: major << 16 | minor.
+pub const XENVER_VERSION: u32 = 0;
+/// `xen_version` sub-command: extra version string (16 bytes).
+pub const XENVER_EXTRAVERSION: u32 = 1;
+
+/// `vcpu_op` sub-command: stop the periodic timer.
+pub const VCPUOP_STOP_PERIODIC_TIMER: u32 = 7;
+
+/// `DOMID_SELF`: the calling domain.
+pub const DOMID_SELF: u16 = 0x7ff0;
+
+/// `start_info.flags`: this domain is privileged (dom0).
+pub const SIF_PRIVILEGED: u32 = 1 << 0;
+/// `start_info.flags`: this is the initial domain (dom0).
+pub const SIF_INITDOMAIN: u32 = 1 << 1;
+/// `start_info.flags`: `mod_start` is a PFN, not a virtual address.
+pub const SIF_MOD_START_PFN: u32 = 1 << 3;
+
+/// One entry of the memory map returned by `XENMEM_memory_map`: Xen copies
+/// its packed 20-byte `struct e820entry`.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Type: 1 = RAM, anything else is not RAM.
+    pub kind: u32,
+}
+
+/// Argument of `XENMEM_memory_map` (`struct xen_memory_map`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct XenMemoryMap {
+    /// In: capacity of `buffer` in entries. Out: entries written.
+    pub nr_entries: u32,
+    /// Guest handle of the entry buffer.
+    pub buffer: *mut E820Entry,
+}
+
+/// Argument of `XENMEM_current_reservation` and friends (`domid_t`).
+pub type DomId = u16;
+
+/// Argument of `EVTCHNOP_send`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EvtchnSend {
+    /// Local event-channel port to notify.
+    pub port: u32,
+}
+
+/// Argument of `SCHEDOP_shutdown`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SchedShutdown {
+    /// One of the `SHUTDOWN_*` reasons.
+    pub reason: u32,
+}
+
+// mmu_update: { u64 ptr; u64 val; }
+const_assert_eq!(size_of::<mmu_update>(), 16);
+const_assert_eq!(offset_of!(mmu_update, ptr), 0);
+const_assert_eq!(offset_of!(mmu_update, val), 8);
+// mmuext_op: { unsigned cmd; union { mfn; linear_addr } arg1; union { nr_ents; vcpumask; src_mfn } arg2; }
+const_assert_eq!(size_of::<mmuext_op>(), 24);
+const_assert_eq!(offset_of!(mmuext_op, cmd), 0);
+const_assert_eq!(offset_of!(mmuext_op, arg1), 8);
+const_assert_eq!(offset_of!(mmuext_op, arg2), 16);
+// multicall_entry: { xen_ulong_t op, result; xen_ulong_t args[6]; }
+const_assert_eq!(size_of::<multicall_entry>(), 64);
+const_assert_eq!(offset_of!(multicall_entry, op), 0);
+const_assert_eq!(offset_of!(multicall_entry, result), 8);
+const_assert_eq!(offset_of!(multicall_entry, args), 16);
+// start_info (x86_64)
+const_assert_eq!(size_of::<start_info>(), 1168);
+const_assert_eq!(offset_of!(start_info, nr_pages), 32);
+const_assert_eq!(offset_of!(start_info, shared_info), 40);
+const_assert_eq!(offset_of!(start_info, flags), 48);
+const_assert_eq!(offset_of!(start_info, store_mfn), 56);
+const_assert_eq!(offset_of!(start_info, store_evtchn), 64);
+const_assert_eq!(offset_of!(start_info, console), 72);
+const_assert_eq!(offset_of!(start_info, pt_base), 88);
+const_assert_eq!(offset_of!(start_info, nr_pt_frames), 96);
+const_assert_eq!(offset_of!(start_info, mfn_list), 104);
+const_assert_eq!(offset_of!(start_info, mod_start), 112);
+const_assert_eq!(offset_of!(start_info, mod_len), 120);
+const_assert_eq!(offset_of!(start_info, cmd_line), 128);
+const_assert_eq!(offset_of!(start_info, first_p2m_pfn), 1152);
+const_assert_eq!(offset_of!(start_info, nr_p2m_frames), 1160);
+// e820 entry as Xen writes it: packed, 20 bytes.
+const_assert_eq!(size_of::<E820Entry>(), 20);
+const_assert_eq!(offset_of!(E820Entry, kind), 16);
+const_assert_eq!(size_of::<XenMemoryMap>(), 16);
+const_assert_eq!(offset_of!(XenMemoryMap, buffer), 8);
+const_assert_eq!(size_of::<EvtchnSend>(), 4);
+const_assert_eq!(size_of::<SchedShutdown>(), 4);

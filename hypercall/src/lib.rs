@@ -1,0 +1,22 @@
+//! The Xen PV hypercall ABI boundary for pvmmu and the reference kernel.
+//!
+//! * [`abi`]: the structures passed to Xen, layouts checked at compile time.
+//! * [`raw`]: the hypercall instruction (`syscall` from PV kernel mode).
+//! * [`mmu`]: the MMU hypercalls behind the [`MmuHypercalls`] trait, with the
+//!   real implementation [`Xen`]; pvmmu's host tests substitute a model.
+//! * [`ops`]: console, scheduler, version, memory map, event channels, timer.
+//! * [`XenError`]: Xen's error numbers as an enum.
+//!
+//! Invariant: nothing here issues a hypercall unless the caller has asserted,
+//! through an `unsafe` constructor or function, that it runs as a PV guest.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod abi;
+mod errno;
+pub mod mmu;
+pub mod ops;
+pub mod raw;
+
+pub use errno::XenError;
+pub use mmu::{BatchError, Call, HypercallStats, MmuExt, MmuHypercalls, MmuUpdate, PinLevel, Xen};

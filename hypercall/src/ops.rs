@@ -1,0 +1,167 @@
+//! Typed wrappers for the hypercalls a PV kernel needs outside the MMU:
+//! console, scheduler, version, memory map, event channels, timer, vCPU.
+//!
+//! Invariant: as for [`crate::raw`], only call these as a Xen PV guest.
+
+use crate::abi::{self, nr, E820Entry, EvtchnSend, SchedShutdown, XenMemoryMap};
+use crate::raw::{call2, call3};
+use crate::XenError;
+
+/// Why the domain shuts down (`SHUTDOWN_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// Clean power-off.
+    Poweroff,
+    /// Reboot request.
+    Reboot,
+    /// The domain crashed.
+    Crash,
+}
+
+/// `console_io(CONSOLEIO_write)`: writes bytes to Xen's console (dom0, or any
+/// domain on a debug Xen). Returns the number of bytes Xen accepted.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn console_write(bytes: &[u8]) -> Result<usize, XenError> {
+    // SAFETY: `bytes` is a valid buffer of the stated length; caller is PV.
+    let ret = unsafe {
+        call3(
+            nr::CONSOLE_IO,
+            u64::from(abi::CONSOLEIO_write),
+            bytes.len() as u64,
+            bytes.as_ptr() as u64,
+        )
+    };
+    XenError::check(ret).map(|n| n as usize)
+}
+
+/// `sched_op(SCHEDOP_shutdown)`. Returns only if Xen refused.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn shutdown(reason: ShutdownReason) -> XenError {
+    let arg = SchedShutdown {
+        reason: match reason {
+            ShutdownReason::Poweroff => abi::SHUTDOWN_poweroff,
+            ShutdownReason::Reboot => abi::SHUTDOWN_reboot,
+            ShutdownReason::Crash => abi::SHUTDOWN_crash,
+        },
+    };
+    // SAFETY: `arg` lives across the call; caller is PV.
+    let ret = unsafe {
+        call2(
+            nr::SCHED_OP,
+            u64::from(abi::SCHEDOP_shutdown),
+            &arg as *const _ as u64,
+        )
+    };
+    match XenError::check(ret) {
+        Err(e) => e,
+        Ok(_) => XenError::Other(0),
+    }
+}
+
+/// `xen_version(XENVER_version)`: `(major, minor)`.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn xen_version() -> Result<(u16, u16), XenError> {
+    // SAFETY: XENVER_version takes no buffer; caller is PV.
+    let ret = unsafe { call2(nr::XEN_VERSION, u64::from(abi::XENVER_VERSION), 0) };
+    XenError::check(ret).map(|v| ((v >> 16) as u16, v as u16))
+}
+
+/// `vm_assist(cmd, type)`, e.g. to enable or disable an assist.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn vm_assist(cmd: u32, kind: u32) -> Result<(), XenError> {
+    // SAFETY: no pointers; caller is PV.
+    let ret = unsafe { call2(nr::VM_ASSIST, u64::from(cmd), u64::from(kind)) };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `memory_op(XENMEM_memory_map)`: fills `buf` with the domain's pseudo-
+/// physical memory map and returns the number of entries written.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn memory_map(buf: &mut [E820Entry]) -> Result<usize, XenError> {
+    let mut arg = XenMemoryMap {
+        nr_entries: buf.len().min(u32::MAX as usize) as u32,
+        buffer: buf.as_mut_ptr(),
+    };
+    // SAFETY: `arg` and `buf` are valid for the call; Xen writes at most
+    // `nr_entries` entries into `buf`.
+    let ret = unsafe {
+        call2(
+            nr::MEMORY_OP,
+            u64::from(abi::XENMEM_MEMORY_MAP),
+            &mut arg as *mut _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| arg.nr_entries as usize)
+}
+
+/// `memory_op(XENMEM_current_reservation, DOMID_SELF)`: pages this domain has.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn current_reservation() -> Result<u64, XenError> {
+    let domid: abi::DomId = abi::DOMID_SELF;
+    // SAFETY: `domid` lives across the call.
+    let ret = unsafe {
+        call2(
+            nr::MEMORY_OP,
+            u64::from(abi::XENMEM_CURRENT_RESERVATION),
+            &domid as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|n| n as u64)
+}
+
+/// `event_channel_op(EVTCHNOP_send)`: notifies the other end of `port`.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn evtchn_send(port: u32) -> Result<(), XenError> {
+    let arg = EvtchnSend { port };
+    // SAFETY: `arg` lives across the call.
+    let ret = unsafe {
+        call2(
+            nr::EVENT_CHANNEL_OP,
+            u64::from(abi::EVTCHNOP_send),
+            &arg as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `set_timer_op(deadline)`: one-shot timer at system time `deadline` (ns);
+/// 0 cancels it.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn set_timer_op(deadline_ns: u64) -> Result<(), XenError> {
+    // SAFETY: no pointers.
+    let ret = unsafe { call2(nr::SET_TIMER_OP, deadline_ns, 0) };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `vcpu_op(VCPUOP_stop_periodic_timer, vcpu)`.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn vcpu_stop_periodic_timer(vcpu: u32) -> Result<(), XenError> {
+    // SAFETY: this sub-op takes no argument buffer.
+    let ret = unsafe {
+        call3(
+            nr::VCPU_OP,
+            u64::from(abi::VCPUOP_STOP_PERIODIC_TIMER),
+            u64::from(vcpu),
+            0,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}

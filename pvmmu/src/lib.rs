@@ -1,0 +1,16 @@
+//! pvmmu: one page-table API for x86-64 kernels over two backends, Xen PV
+//! (every live page-table write goes through the hypervisor, live tables are
+//! read-only in every mapping) and native x86-64 paging.
+#![no_std]
+#![deny(missing_docs)]
+
+#[cfg(any(test, feature = "model"))]
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod phys;
+pub mod types;
+
+pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};
+pub use types::{Mfn, Pfn, PAGE_SIZE};

@@ -1,0 +1,54 @@
+//! Frame numbers and page-table entry bits.
+//!
+//! Invariant: a [`Pfn`] is a guest pseudo-physical frame (what the guest's
+//! allocator and direct map index by); an [`Mfn`] is a machine frame (what a
+//! page-table entry holds under Xen PV). Natively the two are equal. The types
+//! are distinct so that one is never used for the other by accident.
+
+use core::fmt;
+
+/// Size of a 4 KiB page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Entries per page-table frame at every level.
+pub const ENTRIES: usize = 512;
+
+/// Guest pseudo-physical frame number.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+/// Machine frame number (what Xen and the MMU see).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Mfn(pub u64);
+
+impl Pfn {
+    /// Pseudo-physical address of the frame's first byte.
+    pub const fn addr(self) -> u64 {
+        self.0 * PAGE_SIZE
+    }
+    /// The frame containing pseudo-physical address `addr`.
+    pub const fn containing(addr: u64) -> Self {
+        Self(addr / PAGE_SIZE)
+    }
+}
+
+impl Mfn {
+    /// Machine address of the frame's first byte.
+    pub const fn maddr(self) -> u64 {
+        self.0 * PAGE_SIZE
+    }
+}
+
+impl fmt::Debug for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pfn:{:#x}", self.0)
+    }
+}
+
+impl fmt::Debug for Mfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mfn:{:#x}", self.0)
+    }
+}
+
+/// Bits 12..52 of an entry: the frame number it points to.
+pub const ENTRY_FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
