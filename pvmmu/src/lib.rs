@@ -9,6 +9,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod bootstrap;
 pub mod phys;
 pub mod types;
 
