@@ -1,1 +1,107 @@
-fn main() {}
+//! `cargo xtask`: builds the pvmmu guest kernel, boots it natively, under Xen
+//! and under `xl`, runs the host tests and the benchmarks.
+//!
+//! Invariant: arguments are parsed and validated (including against the
+//! host's memory) before anything is built or booted; a usage error exits 2,
+//! a failed command or boot exits 1, and only a passing command exits 0.
+
+mod bench;
+mod boot;
+mod build;
+mod cli;
+mod error;
+mod fixture;
+mod harness;
+mod host;
+mod qemu;
+mod report;
+mod suite;
+mod workspace;
+mod xen;
+mod xl;
+
+use std::env;
+use std::process::ExitCode;
+
+use crate::boot::BootRequest;
+use crate::cli::{Command, RunOptions, UsageError};
+use crate::error::XtaskError;
+use crate::harness::{Echo, Verdict};
+use crate::workspace::Workspace;
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = env::args().skip(1).collect();
+    let command = match cli::parse(&argv) {
+        Ok(command) => command,
+        Err(error) => return usage_error(&error),
+    };
+    let ws = Workspace::from_env();
+    let result = match command {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            Ok(true)
+        }
+        Command::Build(profile) => build::kernel(&ws, profile).map(|elf| {
+            println!("{}", elf.display());
+            true
+        }),
+        Command::Run(options) => {
+            if let Err(error) = cli::validate_run(&options, host::mem_available_mib()) {
+                return usage_error(&error);
+            }
+            run(&ws, options)
+        }
+        Command::Test(options) | Command::Ci(options) => {
+            let with_xl = matches!(command, Command::Ci(_));
+            if let Err(error) = suite::validate(&suite::rows(with_xl), host::mem_available_mib()) {
+                return usage_error(&error);
+            }
+            suite::run(&ws, options, with_xl)
+        }
+        Command::Bench => bench::run(&ws).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("xtask: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(error: &UsageError) -> ExitCode {
+    eprintln!("xtask: {error}\n\n{}", cli::USAGE);
+    ExitCode::from(2)
+}
+
+/// `cargo xtask run`: build, boot once, say how it ended.
+fn run(ws: &Workspace, options: RunOptions) -> Result<bool, XtaskError> {
+    let kernel = build::kernel(ws, options.profile)?;
+    let request = BootRequest {
+        kernel,
+        label: boot::label(&options),
+        options,
+        echo: Echo::All,
+    };
+    let outcome = boot::boot(ws, &request)?;
+    let what = format!(
+        "--mode {}, {} MiB, in {:.1} s",
+        request.options.mode.name(),
+        request.options.memory_mib,
+        outcome.elapsed.as_secs_f64()
+    );
+    match &outcome.verdict {
+        Verdict::Pass(report) => {
+            eprintln!("xtask: PASS ({what}): {}", report.summary());
+            Ok(true)
+        }
+        Verdict::Fail(failure) => {
+            eprintln!(
+                "xtask: FAIL ({what}): {failure}\nxtask: console log: {}",
+                outcome.log_path.display()
+            );
+            Ok(false)
+        }
+    }
+}

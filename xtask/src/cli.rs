@@ -1,0 +1,704 @@
+//! Command-line parsing and validation.
+//!
+//! Invariant: everything here is pure (no I/O): `parse` turns the argument list
+//! into a [`Command`] or a [`UsageError`], and `validate_run` checks a
+//! [`RunOptions`] against the host's available memory that the caller read.
+//! Nothing is built or booted until both have succeeded.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::qemu;
+
+/// Usage text printed by `help` and after a usage error.
+pub const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build [--debug]           build the guest kernel (release unless --debug)
+  run [options]             build the guest kernel, boot it, exit 0 only on PVMMU-RESULT PASS
+      --mode native|xen|xl  how to boot it (default: xen)
+                              native: QEMU -kernel through the PVH entry
+                              xen:    QEMU -> Xen 4.17 -> the kernel as PV dom0
+                              xl:     QEMU -> Xen -> Linux dom0 -> `xl create` of the kernel as PV domU
+      --memory MIB          the guest's memory in MiB (default: 512, at least 64)
+      --smp N               virtual CPUs (default: 1)
+      --cmdline \"...\"       extra kernel command line
+      --fail-selftest       add `pvmmu.fail_selftest`: a self-test fails on purpose, run must exit non-zero
+      --timeout SECS        give up after SECS seconds (default: grows with --memory)
+      --debug               boot a debug build of the kernel
+  test [--verbose]          host tests, clippy, fmt, then every boot of the boot table
+  ci [--verbose]            everything `test` does, plus the `--mode xl` boots
+  bench                     run the benchmarks, print their BENCH lines, write <target>/bench.md
+  help                      this text";
+
+/// The smallest guest the reference kernel supports, in MiB.
+pub const MIN_GUEST_MIB: u64 = 64;
+
+/// The largest number of virtual CPUs the xtask will ask QEMU for.
+pub const MAX_SMP: u32 = 64;
+
+/// Guest memory when `--memory` is not given, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+
+/// The kernel command-line knob that makes a self-test fail on purpose.
+pub const FAIL_SELFTEST_KNOB: &str = "pvmmu.fail_selftest";
+
+/// How the guest kernel is booted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// QEMU `-kernel`, PVH entry, no hypervisor.
+    Native,
+    /// QEMU -> Xen -> the kernel as PV dom0.
+    Xen,
+    /// QEMU -> Xen -> Linux dom0 -> `xl create` of the kernel as PV domU.
+    Xl,
+}
+
+impl Mode {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Xen => "xen",
+            Mode::Xl => "xl",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Mode> {
+        match name {
+            "native" => Some(Mode::Native),
+            "xen" => Some(Mode::Xen),
+            "xl" => Some(Mode::Xl),
+            _ => None,
+        }
+    }
+}
+
+/// Which cargo profile the guest kernel is built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// `--release` (the default).
+    Release,
+    /// The dev profile.
+    Debug,
+}
+
+/// Everything `cargo xtask run` needs to boot the kernel once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// How to boot.
+    pub mode: Mode,
+    /// Guest memory in MiB (`dom0_mem` under Xen, `-m` natively).
+    pub memory_mib: u64,
+    /// Virtual CPUs.
+    pub smp: u32,
+    /// Extra kernel command line given with `--cmdline`.
+    pub cmdline: String,
+    /// Whether `pvmmu.fail_selftest` is added to the command line.
+    pub fail_selftest: bool,
+    /// Explicit `--timeout`; `None` means [`RunOptions::timeout`] derives one.
+    pub timeout_secs: Option<u64>,
+    /// Kernel build profile.
+    pub profile: Profile,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            mode: Mode::Xen,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            smp: 1,
+            cmdline: String::new(),
+            fail_selftest: false,
+            timeout_secs: None,
+            profile: Profile::Release,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The kernel command line: `--cmdline` plus the failure knob if asked.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words: Vec<&str> = self.cmdline.split_whitespace().collect();
+        if self.fail_selftest && !words.contains(&FAIL_SELFTEST_KNOB) {
+            words.push(FAIL_SELFTEST_KNOB);
+        }
+        words.join(" ")
+    }
+
+    /// How long the boot may take before the harness gives up: `--timeout`, or
+    /// a budget that grows with the memory the kernel maps and touches under
+    /// TCG (about 20 s per GiB on these machines, with a wide margin).
+    pub fn timeout(&self) -> Duration {
+        let secs = match self.timeout_secs {
+            Some(secs) => secs,
+            None => {
+                let base = match self.mode {
+                    Mode::Native | Mode::Xen => 60,
+                    Mode::Xl => 180,
+                };
+                base + 40 * self.memory_mib.div_ceil(1024)
+            }
+        };
+        Duration::from_secs(secs)
+    }
+}
+
+/// Options of `cargo xtask test` and `cargo xtask ci`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestOptions {
+    /// Stream every boot's console instead of only its result lines.
+    pub verbose: bool,
+}
+
+/// A parsed command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `cargo xtask build`.
+    Build(Profile),
+    /// `cargo xtask run`.
+    Run(RunOptions),
+    /// `cargo xtask test`.
+    Test(TestOptions),
+    /// `cargo xtask ci`.
+    Ci(TestOptions),
+    /// `cargo xtask bench`.
+    Bench,
+    /// `cargo xtask help`.
+    Help,
+}
+
+/// What is wrong with the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UsageError {
+    /// No command was given.
+    NoCommand,
+    /// The command is not one of build/run/test/ci/bench/help.
+    UnknownCommand(String),
+    /// A flag the command does not take.
+    UnknownFlag {
+        /// The command.
+        command: &'static str,
+        /// The flag.
+        flag: String,
+    },
+    /// A positional argument where none is taken.
+    UnexpectedArgument(String),
+    /// A flag that needs a value came last.
+    MissingValue(&'static str),
+    /// A flag that takes no value was given one (`--debug=yes`).
+    UnexpectedValue(&'static str),
+    /// A numeric flag's value is not a number.
+    BadNumber {
+        /// The flag.
+        flag: &'static str,
+        /// What was given.
+        value: String,
+    },
+    /// `--mode` is not native, xen or xl.
+    UnknownMode(String),
+    /// `--memory` below [`MIN_GUEST_MIB`].
+    MemoryTooSmall {
+        /// What was asked.
+        mib: u64,
+    },
+    /// QEMU would need more memory than the host has available.
+    MemoryTooLarge {
+        /// The guest memory asked for.
+        mib: u64,
+        /// The mode (it decides the hypervisor's overhead).
+        mode: Mode,
+        /// What QEMU would need in all, in MiB.
+        needed_mib: u64,
+        /// `MemAvailable` on the host, in MiB.
+        available_mib: u64,
+    },
+    /// `--smp 0`.
+    SmpZero,
+    /// `--smp` above [`MAX_SMP`].
+    SmpTooLarge(u32),
+    /// `--timeout 0`.
+    TimeoutZero,
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UsageError::NoCommand => write!(f, "no command given"),
+            UsageError::UnknownCommand(command) => write!(f, "unknown command `{command}`"),
+            UsageError::UnknownFlag { command, flag } => {
+                write!(f, "`{command}` does not take `{flag}`")
+            }
+            UsageError::UnexpectedArgument(arg) => write!(f, "unexpected argument `{arg}`"),
+            UsageError::MissingValue(flag) => write!(f, "`{flag}` needs a value"),
+            UsageError::UnexpectedValue(flag) => write!(f, "`{flag}` takes no value"),
+            UsageError::BadNumber { flag, value } => {
+                write!(f, "`{flag}` needs a whole number, not `{value}`")
+            }
+            UsageError::UnknownMode(mode) => {
+                write!(f, "unknown mode `{mode}`: use native, xen or xl")
+            }
+            UsageError::MemoryTooSmall { mib } => write!(
+                f,
+                "--memory {mib} is too small: the guest kernel needs at least {MIN_GUEST_MIB} MiB"
+            ),
+            UsageError::MemoryTooLarge {
+                mib,
+                mode,
+                needed_mib,
+                available_mib,
+            } => write!(
+                f,
+                "--memory {mib} is too large for this machine: --mode {} needs about {needed_mib} MiB \
+                 of host memory (guest, hypervisor and QEMU itself) but only {available_mib} MiB are \
+                 available (MemAvailable in /proc/meminfo)",
+                mode.name()
+            ),
+            UsageError::SmpZero => write!(f, "--smp must be at least 1"),
+            UsageError::SmpTooLarge(n) => write!(f, "--smp {n} is too many: at most {MAX_SMP}"),
+            UsageError::TimeoutZero => write!(f, "--timeout must be at least 1 second"),
+        }
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// One `--flag value` / `--flag=value` / `--switch` argument, split.
+struct Flag<'a> {
+    name: &'a str,
+    inline_value: Option<&'a str>,
+}
+
+impl<'a> Flag<'a> {
+    fn split(arg: &'a str) -> Option<Flag<'a>> {
+        if !arg.starts_with("--") {
+            return None;
+        }
+        Some(match arg.split_once('=') {
+            Some((name, value)) => Flag {
+                name,
+                inline_value: Some(value),
+            },
+            None => Flag {
+                name: arg,
+                inline_value: None,
+            },
+        })
+    }
+}
+
+/// Walks the arguments after the command name.
+struct Args<'a> {
+    command: &'static str,
+    rest: std::slice::Iter<'a, String>,
+}
+
+impl<'a> Args<'a> {
+    /// The next flag, or `None` at the end.
+    fn next_flag(&mut self) -> Result<Option<Flag<'a>>, UsageError> {
+        match self.rest.next() {
+            None => Ok(None),
+            Some(arg) => match Flag::split(arg) {
+                Some(flag) => Ok(Some(flag)),
+                None => Err(UsageError::UnexpectedArgument(arg.clone())),
+            },
+        }
+    }
+
+    /// The value of a flag that takes one.
+    fn value(&mut self, flag: &Flag<'a>, name: &'static str) -> Result<&'a str, UsageError> {
+        match flag.inline_value {
+            Some(value) => Ok(value),
+            None => self
+                .rest
+                .next()
+                .map(String::as_str)
+                .ok_or(UsageError::MissingValue(name)),
+        }
+    }
+
+    fn number<T: std::str::FromStr>(
+        &mut self,
+        flag: &Flag<'a>,
+        name: &'static str,
+    ) -> Result<T, UsageError> {
+        let value = self.value(flag, name)?;
+        value.parse().map_err(|_| UsageError::BadNumber {
+            flag: name,
+            value: value.to_string(),
+        })
+    }
+
+    fn unknown(&self, flag: &Flag<'a>) -> UsageError {
+        UsageError::UnknownFlag {
+            command: self.command,
+            flag: flag.name.to_string(),
+        }
+    }
+}
+
+/// Rejects `--switch=value` for flags that take no value.
+fn switch(flag: &Flag<'_>, name: &'static str) -> Result<(), UsageError> {
+    match flag.inline_value {
+        Some(_) => Err(UsageError::UnexpectedValue(name)),
+        None => Ok(()),
+    }
+}
+
+/// Parses the arguments after `cargo xtask`.
+pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
+    let Some((command, rest)) = argv.split_first() else {
+        return Err(UsageError::NoCommand);
+    };
+    let command_name: &'static str = match command.as_str() {
+        "build" => "build",
+        "run" => "run",
+        "test" => "test",
+        "ci" => "ci",
+        "bench" => "bench",
+        "help" | "-h" | "--help" => return Ok(Command::Help),
+        other => return Err(UsageError::UnknownCommand(other.to_string())),
+    };
+    let mut args = Args {
+        command: command_name,
+        rest: rest.iter(),
+    };
+    match command_name {
+        "build" => {
+            let mut profile = Profile::Release;
+            while let Some(flag) = args.next_flag()? {
+                match flag.name {
+                    "--debug" => {
+                        switch(&flag, "--debug")?;
+                        profile = Profile::Debug;
+                    }
+                    _ => return Err(args.unknown(&flag)),
+                }
+            }
+            Ok(Command::Build(profile))
+        }
+        "run" => parse_run(&mut args).map(Command::Run),
+        "test" | "ci" => {
+            let mut options = TestOptions::default();
+            while let Some(flag) = args.next_flag()? {
+                match flag.name {
+                    "--verbose" => {
+                        switch(&flag, "--verbose")?;
+                        options.verbose = true;
+                    }
+                    _ => return Err(args.unknown(&flag)),
+                }
+            }
+            Ok(if command_name == "test" {
+                Command::Test(options)
+            } else {
+                Command::Ci(options)
+            })
+        }
+        _ => {
+            if let Some(flag) = args.next_flag()? {
+                return Err(args.unknown(&flag));
+            }
+            Ok(Command::Bench)
+        }
+    }
+}
+
+fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
+    let mut options = RunOptions::default();
+    while let Some(flag) = args.next_flag()? {
+        match flag.name {
+            "--mode" => {
+                let name = args.value(&flag, "--mode")?;
+                options.mode = Mode::from_name(name)
+                    .ok_or_else(|| UsageError::UnknownMode(name.to_string()))?;
+            }
+            "--memory" => options.memory_mib = args.number(&flag, "--memory")?,
+            "--smp" => options.smp = args.number(&flag, "--smp")?,
+            "--cmdline" => options.cmdline = args.value(&flag, "--cmdline")?.to_string(),
+            "--timeout" => options.timeout_secs = Some(args.number(&flag, "--timeout")?),
+            "--fail-selftest" => {
+                switch(&flag, "--fail-selftest")?;
+                options.fail_selftest = true;
+            }
+            "--debug" => {
+                switch(&flag, "--debug")?;
+                options.profile = Profile::Debug;
+            }
+            _ => return Err(args.unknown(&flag)),
+        }
+    }
+    Ok(options)
+}
+
+/// Checks a run's options against each other and against the host.
+///
+/// `available_mib` is the host's `MemAvailable`; `None` (unreadable) skips the
+/// upper memory check rather than guessing.
+pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<(), UsageError> {
+    if options.memory_mib < MIN_GUEST_MIB {
+        return Err(UsageError::MemoryTooSmall {
+            mib: options.memory_mib,
+        });
+    }
+    if options.smp == 0 {
+        return Err(UsageError::SmpZero);
+    }
+    if options.smp > MAX_SMP {
+        return Err(UsageError::SmpTooLarge(options.smp));
+    }
+    if options.timeout_secs == Some(0) {
+        return Err(UsageError::TimeoutZero);
+    }
+    if let Some(available_mib) = available_mib {
+        let needed_mib = qemu::host_mib_needed(options.mode, options.memory_mib);
+        if needed_mib > available_mib {
+            return Err(UsageError::MemoryTooLarge {
+                mib: options.memory_mib,
+                mode: options.mode,
+                needed_mib,
+                available_mib,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads `MemAvailable` from a `/proc/meminfo` text, in MiB.
+pub fn mem_available_mib(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemAvailable:")?;
+        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib / 1024)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn run(line: &str) -> Result<RunOptions, UsageError> {
+        match parse(&argv(line))? {
+            Command::Run(options) => Ok(options),
+            other => panic!("`{line}` parsed as {other:?}, not run"),
+        }
+    }
+
+    #[test]
+    fn run_defaults_to_xen_512_one_cpu() {
+        let options = run("run").unwrap();
+        assert_eq!(options.mode, Mode::Xen);
+        assert_eq!(options.memory_mib, 512);
+        assert_eq!(options.smp, 1);
+        assert_eq!(options.kernel_cmdline(), "");
+        assert_eq!(options.profile, Profile::Release);
+    }
+
+    #[test]
+    fn run_flags_in_both_spellings() {
+        let options = run("run --mode native --memory=3072 --smp 2 --timeout=30 --debug").unwrap();
+        assert_eq!(options.mode, Mode::Native);
+        assert_eq!(options.memory_mib, 3072);
+        assert_eq!(options.smp, 2);
+        assert_eq!(options.timeout(), Duration::from_secs(30));
+        assert_eq!(options.profile, Profile::Debug);
+        assert_eq!(run("run --mode=xl").unwrap().mode, Mode::Xl);
+    }
+
+    #[test]
+    fn cmdline_keeps_spaces_and_gains_the_knob_once() {
+        let argv = vec![
+            "run".to_string(),
+            "--cmdline".to_string(),
+            "pvmmu.small_pages  loglevel=debug".to_string(),
+            "--fail-selftest".to_string(),
+        ];
+        let Command::Run(options) = parse(&argv).unwrap() else {
+            panic!("not a run");
+        };
+        assert_eq!(
+            options.kernel_cmdline(),
+            "pvmmu.small_pages loglevel=debug pvmmu.fail_selftest"
+        );
+        let mut twice = options.clone();
+        twice.cmdline = "pvmmu.fail_selftest".to_string();
+        assert_eq!(twice.kernel_cmdline(), "pvmmu.fail_selftest");
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        assert_eq!(
+            run("run --mode hvm"),
+            Err(UsageError::UnknownMode("hvm".to_string()))
+        );
+        assert_eq!(
+            run("run --memroy 512"),
+            Err(UsageError::UnknownFlag {
+                command: "run",
+                flag: "--memroy".to_string()
+            })
+        );
+        assert_eq!(
+            run("run --memory lots"),
+            Err(UsageError::BadNumber {
+                flag: "--memory",
+                value: "lots".to_string()
+            })
+        );
+        assert_eq!(
+            run("run --memory -5").unwrap_err(),
+            UsageError::BadNumber {
+                flag: "--memory",
+                value: "-5".to_string()
+            }
+        );
+        assert_eq!(run("run --smp"), Err(UsageError::MissingValue("--smp")));
+        assert_eq!(
+            run("run --fail-selftest=1"),
+            Err(UsageError::UnexpectedValue("--fail-selftest"))
+        );
+        assert_eq!(
+            run("run native"),
+            Err(UsageError::UnexpectedArgument("native".to_string()))
+        );
+        assert_eq!(
+            parse(&argv("frobnicate")),
+            Err(UsageError::UnknownCommand("frobnicate".to_string()))
+        );
+        assert_eq!(parse(&[]), Err(UsageError::NoCommand));
+        assert_eq!(
+            parse(&argv("bench --fast")),
+            Err(UsageError::UnknownFlag {
+                command: "bench",
+                flag: "--fast".to_string()
+            })
+        );
+        assert_eq!(
+            parse(&argv("build --mode xen")),
+            Err(UsageError::UnknownFlag {
+                command: "build",
+                flag: "--mode".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn other_commands() {
+        assert_eq!(parse(&argv("build")), Ok(Command::Build(Profile::Release)));
+        assert_eq!(
+            parse(&argv("build --debug")),
+            Ok(Command::Build(Profile::Debug))
+        );
+        assert_eq!(
+            parse(&argv("test --verbose")),
+            Ok(Command::Test(TestOptions { verbose: true }))
+        );
+        assert_eq!(parse(&argv("ci")), Ok(Command::Ci(TestOptions::default())));
+        assert_eq!(parse(&argv("bench")), Ok(Command::Bench));
+        assert_eq!(parse(&argv("--help")), Ok(Command::Help));
+    }
+
+    #[test]
+    fn validation_limits() {
+        let ok = RunOptions::default();
+        assert_eq!(validate_run(&ok, Some(24_000)), Ok(()));
+        assert_eq!(validate_run(&ok, None), Ok(()));
+
+        let small = RunOptions {
+            memory_mib: 63,
+            ..ok.clone()
+        };
+        assert_eq!(
+            validate_run(&small, Some(24_000)),
+            Err(UsageError::MemoryTooSmall { mib: 63 })
+        );
+        let smallest = RunOptions {
+            memory_mib: MIN_GUEST_MIB,
+            ..ok.clone()
+        };
+        assert_eq!(validate_run(&smallest, Some(24_000)), Ok(()));
+
+        let zero_cpus = RunOptions {
+            smp: 0,
+            ..ok.clone()
+        };
+        assert_eq!(validate_run(&zero_cpus, None), Err(UsageError::SmpZero));
+        let many_cpus = RunOptions {
+            smp: 65,
+            ..ok.clone()
+        };
+        assert_eq!(
+            validate_run(&many_cpus, None),
+            Err(UsageError::SmpTooLarge(65))
+        );
+        let no_time = RunOptions {
+            timeout_secs: Some(0),
+            ..ok.clone()
+        };
+        assert_eq!(validate_run(&no_time, None), Err(UsageError::TimeoutZero));
+    }
+
+    #[test]
+    fn memory_too_large_counts_the_hypervisor_and_qemu() {
+        let native = RunOptions {
+            mode: Mode::Native,
+            memory_mib: 4096,
+            ..RunOptions::default()
+        };
+        let needed_native = qemu::host_mib_needed(Mode::Native, 4096);
+        assert!(needed_native > 4096);
+        assert_eq!(validate_run(&native, Some(needed_native)), Ok(()));
+        assert_eq!(
+            validate_run(&native, Some(needed_native - 1)),
+            Err(UsageError::MemoryTooLarge {
+                mib: 4096,
+                mode: Mode::Native,
+                needed_mib: needed_native,
+                available_mib: needed_native - 1
+            })
+        );
+        // Xen needs more than native for the same guest: a size that fits
+        // natively can be refused under Xen.
+        let xen = RunOptions {
+            mode: Mode::Xen,
+            ..native.clone()
+        };
+        assert!(matches!(
+            validate_run(&xen, Some(needed_native)),
+            Err(UsageError::MemoryTooLarge { .. })
+        ));
+        let huge = RunOptions {
+            memory_mib: 1 << 40,
+            ..native
+        };
+        assert!(validate_run(&huge, Some(24_000)).is_err());
+    }
+
+    #[test]
+    fn timeout_grows_with_memory() {
+        let small = RunOptions {
+            memory_mib: 256,
+            ..RunOptions::default()
+        };
+        let large = RunOptions {
+            memory_mib: 3072,
+            ..RunOptions::default()
+        };
+        assert!(large.timeout() > small.timeout());
+        assert!(small.timeout() >= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let meminfo =
+            "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   24406268 kB\n";
+        assert_eq!(mem_available_mib(meminfo), Some(24406268 / 1024));
+        assert_eq!(mem_available_mib("MemTotal: 5 kB\n"), None);
+        assert_eq!(mem_available_mib("MemAvailable: lots kB\n"), None);
+    }
+}

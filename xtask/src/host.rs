@@ -1,0 +1,88 @@
+//! The host machine: who we are, how much memory there is, running programs.
+//!
+//! Invariant: every external program the xtask runs goes through [`run`] or
+//! [`program_exists`], so a failure always names the command line that failed.
+
+use std::fs;
+use std::process::{Command, Stdio};
+
+use crate::cli;
+use crate::error::XtaskError;
+use crate::harness::display_command;
+
+/// Whether the xtask runs as root (effective uid 0), read from /proc.
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_uid(&status))
+        == Some(0)
+}
+
+/// The effective uid from a `/proc/<pid>/status` text.
+fn effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// `MemAvailable` in MiB, if /proc/meminfo can be read.
+pub fn mem_available_mib() -> Option<u64> {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| cli::mem_available_mib(&meminfo))
+}
+
+/// Whether `program` can be started (it is run with `--version`).
+pub fn program_exists(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The command line of `command`, for messages.
+pub fn describe(command: &Command) -> String {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = command
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    display_command(&program, &args)
+}
+
+/// Runs `command` to completion; an unsuccessful exit is an error.
+pub fn run(command: &mut Command) -> Result<(), XtaskError> {
+    let status = command.status().map_err(|source| XtaskError::Spawn {
+        program: command.get_program().to_string_lossy().into_owned(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(XtaskError::CommandFailed {
+            command: describe(command),
+            status,
+        })
+    }
+}
+
+/// `apt-get <args>` without questions.
+pub fn apt_get(args: &[&str]) -> Command {
+    let mut command = Command::new("apt-get");
+    command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_uid_is_the_second_uid_field() {
+        assert_eq!(effective_uid("Name:\tx\nUid:\t1000\t0\t0\t0\n"), Some(0));
+        assert_eq!(effective_uid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+}

@@ -1,0 +1,453 @@
+//! `cargo xtask test` and `cargo xtask ci`: the host stages, then the boot
+//! table, then a summary.
+//!
+//! Invariant: every boot the suite performs is one row of [`BOOTS`] (or
+//! [`CI_BOOTS`] for `ci`), each with its expected result; every stage and
+//! every row is counted exactly once in the closing `N passed, M failed`
+//! line, and the suite exits 0 only if every one of them met its expectation.
+//! A row that expects FAIL is met only by the kernel's own orderly
+//! `PVMMU-RESULT FAIL` (a timeout or a crash is not the failure we asked for).
+
+use std::time::{Duration, Instant};
+
+use crate::boot::{self, BootRequest};
+use crate::build;
+use crate::cli::{self, Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_SELFTEST_KNOB};
+use crate::error::XtaskError;
+use crate::harness::{Echo, Failure, Outcome, Verdict};
+use crate::host;
+use crate::qemu;
+use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
+
+/// What a boot must end with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// `PVMMU-RESULT PASS`, a valid report, the mode's platform.
+    Pass,
+    /// The kernel's own `PVMMU-RESULT FAIL`.
+    Fail,
+}
+
+impl Expect {
+    fn name(self) -> &'static str {
+        match self {
+            Expect::Pass => "PASS",
+            Expect::Fail => "FAIL",
+        }
+    }
+}
+
+/// One row of the boot table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Boot {
+    /// How to boot.
+    pub mode: Mode,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel command line.
+    pub cmdline: &'static str,
+    /// What the boot must end with.
+    pub expect: Expect,
+}
+
+const fn boot(mode: Mode, memory_mib: u64, cmdline: &'static str, expect: Expect) -> Boot {
+    Boot {
+        mode,
+        memory_mib,
+        cmdline,
+        expect,
+    }
+}
+
+/// Every boot `cargo xtask test` performs, in order. One line per boot: add
+/// memory sizes and command-line variants here.
+pub const BOOTS: &[Boot] = &[
+    //   mode          MiB  kernel command line  expected
+    boot(Mode::Native, 512, "", Expect::Pass),
+    boot(Mode::Xen, 512, "", Expect::Pass),
+    // The deliberate failure: proves the harness tells FAIL from PASS.
+    boot(Mode::Native, 512, FAIL_SELFTEST_KNOB, Expect::Fail),
+    boot(Mode::Xen, 512, FAIL_SELFTEST_KNOB, Expect::Fail),
+];
+
+/// The boots `cargo xtask ci` adds to [`BOOTS`].
+pub const CI_BOOTS: &[Boot] = &[boot(Mode::Xl, 512, "", Expect::Pass)];
+
+/// The host stages: a name and cargo's arguments.
+pub const HOST_STAGES: &[(&str, &[&str])] = &[
+    (
+        "cargo test (host crates)",
+        &["test", "--workspace", "--exclude", KERNEL_PACKAGE],
+    ),
+    (
+        "cargo clippy (host crates)",
+        &[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            KERNEL_PACKAGE,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ),
+    (
+        "cargo clippy (guest-kernel)",
+        &[
+            "clippy",
+            "-p",
+            KERNEL_PACKAGE,
+            "--target",
+            KERNEL_TARGET,
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ),
+    ("cargo fmt --check", &["fmt", "--all", "--check"]),
+];
+
+impl Boot {
+    /// The run options of this row.
+    pub fn options(&self) -> RunOptions {
+        RunOptions {
+            mode: self.mode,
+            memory_mib: self.memory_mib,
+            cmdline: self.cmdline.to_string(),
+            ..RunOptions::default()
+        }
+    }
+
+    /// `boot xen 512 MiB pvmmu.fail_selftest`.
+    pub fn name(&self) -> String {
+        let mut name = format!("boot {} {} MiB", self.mode.name(), self.memory_mib);
+        if !self.cmdline.is_empty() {
+            name.push(' ');
+            name.push_str(self.cmdline);
+        }
+        name
+    }
+}
+
+/// The `platform` a passing report must show in each mode.
+pub fn expected_platform(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Native => "native",
+        Mode::Xen | Mode::Xl => "xen-pv",
+    }
+}
+
+/// Whether `verdict` meets the row's expectation; `Err` says why not.
+pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
+    match (row.expect, verdict) {
+        (Expect::Pass, Verdict::Pass(report)) => {
+            let want = expected_platform(row.mode);
+            if report.platform == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "platform is {:?}, expected {want:?}",
+                    report.platform
+                ))
+            }
+        }
+        (Expect::Pass, Verdict::Fail(failure)) => Err(failure.to_string()),
+        (Expect::Fail, Verdict::Fail(failure)) if failure.is_result_fail() => Ok(()),
+        (Expect::Fail, Verdict::Fail(failure)) => Err(format!(
+            "expected the kernel's own PVMMU-RESULT FAIL, got: {failure}"
+        )),
+        (Expect::Fail, Verdict::Pass(_)) => {
+            Err("PASS although a self-test was made to fail".into())
+        }
+    }
+}
+
+/// The rows a suite runs.
+pub fn rows(with_xl: bool) -> Vec<Boot> {
+    let mut rows = BOOTS.to_vec();
+    if with_xl {
+        rows.extend_from_slice(CI_BOOTS);
+    }
+    rows
+}
+
+/// Checks every row against the host before anything runs.
+pub fn validate(rows: &[Boot], available_mib: Option<u64>) -> Result<(), UsageError> {
+    rows.iter()
+        .try_for_each(|row| cli::validate_run(&row.options(), available_mib))
+}
+
+/// One line of the summary.
+#[derive(Clone, Debug)]
+struct Line {
+    name: String,
+    expected: &'static str,
+    got: String,
+    ok: bool,
+    elapsed: Duration,
+    detail: String,
+}
+
+fn stage_line(name: &str, error: Option<&XtaskError>, elapsed: Duration) -> Line {
+    Line {
+        name: name.to_string(),
+        expected: "ok",
+        got: if error.is_none() { "ok" } else { "error" }.to_string(),
+        ok: error.is_none(),
+        elapsed,
+        detail: error.map(ToString::to_string).unwrap_or_default(),
+    }
+}
+
+fn got_name(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Pass(_) => "PASS".into(),
+        Verdict::Fail(Failure::ResultFail { .. }) => "FAIL".into(),
+        Verdict::Fail(Failure::Timeout { .. }) => "TIMEOUT".into(),
+        Verdict::Fail(Failure::XenCrash { .. }) => "CRASH".into(),
+        Verdict::Fail(Failure::QemuExited { .. }) => "EXITED".into(),
+        Verdict::Fail(_) => "BAD".into(),
+    }
+}
+
+fn boot_line(row: &Boot, outcome: &Result<Outcome, XtaskError>) -> Line {
+    let name = row.name();
+    let expected = row.expect.name();
+    match outcome {
+        Err(error) => Line {
+            name,
+            expected,
+            got: "error".into(),
+            ok: false,
+            elapsed: Duration::ZERO,
+            detail: error.to_string(),
+        },
+        Ok(outcome) => {
+            let judgement = judge(row, &outcome.verdict);
+            let detail = match (&judgement, outcome.verdict.report()) {
+                (Err(why), _) => format!("{why} (log: {})", outcome.log_path.display()),
+                (Ok(()), Some(report)) => report.summary(),
+                (Ok(()), None) => String::new(),
+            };
+            Line {
+                name,
+                expected,
+                got: got_name(&outcome.verdict),
+                ok: judgement.is_ok(),
+                elapsed: outcome.elapsed,
+                detail,
+            }
+        }
+    }
+}
+
+fn format_duration(elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        format!("{}m{:02}s", elapsed.as_secs() / 60, elapsed.as_secs() % 60)
+    }
+}
+
+/// The summary table and the closing `N passed, M failed` line.
+fn summary(lines: &[Line], total: Duration) -> String {
+    let width = lines.iter().map(|l| l.name.len()).max().unwrap_or(0).max(5);
+    let mut text = format!(
+        "{:>2}  {:<width$}  {:<8}  {:<7}  {:<6}  {:>7}  detail\n",
+        "#", "stage", "expected", "got", "status", "time"
+    );
+    for (index, line) in lines.iter().enumerate() {
+        text.push_str(&format!(
+            "{:>2}  {:<width$}  {:<8}  {:<7}  {:<6}  {:>7}  {}\n",
+            index + 1,
+            line.name,
+            line.expected,
+            line.got,
+            if line.ok { "ok" } else { "FAILED" },
+            format_duration(line.elapsed),
+            line.detail
+        ));
+    }
+    let passed = lines.iter().filter(|l| l.ok).count();
+    text.push_str(&format!("total time {}\n", format_duration(total)));
+    text.push_str(&format!("{passed} passed, {} failed", lines.len() - passed));
+    text
+}
+
+/// Runs the suite; returns whether everything met its expectation.
+pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, XtaskError> {
+    let rows = rows(with_xl);
+    let start = Instant::now();
+    qemu::ensure_installed()?;
+    let mut lines = Vec::new();
+
+    for (name, args) in HOST_STAGES {
+        let mut command = build::cargo(ws);
+        command.args(*args);
+        eprintln!("\n==> {name}: {}", host::describe(&command));
+        let stage_start = Instant::now();
+        let result = host::run(&mut command);
+        lines.push(stage_line(
+            name,
+            result.as_ref().err(),
+            stage_start.elapsed(),
+        ));
+    }
+
+    eprintln!("\n==> build the guest kernel");
+    let build_start = Instant::now();
+    let kernel = build::kernel(ws, Profile::Release);
+    lines.push(stage_line(
+        "cargo build guest-kernel (release)",
+        kernel.as_ref().err(),
+        build_start.elapsed(),
+    ));
+
+    for row in &rows {
+        eprintln!("\n==> {}", row.name());
+        let outcome = match &kernel {
+            Ok(kernel) => {
+                let run_options = row.options();
+                let request = BootRequest {
+                    kernel: kernel.clone(),
+                    label: boot::label(&run_options),
+                    options: run_options,
+                    echo: if options.verbose {
+                        Echo::All
+                    } else {
+                        Echo::Markers
+                    },
+                };
+                boot::boot(ws, &request)
+            }
+            Err(_) => Err(XtaskError::NotImplemented {
+                what: "booting without a kernel (the kernel build failed)",
+            }),
+        };
+        let line = boot_line(row, &outcome);
+        if !line.ok {
+            if let Ok(outcome) = &outcome {
+                print_tail(outcome);
+            }
+        }
+        eprintln!(
+            "[{}] {} in {}: {}",
+            row.name(),
+            if line.ok { "ok" } else { "FAILED" },
+            format_duration(line.elapsed),
+            line.detail
+        );
+        lines.push(line);
+    }
+
+    let all_ok = lines.iter().all(|l| l.ok);
+    println!("\n{}", summary(&lines, start.elapsed()));
+    Ok(all_ok)
+}
+
+/// The last lines of a failed boot's console, for the CI log.
+fn print_tail(outcome: &Outcome) {
+    const TAIL: usize = 40;
+    let skip = outcome.transcript.len().saturating_sub(TAIL);
+    eprintln!(
+        "---- last {} console lines (full log: {}) ----",
+        outcome.transcript.len() - skip,
+        outcome.log_path.display()
+    );
+    for line in &outcome.transcript[skip..] {
+        eprintln!("| {line}");
+    }
+    eprintln!("----");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::parse_report;
+
+    fn report(platform: &str, failed: u64) -> crate::report::Report {
+        parse_report(&format!(
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn table_has_pass_and_deliberate_failure_in_both_modes() {
+        for mode in [Mode::Native, Mode::Xen] {
+            assert!(BOOTS
+                .iter()
+                .any(|b| b.mode == mode && b.expect == Expect::Pass));
+            assert!(BOOTS.iter().any(|b| b.mode == mode
+                && b.expect == Expect::Fail
+                && b.options().kernel_cmdline().contains(FAIL_SELFTEST_KNOB)));
+        }
+        assert!(rows(true).iter().any(|b| b.mode == Mode::Xl));
+        assert!(!rows(false).iter().any(|b| b.mode == Mode::Xl));
+    }
+
+    #[test]
+    fn every_row_is_valid_on_a_machine_with_8_gib() {
+        assert_eq!(validate(&rows(true), Some(8 * 1024)), Ok(()));
+        assert!(validate(&rows(false), Some(256)).is_err());
+    }
+
+    #[test]
+    fn judging_rows() {
+        let pass_xen = boot(Mode::Xen, 512, "", Expect::Pass);
+        assert_eq!(
+            judge(&pass_xen, &Verdict::Pass(report("xen-pv", 0))),
+            Ok(())
+        );
+        assert!(judge(&pass_xen, &Verdict::Pass(report("native", 0)))
+            .unwrap_err()
+            .contains("platform"));
+        let timeout = Verdict::Fail(Failure::Timeout {
+            after: Duration::from_secs(60),
+            saw_report: false,
+        });
+        assert!(judge(&pass_xen, &timeout).unwrap_err().contains("timeout"));
+
+        let fail_native = boot(Mode::Native, 512, FAIL_SELFTEST_KNOB, Expect::Fail);
+        let orderly = Verdict::Fail(Failure::ResultFail {
+            report: Some(report("native", 1)),
+        });
+        assert_eq!(judge(&fail_native, &orderly), Ok(()));
+        assert!(judge(&fail_native, &timeout).is_err());
+        let crash = Verdict::Fail(Failure::XenCrash {
+            line: "(XEN) Panic on CPU 0:".into(),
+        });
+        assert!(judge(&fail_native, &crash)
+            .unwrap_err()
+            .contains("Xen crash"));
+        assert!(judge(&fail_native, &Verdict::Pass(report("native", 0))).is_err());
+    }
+
+    #[test]
+    fn summary_counts_every_line() {
+        let ok = Line {
+            name: "cargo test (host crates)".into(),
+            expected: "ok",
+            got: "ok".into(),
+            ok: true,
+            elapsed: Duration::from_millis(41_200),
+            detail: String::new(),
+        };
+        let failed = Line {
+            name: "boot xen 512 MiB".into(),
+            expected: "PASS",
+            got: "TIMEOUT".into(),
+            ok: false,
+            elapsed: Duration::from_secs(125),
+            detail: "timeout".into(),
+        };
+        let text = summary(&[ok.clone(), failed, ok], Duration::from_secs(200));
+        let last = text.lines().last().unwrap();
+        assert_eq!(last, "2 passed, 1 failed");
+        assert!(text.contains("2m05s"));
+        assert!(text.contains("41.2s"));
+        assert!(text.contains("FAILED"));
+    }
+}
