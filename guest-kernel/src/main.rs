@@ -1,6 +1,353 @@
+//! The pvmmu reference guest kernel: one ELF that boots as a Xen PV guest
+//! (64-bit PV entry) and natively through the PVH protocol (32-bit entry,
+//! QEMU `-kernel`), runs its self-tests, prints the `PVMMU-REPORT` line and
+//! the `PVMMU-RESULT` verdict, and shuts down.
+//!
+//! Invariant: whatever happens after the console is up — a failed test, a
+//! panic, an unexpected exception — the last line printed is exactly one
+//! `PVMMU-RESULT PASS|FAIL`, followed by a shutdown request.
 #![no_std]
 #![no_main]
+#![deny(missing_docs)]
+
+mod boot;
+mod boot_tests;
+mod cmdline;
+mod console;
+mod frames;
+mod memmap;
+mod platform;
+mod pvh;
+mod report;
+mod selftest;
+mod shutdown;
+mod traps;
+mod xen_pv;
+
+use core::panic::PanicInfo;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use boot::ImageLayout;
+use cmdline::{BootOptions, Cmdline};
+use console::Console;
+use frames::{FrameRange, Frames};
+use memmap::{MapSource, MemoryMap, RegionKind};
+use platform::{Platform, XenDomain};
+use report::Report;
+use selftest::{SelfTest, Tally};
+use shutdown::Verdict;
+use xen_pv::PvBoot;
+
+/// Every self-test suite, run in this order. Adding a suite is one line.
+const SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
+
+/// Most reservations remembered (for the self-tests).
+pub const MAX_RESERVATIONS: usize = 16;
+
+/// A range of frames taken out of the allocator at boot, and why.
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation {
+    /// What is there.
+    pub what: &'static str,
+    /// The frames.
+    pub range: FrameRange,
+}
+
+/// Everything the kernel knows after entry; passed to every self-test.
+pub struct Kernel {
+    /// Where we run.
+    pub platform: Platform,
+    /// Options from the command line.
+    pub options: BootOptions,
+    /// The command line.
+    pub cmdline: Cmdline,
+    /// The boot memory map.
+    pub memmap: MemoryMap,
+    /// The frame allocator.
+    pub frames: Frames,
+    /// What was reserved out of the allocator.
+    pub reservations: [Option<Reservation>; MAX_RESERVATIONS],
+    /// Xen PV boot facts (`None` natively).
+    pub pv: Option<PvBoot>,
+    /// Physical address of `hvm_start_info` (PVH entry; 0 under PV).
+    pub hvm_start_info: u64,
+    /// Boot modules of the PVH entry (physical byte ranges).
+    pub pvh_modules: [pvh::Module; pvh::MAX_MODULES],
+    /// The kernel image's sections.
+    pub image: ImageLayout,
+    /// The report being filled.
+    pub report: Report,
+}
+
+impl Kernel {
+    fn new(platform: Platform, cmdline: Cmdline, memmap: MemoryMap) -> Self {
+        Kernel {
+            platform,
+            options: BootOptions::parse(&cmdline),
+            cmdline,
+            memmap,
+            frames: Frames::new(),
+            reservations: [None; MAX_RESERVATIONS],
+            pv: None,
+            hvm_start_info: 0,
+            pvh_modules: [pvh::Module::default(); pvh::MAX_MODULES],
+            image: boot::image_layout(),
+            report: Report::new(platform),
+        }
+    }
+
+    /// Reserved ranges.
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.iter().flatten()
+    }
+
+    fn reserve(&mut self, what: &'static str, start: u64, end: u64) {
+        if let Err(e) = self.frames.reserve(start, end) {
+            panic!("cannot reserve {what} [{start:#x}, {end:#x}): {e:?}");
+        }
+        match self.reservations.iter_mut().find(|r| r.is_none()) {
+            Some(slot) => {
+                *slot = Some(Reservation {
+                    what,
+                    range: FrameRange { start, end },
+                })
+            }
+            None => panic!("more than {MAX_RESERVATIONS} reservations"),
+        }
+    }
+
+    /// Frames of the kernel image (load addresses).
+    pub fn image_pfns(&self) -> (u64, u64) {
+        let (start, end) = self.image.image.to_phys();
+        (start >> 12, end.div_ceil(4096))
+    }
+
+    /// Fills the allocator from the memory map and reserves what is in use.
+    fn build_frames(&mut self) {
+        let limit = self.pv.as_ref().map_or(u64::MAX, |pv| pv.nr_pages);
+        let ram: [Option<(u64, u64)>; memmap::MAX_REGIONS] = {
+            let mut out = [None; memmap::MAX_REGIONS];
+            for (slot, r) in out.iter_mut().zip(self.memmap.ram()) {
+                *slot = Some((r.start.div_ceil(4096), (r.end / 4096).min(limit)));
+            }
+            out
+        };
+        for (start, end) in ram.iter().flatten() {
+            if start < end {
+                if let Err(e) = self.frames.add(*start, *end) {
+                    panic!("cannot add RAM [{start:#x}, {end:#x}) to the allocator: {e:?}");
+                }
+            }
+        }
+        let (img_start, img_end) = self.image_pfns();
+        self.reserve("kernel image", img_start, img_end);
+        match self.pv.clone() {
+            Some(pv) => {
+                self.reserve("xen bootstrap area", 0, pv.bootstrap_end_pfn());
+                if pv.nr_p2m_frames != 0 {
+                    self.reserve(
+                        "p2m list",
+                        pv.first_p2m_pfn,
+                        pv.first_p2m_pfn + pv.nr_p2m_frames,
+                    );
+                }
+                if let Some((start, end)) = pv.module_pfns() {
+                    self.reserve("module", start, end);
+                }
+            }
+            None => {
+                self.reserve("low 1 MiB", 0, 0x100);
+                for m in self.pvh_modules {
+                    if m.end > m.start {
+                        self.reserve("module", m.start >> 12, m.end.div_ceil(4096));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 64-bit Xen PV entry (called by `pv_entry` on the boot stack).
+#[no_mangle]
+extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
+    platform::set(Platform::XenPv);
+    // SAFETY: `pv_entry` passes Xen's start_info pointer unchanged.
+    let pv = unsafe { PvBoot::from_start_info(start_info) };
+    console::init(pv_console(&pv));
+    kprintln!("pvmmu guest kernel: Xen PV entry, start_info at {start_info:p}");
+    if let Err(e) = traps::init() {
+        panic!("set_trap_table failed: {e:?}");
+    }
+
+    let mut buf = [hypercall::abi::E820Entry::default(); memmap::MAX_REGIONS];
+    // SAFETY: we are a PV guest; `buf` is a valid buffer.
+    let memmap = match unsafe { hypercall::ops::memory_map(&mut buf) } {
+        Ok(n) if n > 0 => {
+            let mut map = MemoryMap::new(MapSource::XenMemoryMap);
+            for e in &buf[..n.min(buf.len())] {
+                let (addr, size, kind) = (e.addr, e.size, e.kind);
+                map.push(addr, size, RegionKind::from_e820(kind));
+            }
+            map
+        }
+        other => {
+            log::info!("XENMEM_memory_map: {other:?}; using nr_pages");
+            let mut map = MemoryMap::new(MapSource::NrPages);
+            map.push(0, pv.nr_pages * 4096, RegionKind::Ram);
+            map
+        }
+    };
+
+    let mut kernel = Kernel::new(Platform::XenPv, pv.cmdline.clone(), memmap);
+    kernel.report.mem_mib = memmap::bytes_to_mib_rounded(pv.nr_pages * 4096);
+    kernel.report.xen_domain = Some(if pv.is_dom0() {
+        XenDomain::Dom0
+    } else {
+        XenDomain::DomU
+    });
+    kernel.pv = Some(pv);
+    kernel_main(kernel)
+}
+
+/// The console for a PV domain: `console_io` for dom0, the console ring
+/// for a domU (falling back to `console_io` if the ring page is not in the
+/// start-of-day mapping).
+fn pv_console(pv: &PvBoot) -> Console {
+    if pv.is_dom0() {
+        return Console::XenConsoleIo(console::XenConsoleIo);
+    }
+    let page = pv
+        .mfn_to_pfn(pv.console_mfn)
+        .filter(|&pfn| pfn < pv.bootstrap_end_pfn())
+        .and_then(|pfn| NonNull::new(PvBoot::pfn_to_va(pfn) as *mut u8));
+    match page {
+        // SAFETY: the page is start_info's console page, mapped writable by
+        // the domain builder in the start-of-day area; we are PV.
+        Some(page) => Console::Ring(unsafe { console::ring::RingConsole::new(page, pv.console_evtchn) }),
+        None => Console::XenConsoleIo(console::XenConsoleIo),
+    }
+}
+
+/// 32-bit PVH entry (called by the trampoline in long mode, on the boot
+/// stack, with the low 4 GiB identity-mapped).
+#[no_mangle]
+extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
+    let hypervisor = platform::hypervisor_signature();
+    let platform = match hypervisor {
+        Some(sig) if sig.is_xen() => Platform::XenPvh,
+        _ => Platform::Native,
+    };
+    platform::set(platform);
+    // SAFETY: PVH entry: natively (or as an HVM guest) COM1 is a 16550 or
+    // absent; port I/O is allowed in ring 0.
+    console::init(Console::Serial(unsafe { console::serial::Com1::init() }));
+    kprintln!("pvmmu guest kernel: PVH entry, hvm_start_info at {hvm_start_info:#x}");
+    traps::init().unwrap_or_else(|e| panic!("traps: {e:?}"));
+    let boot = match pvh::parse(hvm_start_info) {
+        Ok(boot) => boot,
+        Err(e) => panic!("bad hvm_start_info at {hvm_start_info:#x}: {e:?}"),
+    };
+    let mut kernel = Kernel::new(platform, boot.cmdline.clone(), boot.memmap.clone());
+    kernel.hvm_start_info = hvm_start_info;
+    kernel.pvh_modules = boot.modules;
+    log::info!(
+        "hvm_start_info at {:#x}: version {}, rsdp {:#x}, {} modules",
+        boot.start_info_paddr,
+        boot.version,
+        boot.rsdp_paddr,
+        boot.nr_modules
+    );
+    kernel.report.mem_mib = memmap::bytes_to_mib_rounded(kernel.memmap.ram_bytes());
+    kernel.report.hypervisor = hypervisor;
+    kernel_main(kernel)
+}
+
+/// Common boot path after entry.
+fn kernel_main(mut kernel: Kernel) -> ! {
+    log::info!("platform {}", kernel.platform.name());
+    log::info!("console {}", console::name());
+    log::info!("command line {:?}", kernel.cmdline);
+    log::info!("options {:?}", kernel.options);
+    if let Some(sig) = kernel.report.hypervisor {
+        log::info!("hypervisor signature {sig:?}");
+    }
+    if let Some(pv) = &kernel.pv {
+        log::info!(
+            "start_info: nr_pages {:#x} flags {:#x} pt_base {:#x} nr_pt_frames {} mfn_list {:#x} \
+             first_p2m_pfn {:#x} nr_p2m_frames {} console mfn {:#x} evtchn {}",
+            pv.nr_pages,
+            pv.flags,
+            pv.pt_base,
+            pv.nr_pt_frames,
+            pv.mfn_list,
+            pv.first_p2m_pfn,
+            pv.nr_p2m_frames,
+            pv.console_mfn,
+            pv.console_evtchn
+        );
+    }
+    log::info!("memory map ({:?}):", kernel.memmap.source());
+    for r in kernel.memmap.regions() {
+        log::info!("  [{:#014x}, {:#014x}) {:?}", r.start, r.end, r.kind);
+    }
+    let img = kernel.image.image;
+    log::info!(
+        "kernel image {:#x}..{:#x} (phys {:#x}..{:#x})",
+        img.start,
+        img.end,
+        img.to_phys().0,
+        img.to_phys().1
+    );
+    kernel.build_frames();
+    for r in kernel.reservations() {
+        log::info!(
+            "reserved pfns [{:#x}, {:#x}) {}",
+            r.range.start,
+            r.range.end,
+            r.what
+        );
+    }
+    log::info!(
+        "frame allocator: {} free frames in {} ranges",
+        kernel.frames.free_count(),
+        kernel.frames.ranges().len()
+    );
+
+    let mut tally = Tally::default();
+    for suite in SUITES {
+        selftest::run_suite(&mut kernel, suite, &mut tally);
+    }
+    kernel.report.selftests_passed = tally.passed;
+    kernel.report.selftests_failed = tally.failed;
+    kernel.report.hypercalls = hypercall::raw::hypercall_count();
+    report::print(&kernel.report);
+    let verdict = if tally.failed == 0 && tally.passed > 0 {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    };
+    shutdown::finish(verdict)
+}
+
 #[panic_handler]
-fn p(_: &core::panic::PanicInfo) -> ! {
-    loop {}
+fn panic(info: &PanicInfo<'_>) -> ! {
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if PANICKING.swap(true, Ordering::SeqCst) {
+        // A panic while panicking: do not print again, just stop.
+        shutdown::power_off(Verdict::Fail);
+    }
+    // SAFETY: one CPU; the panicking code never resumes.
+    unsafe { console::break_lock() };
+    match info.location() {
+        Some(loc) => kprintln!(
+            "PANIC at {}:{}:{}: {}",
+            loc.file(),
+            loc.line(),
+            loc.column(),
+            info.message()
+        ),
+        None => kprintln!("PANIC: {}", info.message()),
+    }
+    shutdown::finish(Verdict::Fail)
 }

@@ -165,3 +165,43 @@ pub unsafe fn vcpu_stop_periodic_timer(vcpu: u32) -> Result<(), XenError> {
     };
     XenError::check(ret).map(|_| ())
 }
+
+/// One entry of the guest's virtual trap table (`struct trap_info`): the
+/// handler Xen bounces exception `vector` to.
+pub use xen_sys::trap_info as TrapInfo;
+
+/// Code selector of a 64-bit PV guest kernel (`FLAT_KERNEL_CS64`), the `cs`
+/// of every [`TrapInfo`] that targets kernel code.
+pub const FLAT_KERNEL_CS64: u16 = xen_sys::FLAT_KERNEL_CS64 as u16;
+
+/// `set_trap_table(table)`: registers the guest's exception handlers.
+///
+/// Xen reads entries until one whose `address` is 0, so `table` must end
+/// with such a terminator; without one this returns [`XenError::Inval`]
+/// and issues no hypercall.
+///
+/// # Safety
+/// Only as a Xen PV guest, and every non-terminator `address` must be the
+/// entry point of a handler that expects Xen's 64-bit PV exception frame
+/// (`rcx`, `r11`, then the hardware frame).
+pub unsafe fn set_trap_table(table: &[TrapInfo]) -> Result<(), XenError> {
+    match table.last() {
+        Some(last) if last.address == 0 => {}
+        _ => return Err(XenError::Inval),
+    }
+    // SAFETY: `table` is valid and terminated (checked above), so Xen reads
+    // only inside it; caller is PV and vouches for the handler addresses.
+    let ret = unsafe { call2(xen_sys::__HYPERVISOR_set_trap_table, table.as_ptr() as u64, 0) };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `sched_op(SCHEDOP_yield)`: gives the physical CPU to another vCPU, for
+/// example while waiting for a console backend to drain a ring.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn sched_yield() -> Result<(), XenError> {
+    // SAFETY: SCHEDOP_yield takes no argument buffer; caller is PV.
+    let ret = unsafe { call2(nr::SCHED_OP, u64::from(xen_sys::SCHEDOP_yield), 0) };
+    XenError::check(ret).map(|_| ())
+}

@@ -1,0 +1,85 @@
+//! The kernel command line and the boot options parsed from it.
+//!
+//! Invariant: the command line is copied into the kernel's own buffer at
+//! entry (from `start_info.cmd_line` or `hvm_start_info.cmdline_paddr`), so
+//! it stays valid after the loader's memory is reused; it is truncated, never
+//! overrun, at [`CMDLINE_MAX`] bytes.
+
+/// Longest command line kept (Xen's `MAX_GUEST_CMDLINE`).
+pub const CMDLINE_MAX: usize = 1024;
+
+/// A copied command line.
+#[derive(Clone)]
+pub struct Cmdline {
+    bytes: [u8; CMDLINE_MAX],
+    len: usize,
+}
+
+impl Cmdline {
+    /// An empty command line.
+    pub const fn empty() -> Self {
+        Cmdline {
+            bytes: [0; CMDLINE_MAX],
+            len: 0,
+        }
+    }
+
+    /// Copies a NUL-terminated (or full-length) byte string, truncating at
+    /// the first NUL or at [`CMDLINE_MAX`].
+    pub fn from_nul_terminated(src: &[u8]) -> Self {
+        let mut line = Self::empty();
+        let len = src
+            .iter()
+            .take(CMDLINE_MAX)
+            .position(|&b| b == 0)
+            .unwrap_or(src.len().min(CMDLINE_MAX));
+        line.bytes[..len].copy_from_slice(&src[..len]);
+        line.len = len;
+        line
+    }
+
+    /// The text; bytes that are not UTF-8 make it empty (options are ASCII).
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+
+    /// Whitespace-separated words.
+    pub fn words(&self) -> impl Iterator<Item = &str> {
+        self.as_str().split_ascii_whitespace()
+    }
+
+    /// Whether the flag `name` is present (`name` or `name=1`/`name=on`).
+    pub fn flag(&self, name: &str) -> bool {
+        self.words().any(|w| match w.split_once('=') {
+            None => w == name,
+            Some((k, v)) => k == name && matches!(v, "1" | "on" | "yes" | "true"),
+        })
+    }
+}
+
+impl core::fmt::Debug for Cmdline {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Options that change what the kernel does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootOptions {
+    /// `pvmmu.fail_selftest`: a self-test fails on purpose, so the harness
+    /// can prove it notices (`PVMMU-RESULT FAIL`).
+    pub fail_selftest: bool,
+    /// `pvmmu.4k`: natively, build the direct map from 4 KiB pages only, to
+    /// compare table counts with Xen PV.
+    pub only_4k: bool,
+}
+
+impl BootOptions {
+    /// Parses the options out of `line`; unknown words are ignored.
+    pub fn parse(line: &Cmdline) -> Self {
+        BootOptions {
+            fail_selftest: line.flag("pvmmu.fail_selftest"),
+            only_4k: line.flag("pvmmu.4k"),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The `PVMMU-REPORT {json}` line the harness and benchmarks parse.
+//!
+//! Invariant: exactly one report line per boot, one JSON object on one line,
+//! with every key of DESIGN.md present (figures not yet measured are 0,
+//! `hypercalls` is always the real count).
+
+use core::fmt::{self, Write};
+
+use crate::platform::{HypervisorSignature, Platform, XenDomain};
+
+/// The figures of one boot.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// Where we ran.
+    pub platform: Platform,
+    /// Guest RAM in MiB (rounded to nearest).
+    pub mem_mib: u64,
+    /// 4 KiB pages of RAM reachable through the direct map.
+    pub pages_mapped: u64,
+    /// Page-table frames created by the bootstrap.
+    pub tables_created: u64,
+    /// Hypercalls issued from entry to the report.
+    pub hypercalls: u64,
+    /// `mmu_update` entries issued from entry to the report.
+    pub mmu_update_entries: u64,
+    /// TSC cycles of the direct-map bootstrap.
+    pub map_cycles: u64,
+    /// Self-tests passed.
+    pub selftests_passed: u64,
+    /// Self-tests failed.
+    pub selftests_failed: u64,
+    /// Xen PV: dom0 or domU.
+    pub xen_domain: Option<XenDomain>,
+    /// Hypervisor CPUID signature seen (PVH entry only).
+    pub hypervisor: Option<HypervisorSignature>,
+}
+
+impl Report {
+    /// A report with every figure 0.
+    pub const fn new(platform: Platform) -> Self {
+        Report {
+            platform,
+            mem_mib: 0,
+            pages_mapped: 0,
+            tables_created: 0,
+            hypercalls: 0,
+            mmu_update_entries: 0,
+            map_cycles: 0,
+            selftests_passed: 0,
+            selftests_failed: 0,
+            xen_domain: None,
+            hypervisor: None,
+        }
+    }
+}
+
+/// A JSON string: the text with `"`, `\` and control bytes escaped.
+struct JsonStr<'a>(&'a str);
+
+impl fmt::Display for JsonStr<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_char('"')?;
+        for c in self.0.chars() {
+            match c {
+                '"' => f.write_str("\\\"")?,
+                '\\' => f.write_str("\\\\")?,
+                c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        f.write_char('"')
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{\"platform\":{}", JsonStr(self.platform.name()))?;
+        if let Some(d) = self.xen_domain {
+            write!(f, ",\"xen_domain\":{}", JsonStr(d.name()))?;
+        }
+        if let Some(h) = &self.hypervisor {
+            write!(f, ",\"hypervisor\":{}", JsonStr(h.as_str()))?;
+        }
+        write!(
+            f,
+            ",\"mem_mib\":{},\"pages_mapped\":{},\"tables_created\":{},\"hypercalls\":{},\
+             \"mmu_update_entries\":{},\"map_cycles\":{},\"selftests_passed\":{},\
+             \"selftests_failed\":{}}}",
+            self.mem_mib,
+            self.pages_mapped,
+            self.tables_created,
+            self.hypercalls,
+            self.mmu_update_entries,
+            self.map_cycles,
+            self.selftests_passed,
+            self.selftests_failed
+        )
+    }
+}
+
+/// Prints the report line.
+pub fn print(report: &Report) {
+    crate::kprintln!("PVMMU-REPORT {report}");
+}

@@ -1,0 +1,501 @@
+//! Exception handling: an IDT natively, a virtual trap table (through
+//! `set_trap_table`) under Xen PV, one Rust dispatcher behind both.
+//!
+//! Frames: natively the CPU pushes `[error code,] rip, cs, rflags, rsp, ss`.
+//! Under 64-bit Xen PV, Xen's bounce frame adds `rcx` and `r11` on top
+//! (`rcx, r11, [error code,] rip, ...`); the PV stubs restore those two
+//! registers and drop them, so both paths build the same [`TrapFrame`].
+//! Returning from a handled exception is `iretq` natively and the `iret`
+//! hypercall under PV (the guest kernel runs in ring 3 there).
+//!
+//! An exception is either expected, at one of the probe instructions below
+//! (like Linux's exception table: the dispatcher records the fault and
+//! resumes at the probe's fixup label), or fatal: it prints vector, error
+//! code, rip and cr2 and takes the panic path.
+//!
+//! Invariant: the dispatcher never returns to a faulting instruction; it
+//! either moves `rip` to a fixup label or does not return at all.
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::platform;
+
+/// The boot GDT's 64-bit code selector (see `boot.rs`).
+const KERNEL_CS: u16 = 0x08;
+
+/// Vector numbers.
+pub mod vector {
+    /// #UD invalid opcode.
+    pub const UD: u8 = 6;
+    /// #PF page fault.
+    pub const PF: u8 = 14;
+}
+
+/// Page-fault error code bits.
+pub mod pf {
+    /// The page was present (protection violation).
+    pub const PRESENT: u64 = 1 << 0;
+    /// The access was a write.
+    pub const WRITE: u64 = 1 << 1;
+    /// The access was an instruction fetch.
+    pub const FETCH: u64 = 1 << 4;
+}
+
+// Per-vector entry stubs for both entry conventions, the common save /
+// dispatch / restore path, and the probe routines.
+global_asm!(
+    r#"
+    .pushsection .text.traps, "ax", @progbits
+    .code64
+
+    .macro native_stub vec, err
+    .balign 16
+trap_native_\vec:
+    .if \err == 0
+    push $0
+    .endif
+    push $\vec
+    jmp trap_common_native
+    .endm
+
+    .macro pv_stub vec, err
+    .balign 16
+trap_pv_\vec:
+    mov (%rsp), %rcx
+    mov 8(%rsp), %r11
+    add $16, %rsp
+    .if \err == 0
+    push $0
+    .endif
+    push $\vec
+    jmp trap_common_pv
+    .endm
+
+    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+    native_stub \v, 0
+    pv_stub \v, 0
+    .endr
+    .irp v, 8,10,11,12,13,14,17,21,29,30
+    native_stub \v, 1
+    pv_stub \v, 1
+    .endr
+
+    .macro save_and_dispatch
+    cld
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    mov %rsp, %rbx
+    and $-16, %rsp
+    call trap_dispatch
+    mov %rbx, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp                   # vector, error code
+    .endm
+
+trap_common_native:
+    save_and_dispatch
+    iretq
+
+trap_common_pv:
+    save_and_dispatch
+    # HYPERVISOR_iret frame: rax, r11, rcx, flags, then the iret frame.
+    push $0                         # flags: not returning from a syscall
+    push %rcx
+    push %r11
+    push %rax
+    mov $23, %eax                   # __HYPERVISOR_iret
+    syscall
+    ud2
+
+    .globl trap_native_stubs
+trap_native_stubs:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad trap_native_\v
+    .endr
+    .globl trap_pv_stubs
+trap_pv_stubs:
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad trap_pv_\v
+    .endr
+
+    # Probes: rax = value, rdx = 0, or rdx = 1 after a fault.
+    .globl probe_read_u64
+probe_read_u64:
+    xor %eax, %eax
+    xor %edx, %edx
+    .globl probe_read_insn
+probe_read_insn:
+    mov (%rdi), %rax
+    .globl probe_read_fixup
+probe_read_fixup:
+    ret
+
+    .globl probe_write_u64
+probe_write_u64:
+    xor %eax, %eax
+    xor %edx, %edx
+    .globl probe_write_insn
+probe_write_insn:
+    mov %rsi, (%rdi)
+    .globl probe_write_fixup
+probe_write_fixup:
+    ret
+
+    .globl probe_ud2
+probe_ud2:
+    xor %eax, %eax
+    xor %edx, %edx
+    .globl probe_ud2_insn
+probe_ud2_insn:
+    ud2
+    .globl probe_ud2_fixup
+probe_ud2_fixup:
+    ret
+    .popsection
+"#,
+    options(att_syntax)
+);
+
+/// What the probe routines return (`rax`, `rdx`).
+#[repr(C)]
+struct ProbeResult {
+    value: u64,
+    faulted: u64,
+}
+
+extern "C" {
+    static trap_native_stubs: [u64; 32];
+    static trap_pv_stubs: [u64; 32];
+    fn probe_read_u64(addr: u64) -> ProbeResult;
+    fn probe_write_u64(addr: u64, value: u64) -> ProbeResult;
+    fn probe_ud2() -> ProbeResult;
+    static probe_read_insn: u8;
+    static probe_read_fixup: u8;
+    static probe_write_insn: u8;
+    static probe_write_fixup: u8;
+    static probe_ud2_insn: u8;
+    static probe_ud2_fixup: u8;
+}
+
+/// The saved state of an interrupted context, as the stubs build it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    /// General-purpose registers, as pushed (r15 lowest).
+    pub r15: u64,
+    #[allow(missing_docs)]
+    pub r14: u64,
+    #[allow(missing_docs)]
+    pub r13: u64,
+    #[allow(missing_docs)]
+    pub r12: u64,
+    #[allow(missing_docs)]
+    pub r11: u64,
+    #[allow(missing_docs)]
+    pub r10: u64,
+    #[allow(missing_docs)]
+    pub r9: u64,
+    #[allow(missing_docs)]
+    pub r8: u64,
+    #[allow(missing_docs)]
+    pub rbp: u64,
+    #[allow(missing_docs)]
+    pub rdi: u64,
+    #[allow(missing_docs)]
+    pub rsi: u64,
+    #[allow(missing_docs)]
+    pub rdx: u64,
+    #[allow(missing_docs)]
+    pub rcx: u64,
+    #[allow(missing_docs)]
+    pub rbx: u64,
+    #[allow(missing_docs)]
+    pub rax: u64,
+    /// Exception vector.
+    pub vector: u64,
+    /// Error code (0 for vectors without one).
+    pub error_code: u64,
+    /// Faulting instruction.
+    pub rip: u64,
+    /// Code selector.
+    pub cs: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Stack selector.
+    pub ss: u64,
+}
+
+/// A fault caught by a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// Exception vector.
+    pub vector: u8,
+    /// Error code.
+    pub error_code: u64,
+    /// CR2 (page faults; 0 otherwise).
+    pub cr2: u64,
+}
+
+static FAULT_VECTOR: AtomicU64 = AtomicU64::new(0);
+static FAULT_ERROR: AtomicU64 = AtomicU64::new(0);
+static FAULT_CR2: AtomicU64 = AtomicU64::new(0);
+/// Exceptions taken (expected and fatal).
+static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Number of exceptions the dispatcher has seen since boot.
+pub fn traps_taken() -> u64 {
+    TRAPS_TAKEN.load(Ordering::Relaxed)
+}
+
+fn read_cr2() -> u64 {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects; under Xen PV the privileged
+    // read is emulated by Xen and returns the guest's virtual CR2.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    cr2
+}
+
+fn addr(s: &u8) -> u64 {
+    s as *const u8 as u64
+}
+
+/// Fixup label for a probe instruction at `rip`, if it is one.
+fn fixup_for(rip: u64) -> Option<u64> {
+    // SAFETY: only the addresses of the asm labels are taken.
+    let table = unsafe {
+        [
+            (addr(&probe_read_insn), addr(&probe_read_fixup)),
+            (addr(&probe_write_insn), addr(&probe_write_fixup)),
+            (addr(&probe_ud2_insn), addr(&probe_ud2_fixup)),
+        ]
+    };
+    table.iter().find(|(insn, _)| *insn == rip).map(|(_, fix)| *fix)
+}
+
+/// Name of an exception vector.
+pub fn vector_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE",
+        1 => "#DB",
+        2 => "NMI",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        20 => "#VE",
+        21 => "#CP",
+        _ => "?",
+    }
+}
+
+/// Called by the stubs with the saved frame.
+#[no_mangle]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    TRAPS_TAKEN.fetch_add(1, Ordering::Relaxed);
+    let cr2 = if frame.vector == u64::from(vector::PF) {
+        read_cr2()
+    } else {
+        0
+    };
+    if let Some(fixup) = fixup_for(frame.rip) {
+        FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
+        FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
+        FAULT_CR2.store(cr2, Ordering::Relaxed);
+        frame.rip = fixup;
+        frame.rdx = 1;
+        return;
+    }
+    // SAFETY: one CPU; this path never returns to the interrupted code.
+    unsafe { crate::console::break_lock() };
+    crate::kprintln!(
+        "TRAP vector {} ({}) error_code {:#x} rip {:#x} cr2 {:#x} rsp {:#x} cs {:#x} rflags {:#x}",
+        frame.vector,
+        vector_name(frame.vector),
+        frame.error_code,
+        frame.rip,
+        cr2,
+        frame.rsp,
+        frame.cs,
+        frame.rflags
+    );
+    panic!(
+        "unexpected exception {} ({}) at rip {:#x}",
+        frame.vector,
+        vector_name(frame.vector),
+        frame.rip
+    );
+}
+
+fn probe_outcome(r: ProbeResult) -> Result<u64, Fault> {
+    if r.faulted == 0 {
+        Ok(r.value)
+    } else {
+        Err(Fault {
+            vector: FAULT_VECTOR.load(Ordering::Relaxed) as u8,
+            error_code: FAULT_ERROR.load(Ordering::Relaxed),
+            cr2: FAULT_CR2.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Reads the 8 bytes at `va`, or reports the fault the read raised.
+///
+/// # Safety
+/// Reading `va`, if it is mapped, must have no side effects (not MMIO).
+pub unsafe fn probe_read(va: u64) -> Result<u64, Fault> {
+    // SAFETY: a fault in the probe is caught by `trap_dispatch` (handlers
+    // installed by `init`); the caller vouches for side-effect freedom.
+    probe_outcome(unsafe { probe_read_u64(va) })
+}
+
+/// Writes `value` to the 8 bytes at `va`, or reports the fault.
+///
+/// # Safety
+/// If `va` is writable, the caller must own those 8 bytes.
+pub unsafe fn probe_write(va: u64, value: u64) -> Result<(), Fault> {
+    // SAFETY: as for `probe_read`; the caller owns the target if mapped.
+    probe_outcome(unsafe { probe_write_u64(va, value) }).map(|_| ())
+}
+
+/// Executes `ud2`; returns the fault it raised (`Ok` would mean the
+/// exception never arrived).
+pub fn probe_invalid_opcode() -> Result<(), Fault> {
+    // SAFETY: the #UD is caught by `trap_dispatch` once `init` ran.
+    probe_outcome(unsafe { probe_ud2() }).map(|_| ())
+}
+
+/// An IDT gate (interrupt gate, DPL 0, no IST).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IdtGate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+/// The native IDT.
+#[repr(C, align(16))]
+struct Idt([IdtGate; 32]);
+
+static IDT: spin::Once<Idt> = spin::Once::new();
+
+/// Why installing the handlers failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapError {
+    /// Xen refused the trap table.
+    SetTrapTable(hypercall::XenError),
+}
+
+/// Installs the exception handlers for the recorded platform.
+pub fn init() -> Result<(), TrapError> {
+    if platform::is_xen_pv() {
+        init_pv()
+    } else {
+        init_native();
+        Ok(())
+    }
+}
+
+fn init_native() {
+    let idt = IDT.call_once(|| {
+        // SAFETY: `trap_native_stubs` is a constant table in .text.
+        let stubs = unsafe { &trap_native_stubs };
+        let mut gates = [IdtGate {
+            offset_low: 0,
+            selector: 0,
+            ist: 0,
+            type_attr: 0,
+            offset_mid: 0,
+            offset_high: 0,
+            reserved: 0,
+        }; 32];
+        for (gate, &handler) in gates.iter_mut().zip(stubs.iter()) {
+            *gate = IdtGate {
+                offset_low: handler as u16,
+                selector: KERNEL_CS,
+                ist: 0,
+                type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
+                offset_mid: (handler >> 16) as u16,
+                offset_high: (handler >> 32) as u32,
+                reserved: 0,
+            };
+        }
+        Idt(gates)
+    });
+    let ptr = x86_64::structures::DescriptorTablePointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: x86_64::VirtAddr::new(idt as *const Idt as u64),
+    };
+    // SAFETY: the IDT is in a static that lives forever, its gates point at
+    // the stubs above with the boot GDT's code selector.
+    unsafe { x86_64::instructions::tables::lidt(&ptr) };
+}
+
+fn init_pv() -> Result<(), TrapError> {
+    use hypercall::ops::{TrapInfo, FLAT_KERNEL_CS64};
+    // SAFETY: `trap_pv_stubs` is a constant table in .text.
+    let stubs = unsafe { &trap_pv_stubs };
+    let mut table = [TrapInfo {
+        vector: 0,
+        flags: 0,
+        cs: 0,
+        address: 0,
+    }; 33];
+    for (i, (slot, &handler)) in table.iter_mut().zip(stubs.iter()).enumerate() {
+        *slot = TrapInfo {
+            vector: i as u8,
+            flags: 0, // DPL 0: `int n` from user space may not raise it
+            cs: FLAT_KERNEL_CS64,
+            address: handler,
+        };
+    }
+    // SAFETY: we are PV (checked by `init`); every handler is a PV stub
+    // expecting Xen's 64-bit bounce frame; the table ends with a zero entry.
+    unsafe { hypercall::ops::set_trap_table(&table) }.map_err(TrapError::SetTrapTable)
+}
