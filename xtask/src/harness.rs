@@ -75,6 +75,8 @@ pub enum Failure {
     XenCrash {
         /// The line.
         line: String,
+        /// The lines after it that say why (Xen's panic message).
+        reason: Vec<String>,
     },
     /// `PVMMU-RESULT PASS` without any `PVMMU-REPORT` line.
     MissingReport,
@@ -133,7 +135,13 @@ impl fmt::Display for Failure {
                 }
                 Ok(())
             }
-            Failure::XenCrash { line } => write!(f, "Xen crash: {}", line.trim()),
+            Failure::XenCrash { line, reason } => {
+                write!(f, "Xen crash: {}", line.trim())?;
+                for why in reason {
+                    write!(f, " {}", why.trim())?;
+                }
+                Ok(())
+            }
             Failure::MissingReport => write!(f, "PVMMU-RESULT PASS but no PVMMU-REPORT line"),
             Failure::DuplicateReport => write!(f, "more than one PVMMU-REPORT line"),
             Failure::BadReport(error) => write!(f, "malformed PVMMU-REPORT line: {error}"),
@@ -197,15 +205,34 @@ pub enum Event {
 pub struct Watcher {
     reports: Vec<Result<Report, ReportError>>,
     results: Vec<(ResultLine, String)>,
-    crash: Option<String>,
+    crash: Option<(String, Vec<String>)>,
+}
+
+/// How many lines after a crash line are kept as its reason.
+const CRASH_REASON_LINES: usize = 2;
+
+/// A line after a crash line that says something: not Xen's row of stars,
+/// not an empty `(XEN)` line.
+fn crash_reason(line: &str) -> Option<&str> {
+    let text = line.trim();
+    let text = text.strip_prefix("(XEN)").unwrap_or(text).trim();
+    (!text.is_empty() && !text.chars().all(|c| c == '*')).then_some(text)
 }
 
 impl Watcher {
     /// Feeds one console line (without its line ending).
     pub fn observe(&mut self, line: &str) -> Event {
-        if self.crash.is_none() && XEN_CRASH_MARKERS.iter().any(|m| line.contains(m)) {
-            self.crash = Some(line.to_string());
-            return Event::Crash;
+        match &mut self.crash {
+            None if XEN_CRASH_MARKERS.iter().any(|m| line.contains(m)) => {
+                self.crash = Some((line.to_string(), Vec::new()));
+                return Event::Crash;
+            }
+            Some((_, reason)) if reason.len() < CRASH_REASON_LINES => {
+                if let Some(text) = crash_reason(line) {
+                    reason.push(text.to_string());
+                }
+            }
+            _ => {}
         }
         if let Some(json) = report::report_json(line) {
             self.reports.push(report::parse_report(json));
@@ -226,8 +253,8 @@ impl Watcher {
     /// The verdict, given how the stream ended.
     pub fn verdict(self, end: End) -> Verdict {
         let saw_report = self.saw_report();
-        if let Some(line) = self.crash {
-            return Verdict::Fail(Failure::XenCrash { line });
+        if let Some((line, reason)) = self.crash {
+            return Verdict::Fail(Failure::XenCrash { line, reason });
         }
         let mut results = self.results.into_iter();
         let Some((result, line)) = results.next() else {
@@ -630,7 +657,8 @@ mod tests {
             assert_eq!(
                 verdict,
                 Verdict::Fail(Failure::XenCrash {
-                    line: crash.to_string()
+                    line: crash.to_string(),
+                    reason: vec!["----[ Xen-4.17 x86_64 debug=n ]----".to_string()],
                 }),
                 "{crash}"
             );
@@ -644,10 +672,18 @@ mod tests {
                 "{crash} after PASS gave {verdict:?}"
             );
         }
-        let failure = Failure::XenCrash {
-            line: "(XEN) Panic on CPU 0:".into(),
+        // Xen's panic banner: the reason is the line after, the stars are not.
+        let panic = "(XEN) ****************************************\n(XEN) Panic on CPU 0:\n\
+                     (XEN) Could not construct domain 0\n(XEN) ****************************************\n\
+                     (XEN) \n(XEN) Manual reset required ('noreboot' specified)\n";
+        let (verdict, _) = judge(panic, End::Stopped);
+        let Verdict::Fail(failure) = verdict else {
+            panic!("a panic passed");
         };
-        assert_eq!(failure.to_string(), "Xen crash: (XEN) Panic on CPU 0:");
+        assert_eq!(
+            failure.to_string(),
+            "Xen crash: (XEN) Panic on CPU 0: Could not construct domain 0 Manual reset required ('noreboot' specified)"
+        );
     }
 
     #[test]
@@ -818,7 +854,8 @@ mod tests {
         assert_eq!(
             outcome.verdict,
             Verdict::Fail(Failure::XenCrash {
-                line: "(XEN) Panic on CPU 0:".into()
+                line: "(XEN) Panic on CPU 0:".into(),
+                reason: vec!["FATAL TRAP: vector = 6".into()],
             })
         );
         assert!(

@@ -418,6 +418,7 @@ mod tests {
         assert!(judge(&fail_native, &timeout).is_err());
         let crash = Verdict::Fail(Failure::XenCrash {
             line: "(XEN) Panic on CPU 0:".into(),
+            reason: Vec::new(),
         });
         assert!(judge(&fail_native, &crash)
             .unwrap_err()
