@@ -1,0 +1,154 @@
+//! How a page-table entry changes: one trait, two backends.
+//!
+//! Invariant: the address space changes a *live* table (one reachable from a
+//! root, or pinned) only through [`Backend::write`], and stores directly only
+//! into a *private* table: a frame it allocated, passed through
+//! [`Backend::new_table`] and has not yet sealed with
+//! [`Backend::seal_table`]. Every read ([`Backend::read`],
+//! [`Backend::read_table`]) sees the writes queued before it, so nothing
+//! queued is ever observable as stale. Writes are durable only after
+//! [`Backend::drain`]; the address space drains at the end of every call
+//! (or when a [`crate::lazy::LazyBatch`] ends).
+//!
+//! * [`native::Native`]: plain stores, invlpg / CR3 through a [`native::Tlb`].
+//! * [`xen::XenPv`]: queued `mmu_update` requests drained in ordered batches.
+
+pub mod native;
+pub mod xen;
+
+use core::ptr::NonNull;
+
+use hypercall::XenError;
+
+use crate::entry::{Entry, FlagError, Flags, Level};
+use crate::phys::FrameWords;
+use crate::types::{Mfn, Pfn, ENTRIES};
+
+pub use native::{CpuTlb, Native, NoTlb, Tlb};
+pub use xen::{Alias, AliasMap, NoAliases, XenPv, DEFAULT_BATCH, MAX_BATCH};
+
+/// Which set of entry rules a backend enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Native x86-64 paging (bare metal, Xen PVH/HVM).
+    Native,
+    /// Xen PV: live tables change only through the hypervisor.
+    XenPv,
+}
+
+/// Largest page size the backend may use (natively from CPUID; never more
+/// than 4 KiB under PV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LargePages {
+    /// 4 KiB pages only.
+    None,
+    /// 4 KiB and 2 MiB (PSE).
+    Size2MiB,
+    /// 4 KiB, 2 MiB and 1 GiB (CPUID pdpe1gb).
+    Size1GiB,
+}
+
+/// Which TLB entries to invalidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlbScope {
+    /// `pages` pages of 4 KiB from `start`.
+    Range {
+        /// First virtual address.
+        start: u64,
+        /// Number of 4 KiB pages.
+        pages: u64,
+    },
+    /// Everything (non-global).
+    All,
+}
+
+/// Invalidate page by page up to this many pages, then flush everything.
+pub const INVLPG_LIMIT: u64 = 32;
+
+/// Why a backend operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendError {
+    /// The frame is not guest memory (no pointer, or no machine frame).
+    BadFrame(Pfn),
+    /// The flags break this backend's entry rules.
+    Flags(FlagError),
+    /// The hypervisor refused a queued entry write: `val` is the value that
+    /// was refused (the requests before it were applied, those after it were
+    /// dropped).
+    Refused {
+        /// Xen's error.
+        error: XenError,
+        /// Machine address of the refused entry.
+        entry_maddr: u64,
+        /// The refused value.
+        val: u64,
+    },
+    /// The hypervisor refused an extended operation (pin, unpin, root
+    /// switch, TLB flush).
+    Hypervisor(XenError),
+    /// A kernel alias of a table frame could not be found in the current
+    /// tree (no current root is known).
+    NoCurrentRoot,
+}
+
+/// The operations an address space needs from a page-table backend.
+pub trait Backend {
+    /// Which entry rules apply.
+    fn kind(&self) -> Kind;
+    /// Largest page size allowed.
+    fn large_pages(&self) -> LargePages;
+    /// A virtual range no mapping may touch (`[start, end)`): Xen's hole under
+    /// PV.
+    fn reserved(&self) -> Option<(u64, u64)>;
+    /// Machine frame of `pfn`.
+    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn>;
+    /// Guest frame of `mfn`, `None` if the guest does not own it.
+    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn>;
+    /// Pointer to the frame's contents (for private tables and reads).
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>>;
+
+    /// The entry mapping `pfn` as a leaf at `level` with `flags` (L2/L3: a
+    /// large page; PS is added here).
+    fn leaf_entry(&self, level: Level, pfn: Pfn, flags: Flags) -> Result<Entry, BackendError>;
+    /// The entry pointing at table frame `pfn`.
+    fn table_entry(&self, pfn: Pfn) -> Result<Entry, BackendError>;
+    /// The flags of a read-back entry as the guest asked for them.
+    fn normalize(&self, flags: Flags) -> Flags;
+
+    /// Entry `index` of table `table`, including queued writes.
+    fn read(&self, table: Pfn, index: usize) -> Entry;
+    /// All entries of `table`, including queued writes.
+    fn read_table(&self, table: Pfn, out: &mut [u64; ENTRIES]);
+    /// Queues a write of entry `index` of live table `table` (draining first
+    /// when the queue is full).
+    fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError>;
+    /// Writes queued and not yet applied.
+    fn pending(&self) -> usize;
+    /// Applies every queued write, in order.
+    fn drain(&mut self) -> Result<(), BackendError>;
+
+    /// Makes `pfn` an empty private table: zeroes it with plain stores while
+    /// it is still writable.
+    fn new_table(&mut self, pfn: Pfn) -> Result<(), BackendError>;
+    /// Ends the private life of table `pfn`: after this (PV: queued, so in
+    /// order before the write that hooks it) every kernel alias of the frame
+    /// is read-only. No store into the frame may follow.
+    fn seal_table(&mut self, pfn: Pfn) -> Result<(), BackendError>;
+    /// Returns table `pfn` to plain memory: queued after the write that
+    /// unhooked it, every kernel alias becomes writable again. The frame may
+    /// be reused only after the next successful [`Backend::drain`] and a TLB
+    /// flush.
+    fn release_table(&mut self, pfn: Pfn) -> Result<(), BackendError>;
+    /// Pins table `pfn` at `level` (drains first; natively a no-op).
+    fn pin(&mut self, level: Level, pfn: Pfn) -> Result<(), BackendError>;
+    /// Unpins table `pfn` (drains first; natively a no-op).
+    fn unpin(&mut self, pfn: Pfn) -> Result<(), BackendError>;
+    /// Makes `root` the current root (drains first).
+    ///
+    /// # Safety
+    /// The new tree must map everything the running code needs (its code,
+    /// stack and data) at the same addresses.
+    unsafe fn switch_root(&mut self, root: Pfn) -> Result<(), BackendError>;
+    /// Invalidates TLB entries (drains first).
+    fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError>;
+}

@@ -1,0 +1,435 @@
+//! The Xen PV backend: every write to a live table is an `mmu_update`
+//! request, queued and drained in large ordered batches.
+//!
+//! Invariant: requests reach Xen in exactly the order they were queued, in
+//! as few hypercalls as the batch capacity allows; an extended operation
+//! (pin, unpin, `NEW_BASEPTR`, TLB flush) is submitted after every queued
+//! request, in the same `multicall` when requests are pending. A read of an
+//! entry with a queued write returns the queued value. A frame becomes a
+//! table only after it was zeroed while writable and every kernel alias of
+//! it was made read-only by a request queued before the one that hooks it;
+//! a freed table's aliases become writable only after the request that
+//! unhooked it. Entry rules (no PSE, no PWT/PCD/PAT, no GLOBAL, holes
+//! written as 0, USER read back is Xen's) live in [`crate::entry`].
+
+use core::ptr::NonNull;
+
+use hypercall::abi::{mmu_update, mmuext_op};
+use hypercall::{Call, MmuExt, MmuHypercalls, MmuUpdate};
+
+use super::{Backend, BackendError, Kind, LargePages, TlbScope, INVLPG_LIMIT};
+use crate::entry::{pv_check, pv_normalize, Entry, FlagError, Flags, Level, TABLE_FLAGS};
+use crate::phys::{FrameMap, FrameWords, PhysMem};
+use crate::types::{Mfn, Pfn, ENTRIES, PAGE_SIZE};
+
+/// Largest batch (requests per `mmu_update` hypercall) a backend can hold.
+pub const MAX_BATCH: usize = 1024;
+/// Batch capacity unless configured otherwise.
+pub const DEFAULT_BATCH: usize = 512;
+/// Most kernel aliases one frame may have.
+pub const MAX_ALIASES: usize = 4;
+
+/// Xen's part of the 64-bit PV address space (L4 slots 256..=271).
+pub const XEN_HOLE: (u64, u64) = (0xffff_8000_0000_0000, 0xffff_8800_0000_0000);
+
+/// Where the kernel maps a frame (its direct map, a kmap slot, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alias {
+    /// A virtual address mapped in the current root.
+    Va(u64),
+    /// An explicit L1 entry (for trees that are not current yet).
+    Entry {
+        /// The L1 table frame.
+        table: Pfn,
+        /// Index of the entry mapping the frame.
+        index: usize,
+    },
+}
+
+/// The kernel tells the PV backend where each frame is mapped, so a frame
+/// can be made read-only everywhere before it becomes a table.
+pub trait AliasMap {
+    /// Writes the aliases of `pfn` into `out` and returns how many.
+    fn aliases(&self, pfn: Pfn, out: &mut [Alias; MAX_ALIASES]) -> usize;
+}
+
+/// No frame has a kernel alias (host tests over the model, or a kernel that
+/// maps no memory it uses for tables).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAliases;
+
+impl AliasMap for NoAliases {
+    fn aliases(&self, _pfn: Pfn, _out: &mut [Alias; MAX_ALIASES]) -> usize {
+        0
+    }
+}
+
+const EMPTY_REQ: mmu_update = mmu_update { ptr: 0, val: 0 };
+
+/// The Xen PV backend.
+pub struct XenPv<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap = NoAliases> {
+    hv: H,
+    mem: M,
+    frames: F,
+    aliases: A,
+    queue: [mmu_update; MAX_BATCH],
+    len: usize,
+    cap: usize,
+    /// One bit per hash of the table mfns with queued writes.
+    filter: u64,
+    /// The root Xen walks now (aliases given as virtual addresses are
+    /// resolved in it).
+    root: Option<Mfn>,
+}
+
+fn filter_bit(table_maddr: u64) -> u64 {
+    let mfn = table_maddr >> 12;
+    1u64 << ((mfn ^ (mfn >> 6) ^ (mfn >> 12)) & 63)
+}
+
+impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
+    /// A backend issuing `hv`'s hypercalls, reaching frames through `mem`
+    /// and translating through `frames`; `root` is the L4 Xen walks now
+    /// (`start_info.pt_base`'s frame), if known.
+    pub fn new(hv: H, mem: M, frames: F, aliases: A, root: Option<Mfn>) -> Self {
+        Self {
+            hv,
+            mem,
+            frames,
+            aliases,
+            queue: [EMPTY_REQ; MAX_BATCH],
+            len: 0,
+            cap: DEFAULT_BATCH,
+            filter: 0,
+            root,
+        }
+    }
+
+    /// Sets the batch capacity (clamped to `1..=MAX_BATCH`).
+    pub fn with_batch_capacity(mut self, cap: usize) -> Self {
+        self.cap = cap.clamp(1, MAX_BATCH);
+        self
+    }
+
+    /// The batch capacity.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// The hypercall implementation (counters, the model's queries).
+    pub fn hypercalls(&self) -> &H {
+        &self.hv
+    }
+
+    /// Mutable access to the hypercall implementation (tests reset counters).
+    pub fn hypercalls_mut(&mut self) -> &mut H {
+        &mut self.hv
+    }
+
+    /// The frame map.
+    pub fn frames(&self) -> &F {
+        &self.frames
+    }
+
+    /// The L4 Xen walks now, as far as this backend knows.
+    pub fn current_root(&self) -> Option<Mfn> {
+        self.root
+    }
+
+    fn table_maddr(&self, table: Pfn) -> Option<u64> {
+        self.frames.to_mfn(table).map(Mfn::maddr)
+    }
+
+    fn memory_entry(&self, table: Pfn, index: usize) -> Entry {
+        match self.mem.frame_ptr(table) {
+            // SAFETY: `PhysMem` frames are valid for 4096-byte reads; the
+            // index is masked into the frame.
+            Some(p) => Entry(unsafe {
+                p.as_ptr()
+                    .cast::<u64>()
+                    .add(index & (ENTRIES - 1))
+                    .read_volatile()
+            }),
+            None => Entry::EMPTY,
+        }
+    }
+
+    fn queued(&self, entry_maddr: u64) -> Option<u64> {
+        if self.len == 0 || self.filter & filter_bit(entry_maddr) == 0 {
+            return None;
+        }
+        self.queue[..self.len]
+            .iter()
+            .rev()
+            .find(|r| r.ptr & !7 == entry_maddr)
+            .map(|r| r.val)
+    }
+
+    fn push(&mut self, entry_maddr: u64, val: u64) -> Result<(), BackendError> {
+        if self.len >= self.cap {
+            self.drain()?;
+        }
+        self.queue[self.len] = MmuUpdate::PtUpdate { entry_maddr, val }.encode();
+        self.len += 1;
+        self.filter |= filter_bit(entry_maddr);
+        Ok(())
+    }
+
+    fn clear_queue(&mut self) {
+        self.len = 0;
+        self.filter = 0;
+    }
+
+    /// Finds the L1 entry that maps `va` in the current root.
+    fn resolve_va(&self, va: u64) -> Result<Option<(Pfn, usize)>, BackendError> {
+        let root = self.root.ok_or(BackendError::NoCurrentRoot)?;
+        let Some(mut table) = self.frames.to_pfn(root) else {
+            return Ok(None);
+        };
+        let mut level = Level::L4;
+        while let Some(lower) = level.lower() {
+            let e = self.read(table, level.index(va));
+            if !e.is_present() || e.is_huge() {
+                return Ok(None);
+            }
+            let Some(next) = self.frames.to_pfn(e.mfn()) else {
+                return Ok(None);
+            };
+            table = next;
+            level = lower;
+        }
+        Ok(Some((table, Level::L1.index(va))))
+    }
+
+    /// Queues `RW := writable` on every alias of `pfn`.
+    fn set_aliases(&mut self, pfn: Pfn, writable: bool) -> Result<(), BackendError> {
+        let mut out = [Alias::Va(0); MAX_ALIASES];
+        let n = self.aliases.aliases(pfn, &mut out).min(MAX_ALIASES);
+        for alias in &out[..n] {
+            let place = match *alias {
+                Alias::Va(va) => self.resolve_va(va)?,
+                Alias::Entry { table, index } => Some((table, index & (ENTRIES - 1))),
+            };
+            let Some((table, index)) = place else {
+                continue;
+            };
+            let e = self.read(table, index);
+            if !e.is_present() || self.frames.to_mfn(pfn) != Some(e.mfn()) {
+                continue;
+            }
+            let is_rw = e.flags().contains(Flags::WRITABLE);
+            if is_rw != writable {
+                let val = if writable {
+                    e.0 | Flags::WRITABLE.bits()
+                } else {
+                    e.0 & !Flags::WRITABLE.bits()
+                };
+                self.write(table, index, Entry(val))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits `ops` after every queued request, in one `multicall` when
+    /// requests are pending.
+    fn submit_ext(&mut self, ops: &[MmuExt]) -> Result<(), BackendError> {
+        let mut encoded = [MmuExt::TlbFlushLocal.encode(); INVLPG_LIMIT as usize];
+        let n = ops.len().min(encoded.len());
+        for (slot, op) in encoded.iter_mut().zip(&ops[..n]) {
+            *slot = op.encode();
+        }
+        let ext: &[mmuext_op] = &encoded[..n];
+        if self.len == 0 {
+            return self
+                .hv
+                .mmuext_op(ext)
+                .map_err(|e| BackendError::Hypervisor(e.error));
+        }
+        let len = self.len;
+        self.clear_queue();
+        let calls = [Call::MmuUpdate(&self.queue[..len]), Call::MmuExtOp(ext)];
+        let mut results = [Ok(0); 2];
+        self.hv
+            .multicall(&calls, &mut results)
+            .map_err(BackendError::Hypervisor)?;
+        if let Err(error) = results[0] {
+            return Err(BackendError::Refused {
+                error,
+                entry_maddr: 0,
+                val: 0,
+            });
+        }
+        results[1].map(|_| ()).map_err(BackendError::Hypervisor)
+    }
+
+    fn mfn_of(&self, pfn: Pfn) -> Result<u64, BackendError> {
+        self.frames
+            .to_mfn(pfn)
+            .map(|m| m.0)
+            .ok_or(BackendError::BadFrame(pfn))
+    }
+}
+
+impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H, M, F, A> {
+    fn kind(&self) -> Kind {
+        Kind::XenPv
+    }
+    fn large_pages(&self) -> LargePages {
+        LargePages::None
+    }
+    fn reserved(&self) -> Option<(u64, u64)> {
+        Some(XEN_HOLE)
+    }
+    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
+        self.frames.to_mfn(pfn)
+    }
+    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
+        self.frames.to_pfn(mfn)
+    }
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+        self.mem.frame_ptr(pfn)
+    }
+
+    fn leaf_entry(&self, level: Level, pfn: Pfn, flags: Flags) -> Result<Entry, BackendError> {
+        if level != Level::L1 {
+            return Err(BackendError::Flags(FlagError::LargePage));
+        }
+        let flags = pv_check(flags).map_err(BackendError::Flags)?;
+        let mfn = self.frames.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
+        Ok(Entry::new(mfn, flags))
+    }
+
+    fn table_entry(&self, pfn: Pfn) -> Result<Entry, BackendError> {
+        let mfn = self.frames.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
+        Ok(Entry::new(mfn, TABLE_FLAGS))
+    }
+
+    fn normalize(&self, flags: Flags) -> Flags {
+        pv_normalize(flags)
+    }
+
+    fn read(&self, table: Pfn, index: usize) -> Entry {
+        let index = index & (ENTRIES - 1);
+        if self.len != 0 {
+            if let Some(maddr) = self.table_maddr(table) {
+                if let Some(val) = self.queued(maddr + index as u64 * 8) {
+                    return Entry(val);
+                }
+            }
+        }
+        self.memory_entry(table, index)
+    }
+
+    fn read_table(&self, table: Pfn, out: &mut [u64; ENTRIES]) {
+        match self.mem.frame_ptr(table) {
+            // SAFETY: valid for reads per `PhysMem`; `out` is caller-owned.
+            Some(p) => *out = unsafe { p.as_ptr().read_volatile() },
+            None => *out = [0; ENTRIES],
+        }
+        if self.len == 0 {
+            return;
+        }
+        let Some(base) = self.table_maddr(table) else {
+            return;
+        };
+        if self.filter & filter_bit(base) == 0 {
+            return;
+        }
+        for r in &self.queue[..self.len] {
+            let addr = r.ptr & !7;
+            if addr & !(PAGE_SIZE - 1) == base {
+                out[((addr & (PAGE_SIZE - 1)) / 8) as usize] = r.val;
+            }
+        }
+    }
+
+    fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError> {
+        let base = self.mfn_of(table)? << 12;
+        // PV rule: a hole is written as all-zero.
+        let val = if val.is_present() { val.0 } else { 0 };
+        self.push(base + (index & (ENTRIES - 1)) as u64 * 8, val)
+    }
+
+    fn pending(&self) -> usize {
+        self.len
+    }
+
+    fn drain(&mut self) -> Result<(), BackendError> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        let len = self.len;
+        self.clear_queue();
+        self.hv.mmu_update(&self.queue[..len]).map_err(|e| {
+            let failed = self.queue[e.done.min(len - 1)];
+            BackendError::Refused {
+                error: e.error,
+                entry_maddr: failed.ptr & !7,
+                val: failed.val,
+            }
+        })
+    }
+
+    fn new_table(&mut self, pfn: Pfn) -> Result<(), BackendError> {
+        let p = self.mem.frame_ptr(pfn).ok_or(BackendError::BadFrame(pfn))?;
+        self.mfn_of(pfn)?;
+        // SAFETY: the caller hands us a frame that is not a table yet, so
+        // every mapping of it is still writable; valid per `PhysMem`.
+        unsafe { p.as_ptr().write_bytes(0, 1) };
+        Ok(())
+    }
+
+    fn seal_table(&mut self, pfn: Pfn) -> Result<(), BackendError> {
+        self.set_aliases(pfn, false)
+    }
+
+    fn release_table(&mut self, pfn: Pfn) -> Result<(), BackendError> {
+        self.set_aliases(pfn, true)
+    }
+
+    fn pin(&mut self, level: Level, pfn: Pfn) -> Result<(), BackendError> {
+        let mfn = self.mfn_of(pfn)?;
+        self.submit_ext(&[MmuExt::Pin {
+            level: level.pin_level(),
+            mfn,
+        }])
+    }
+
+    fn unpin(&mut self, pfn: Pfn) -> Result<(), BackendError> {
+        let mfn = self.mfn_of(pfn)?;
+        self.submit_ext(&[MmuExt::Unpin { mfn }])
+    }
+
+    unsafe fn switch_root(&mut self, root: Pfn) -> Result<(), BackendError> {
+        let mfn = self.mfn_of(root)?;
+        self.submit_ext(&[MmuExt::NewBaseptr { mfn }])?;
+        self.root = Some(Mfn(mfn));
+        Ok(())
+    }
+
+    fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
+        let mut ops = [MmuExt::TlbFlushLocal; INVLPG_LIMIT as usize];
+        let n = match scope {
+            TlbScope::Range { start, pages } if pages <= INVLPG_LIMIT => {
+                for (i, op) in ops.iter_mut().enumerate().take(pages as usize) {
+                    *op = MmuExt::InvlpgLocal {
+                        va: start.wrapping_add(i as u64 * PAGE_SIZE),
+                    };
+                }
+                pages as usize
+            }
+            _ => 1,
+        };
+        if n == 0 {
+            return self.drain();
+        }
+        self.submit_ext(&ops[..n])
+    }
+}
+
+/// Why a [`XenError`] from a refused request is worth naming: used by the
+/// address space to tell "mapped a page table writable" from other refusals.
+pub fn refused_writable(val: u64) -> bool {
+    let e = Entry(val);
+    e.is_present() && e.flags().contains(Flags::WRITABLE)
+}

@@ -1,0 +1,217 @@
+//! Page-table entries, levels and the entry rules of each backend.
+//!
+//! Invariant: an [`Entry`] is the raw 64-bit value as the MMU (natively) or
+//! Xen (under PV) sees it: the frame field holds a machine frame number. The
+//! address space never builds a raw value itself; it asks its backend, which
+//! applies the rules written here once: [`pv_check`] for Xen PV (no PSE at
+//! any level, no PWT/PCD/PAT, no GLOBAL, non-present written as 0, USER in a
+//! read-back entry is Xen's doing) and [`native_check`] natively.
+
+pub use x86_64::structures::paging::PageTableFlags as Flags;
+
+use crate::types::{Mfn, ENTRIES, ENTRY_FRAME_MASK};
+
+/// A page-table level; [`Level::L1`] holds 4 KiB leaf entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Page table: 4 KiB pages.
+    L1,
+    /// Page directory: L1 tables or 2 MiB pages.
+    L2,
+    /// Page-directory-pointer table: L2 tables or 1 GiB pages.
+    L3,
+    /// The root.
+    L4,
+}
+
+impl Level {
+    /// 1..=4.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::L1 => 1,
+            Self::L2 => 2,
+            Self::L3 => 3,
+            Self::L4 => 4,
+        }
+    }
+
+    /// Bit position of the lowest virtual-address bit this level indexes.
+    pub const fn shift(self) -> u32 {
+        12 + 9 * (self.number() as u32 - 1)
+    }
+
+    /// Bytes of virtual address space one entry of this level covers.
+    pub const fn entry_span(self) -> u64 {
+        1u64 << self.shift()
+    }
+
+    /// Index into a table of this level for virtual address `va`.
+    pub const fn index(self, va: u64) -> usize {
+        ((va >> self.shift()) as usize) & (ENTRIES - 1)
+    }
+
+    /// The level below, `None` for L1.
+    pub const fn lower(self) -> Option<Level> {
+        match self {
+            Self::L1 => None,
+            Self::L2 => Some(Self::L1),
+            Self::L3 => Some(Self::L2),
+            Self::L4 => Some(Self::L3),
+        }
+    }
+
+    /// The Xen pin level of a table of this level.
+    pub const fn pin_level(self) -> hypercall::PinLevel {
+        match self {
+            Self::L1 => hypercall::PinLevel::L1,
+            Self::L2 => hypercall::PinLevel::L2,
+            Self::L3 => hypercall::PinLevel::L3,
+            Self::L4 => hypercall::PinLevel::L4,
+        }
+    }
+}
+
+/// A raw page-table entry.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Entry(pub u64);
+
+impl Entry {
+    /// The all-zero, non-present entry.
+    pub const EMPTY: Entry = Entry(0);
+
+    /// Builds an entry from a machine frame and flags.
+    pub const fn new(mfn: Mfn, flags: Flags) -> Self {
+        Self(((mfn.0 << 12) & ENTRY_FRAME_MASK) | flags.bits())
+    }
+    /// Present bit set.
+    pub const fn is_present(self) -> bool {
+        self.0 & Flags::PRESENT.bits() != 0
+    }
+    /// Not present and all other bits clear too (how PV writes a hole).
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// PS bit: a 2 MiB / 1 GiB leaf at L2 / L3 (meaningless at L1, where it
+    /// is the PAT bit).
+    pub const fn is_huge(self) -> bool {
+        self.0 & Flags::HUGE_PAGE.bits() != 0
+    }
+    /// Machine frame the entry points to.
+    pub const fn mfn(self) -> Mfn {
+        Mfn((self.0 & ENTRY_FRAME_MASK) >> 12)
+    }
+    /// All flag bits (everything but the frame field).
+    pub const fn flags(self) -> Flags {
+        Flags::from_bits_truncate(self.0 & !ENTRY_FRAME_MASK)
+    }
+}
+
+impl core::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Entry({:#018x})", self.0)
+    }
+}
+
+/// Why a backend refuses an entry's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagError {
+    /// PS at a level where this backend has no large pages (always under PV).
+    LargePage,
+    /// PWT/PCD/PAT: caching attributes a PV guest without I/O privilege may
+    /// not set.
+    CacheAttributes,
+    /// GLOBAL: refused on PV kernel pages.
+    Global,
+    /// The entry must be present to be written with flags.
+    NotPresent,
+}
+
+/// Flags only the hardware or Xen set; masked out of comparisons.
+pub const HARDWARE_SET: Flags = Flags::ACCESSED.union(Flags::DIRTY);
+
+/// The flags an intermediate entry (pointing to a lower table) carries:
+/// permissive, the leaf decides.
+pub const TABLE_FLAGS: Flags = Flags::PRESENT
+    .union(Flags::WRITABLE)
+    .union(Flags::USER_ACCESSIBLE);
+
+/// Xen PV entry rules for a leaf at `level` (L1 always under PV). Returns the
+/// flags to write or why they are refused.
+pub fn pv_check(flags: Flags) -> Result<Flags, FlagError> {
+    if !flags.contains(Flags::PRESENT) {
+        return Err(FlagError::NotPresent);
+    }
+    // Bit 7 is PS at L2/L3 and PAT at L1: refused either way.
+    if flags.contains(Flags::HUGE_PAGE) {
+        return Err(FlagError::LargePage);
+    }
+    if flags.intersects(Flags::WRITE_THROUGH | Flags::NO_CACHE) {
+        return Err(FlagError::CacheAttributes);
+    }
+    if flags.contains(Flags::GLOBAL) {
+        return Err(FlagError::Global);
+    }
+    Ok(flags)
+}
+
+/// Native leaf rules: PRESENT required; `huge` says whether the leaf is a
+/// 2 MiB / 1 GiB page (then PS is set by the address space, not the caller).
+pub fn native_check(flags: Flags) -> Result<Flags, FlagError> {
+    if !flags.contains(Flags::PRESENT) {
+        return Err(FlagError::NotPresent);
+    }
+    if flags.contains(Flags::HUGE_PAGE) {
+        return Err(FlagError::LargePage);
+    }
+    Ok(flags)
+}
+
+/// Flags of a read-back PV entry as the guest asked for them: Xen sets
+/// USER on every present entry of a 64-bit PV guest (its kernel runs in ring
+/// 3), so USER carries no information and is dropped.
+pub fn pv_normalize(flags: Flags) -> Flags {
+    flags - Flags::USER_ACCESSIBLE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_index_addresses() {
+        let va = 0xffff_8880_1234_5000u64;
+        assert_eq!(Level::L4.index(va), 273);
+        assert_eq!(Level::L1.index(va), 0x145);
+        assert_eq!(Level::L2.entry_span(), 2 << 20);
+        assert_eq!(Level::L3.entry_span(), 1 << 30);
+        assert_eq!(Level::L4.lower(), Some(Level::L3));
+        assert_eq!(Level::L1.lower(), None);
+    }
+
+    #[test]
+    fn entry_round_trips_frame_and_flags() {
+        let e = Entry::new(Mfn(0xabcde), Flags::PRESENT | Flags::NO_EXECUTE);
+        assert_eq!(e.mfn(), Mfn(0xabcde));
+        assert!(e.is_present() && !e.is_huge());
+        assert_eq!(e.flags(), Flags::PRESENT | Flags::NO_EXECUTE);
+    }
+
+    #[test]
+    fn pv_rules_refuse_what_xen_refuses() {
+        let p = Flags::PRESENT;
+        assert_eq!(pv_check(p | Flags::HUGE_PAGE), Err(FlagError::LargePage));
+        assert_eq!(
+            pv_check(p | Flags::NO_CACHE),
+            Err(FlagError::CacheAttributes)
+        );
+        assert_eq!(
+            pv_check(p | Flags::WRITE_THROUGH),
+            Err(FlagError::CacheAttributes)
+        );
+        assert_eq!(pv_check(p | Flags::GLOBAL), Err(FlagError::Global));
+        assert_eq!(pv_check(Flags::WRITABLE), Err(FlagError::NotPresent));
+        assert_eq!(pv_check(p | Flags::WRITABLE), Ok(p | Flags::WRITABLE));
+        assert_eq!(pv_normalize(p | Flags::USER_ACCESSIBLE), p);
+        assert_eq!(native_check(p | Flags::GLOBAL), Ok(p | Flags::GLOBAL));
+    }
+}

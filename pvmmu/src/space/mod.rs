@@ -1,0 +1,1008 @@
+//! The address space: map, unmap, protect and translate over ranges, on any
+//! [`Backend`].
+//!
+//! Invariants:
+//! * A range operation walks the tree once: each table on the way is read
+//!   once per call and each L1 table's entries are handled in one pass (no
+//!   per-page re-walk).
+//! * A new table is private until its subtree is complete: it is zeroed and
+//!   filled with plain stores, then sealed (PV: every alias read-only, in the
+//!   queue) and only then hooked by one queued write into a live table.
+//! * When a call returns, every write it queued has been applied (unless it
+//!   runs inside a [`crate::lazy::LazyBatch`]).
+//! * A call that fails leaves the mappings as they were and leaks no frame:
+//!   leaves it wrote are cleared, tables it created are unhooked, released
+//!   and returned to the allocator. Documented exceptions: an *empty* table
+//!   that existed before inside the failed range is reclaimed too (pvmmu
+//!   never leaves empty tables itself), and a PV `protect` refused by Xen is
+//!   undone only when the range had uniform flags before.
+//! * Tables that become empty on `unmap` are freed, after the unhooking
+//!   writes are applied and the TLB is flushed.
+
+mod error;
+mod mapper;
+
+pub use error::Error;
+
+use crate::backend::{Backend, Kind, LargePages, TlbScope};
+use crate::entry::{Entry, Flags, Level, HARDWARE_SET};
+use crate::phys::FrameAllocator;
+use crate::types::{Pfn, ENTRIES, PAGE_SIZE};
+
+/// The page size of a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Granule {
+    /// 4 KiB, an L1 entry.
+    Size4KiB,
+    /// 2 MiB, an L2 entry with PS (natively only).
+    Size2MiB,
+    /// 1 GiB, an L3 entry with PS (natively only).
+    Size1GiB,
+}
+
+impl Granule {
+    /// Bytes in one page.
+    pub const fn bytes(self) -> u64 {
+        match self {
+            Self::Size4KiB => 1 << 12,
+            Self::Size2MiB => 1 << 21,
+            Self::Size1GiB => 1 << 30,
+        }
+    }
+    /// The level holding the leaf entry.
+    pub const fn level(self) -> Level {
+        match self {
+            Self::Size4KiB => Level::L1,
+            Self::Size2MiB => Level::L2,
+            Self::Size1GiB => Level::L3,
+        }
+    }
+    fn of_level(level: Level) -> Self {
+        match level {
+            Level::L3 => Self::Size1GiB,
+            Level::L2 => Self::Size2MiB,
+            _ => Self::Size4KiB,
+        }
+    }
+}
+
+/// What a virtual address translates to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// The guest frame holding the address's byte (inside a large page: the
+    /// 4 KiB frame at the right offset).
+    pub pfn: Pfn,
+    /// Byte offset within that 4 KiB frame.
+    pub offset: u64,
+    /// The leaf's flags as the guest asked for them (PS removed; PV: USER
+    /// removed, see [`crate::entry::pv_normalize`]).
+    pub flags: Flags,
+    /// Size of the page mapping it.
+    pub granule: Granule,
+}
+
+/// A TLB flush owed for pages whose mapping changed. Hand it to
+/// [`AddressSpace::flush`] or drop it explicitly with [`Flush::ignore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "changed mappings may still be cached in the TLB: flush or ignore"]
+pub struct Flush {
+    start: u64,
+    pages: u64,
+}
+
+impl Flush {
+    /// Nothing to flush.
+    pub const fn none() -> Self {
+        Self { start: 0, pages: 0 }
+    }
+    fn range(start: u64, bytes: u64) -> Self {
+        Self {
+            start,
+            pages: bytes / PAGE_SIZE,
+        }
+    }
+    /// 4 KiB pages covered (0: nothing owed).
+    pub const fn pages(&self) -> u64 {
+        self.pages
+    }
+    /// First address covered.
+    pub const fn start(&self) -> u64 {
+        self.start
+    }
+    /// Declares the flush unnecessary (e.g. the tables are not in use).
+    pub fn ignore(self) {}
+    /// One flush covering both.
+    pub fn merge(self, other: Flush) -> Flush {
+        if self.pages == 0 {
+            return other;
+        }
+        if other.pages == 0 {
+            return self;
+        }
+        let start = self.start.min(other.start);
+        let end = (self.start + (self.pages - 1) * PAGE_SIZE)
+            .max(other.start + (other.pages - 1) * PAGE_SIZE);
+        Flush {
+            start,
+            pages: (end - start) / PAGE_SIZE + 1,
+        }
+    }
+}
+
+/// Hooks of new subtrees queued since the last drain (what must be undone
+/// if a drain fails).
+const HOOK_LOG: usize = 64;
+/// Freed tables waiting for their unhooking writes and a TLB flush.
+const FREE_LOG: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Hook {
+    child: Pfn,
+    parent: Pfn,
+    index: u16,
+    level: Level,
+}
+
+const NO_HOOK: Hook = Hook {
+    child: Pfn(0),
+    parent: Pfn(0),
+    index: 0,
+    level: Level::L1,
+};
+
+/// One map request walking down the tree.
+struct MapOp {
+    va0: u64,
+    pfn0: u64,
+    flags: Flags,
+    leaf: Level,
+    /// Last address mapped so far.
+    done: Option<u64>,
+}
+
+/// An address space: a root table and everything below it, edited through
+/// backend `B`, with page-table frames from allocator `A`.
+pub struct AddressSpace<B: Backend, A: FrameAllocator> {
+    backend: B,
+    alloc: A,
+    root: Pfn,
+    pinned: bool,
+    lazy: u32,
+    sticky: Option<Error>,
+    hooks: [Hook; HOOK_LOG],
+    nhooks: usize,
+    freed: [Pfn; FREE_LOG],
+    nfreed: usize,
+    tables_created: u64,
+    tables_freed: u64,
+    /// Frames handed in for this call's tables (x86_64 `Mapper` calls).
+    spare: [Pfn; 4],
+    nspare: usize,
+}
+
+fn canonical(va: u64) -> bool {
+    let top = va >> 47;
+    top == 0 || top == 0x1_ffff
+}
+
+impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
+    /// A new, empty address space: allocates and prepares a root table
+    /// (under PV: sealed and pinned as an L4, so it can be switched to).
+    pub fn new(mut backend: B, mut alloc: A) -> Result<Self, (Error, B, A)> {
+        let Some(root) = alloc.allocate() else {
+            return Err((Error::OutOfFrames, backend, alloc));
+        };
+        let pv = backend.kind() == Kind::XenPv;
+        let prepared = backend
+            .new_table(root)
+            .and_then(|()| backend.seal_table(root))
+            .and_then(|()| backend.drain())
+            .and_then(|()| {
+                if pv {
+                    backend.pin(Level::L4, root)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = prepared {
+            // Best effort: give the frame its writable alias back.
+            let _ = backend.release_table(root).and_then(|()| backend.drain());
+            alloc.free(root);
+            return Err((e.into(), backend, alloc));
+        }
+        Ok(Self::assemble(backend, alloc, root, pv))
+    }
+
+    /// Adopts an existing tree rooted at `root` (e.g. built by the
+    /// bootstrap). `pinned` says whether the root is pinned (PV).
+    ///
+    /// # Safety
+    /// `root` must be a valid L4 for this backend (under PV: a validated,
+    /// pinned L4 if `pinned`), whose tables this address space may edit and
+    /// free (their frames go to `alloc` when they become empty).
+    pub unsafe fn from_root(backend: B, alloc: A, root: Pfn, pinned: bool) -> Self {
+        Self::assemble(backend, alloc, root, pinned)
+    }
+
+    fn assemble(backend: B, alloc: A, root: Pfn, pinned: bool) -> Self {
+        Self {
+            backend,
+            alloc,
+            root,
+            pinned,
+            lazy: 0,
+            sticky: None,
+            hooks: [NO_HOOK; HOOK_LOG],
+            nhooks: 0,
+            freed: [Pfn(0); FREE_LOG],
+            nfreed: 0,
+            tables_created: 0,
+            tables_freed: 0,
+            spare: [Pfn(0); 4],
+            nspare: 0,
+        }
+    }
+
+    /// The root table.
+    pub fn root(&self) -> Pfn {
+        self.root
+    }
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    /// The backend, mutably (raw entry access: bypasses the address space's
+    /// bookkeeping; drain the space first).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+    /// The frame allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+    /// The frame allocator, mutably.
+    pub fn allocator_mut(&mut self) -> &mut A {
+        &mut self.alloc
+    }
+    /// Tables this space allocated and freed so far.
+    pub fn table_counts(&self) -> (u64, u64) {
+        (self.tables_created, self.tables_freed)
+    }
+
+    // ---- public operations -------------------------------------------------
+
+    /// Maps `len` bytes at `va` to the frames from `pfn` on, with 4 KiB
+    /// pages. `flags` must include PRESENT; WRITABLE without NO_EXECUTE is
+    /// refused ([`Error::WriteExecute`]; see [`AddressSpace::map_wx`]).
+    pub fn map(&mut self, va: u64, pfn: Pfn, len: u64, flags: Flags) -> Result<Flush, Error> {
+        self.map_sized(va, pfn, len, flags, Granule::Size4KiB, false)
+    }
+
+    /// As [`AddressSpace::map`], with explicit consent to writable and
+    /// executable pages.
+    pub fn map_wx(&mut self, va: u64, pfn: Pfn, len: u64, flags: Flags) -> Result<Flush, Error> {
+        self.map_sized(va, pfn, len, flags, Granule::Size4KiB, true)
+    }
+
+    /// Maps with pages of `granule` (2 MiB / 1 GiB natively when the backend
+    /// allows them; under PV only 4 KiB). `allow_wx` is the consent to
+    /// writable and executable pages.
+    pub fn map_sized(
+        &mut self,
+        va: u64,
+        pfn: Pfn,
+        len: u64,
+        flags: Flags,
+        granule: Granule,
+        allow_wx: bool,
+    ) -> Result<Flush, Error> {
+        self.take_sticky()?;
+        let Some(last) = self.check_range(va, len, granule)? else {
+            return Ok(Flush::none());
+        };
+        let allowed = match granule {
+            Granule::Size4KiB => true,
+            Granule::Size2MiB => self.backend.large_pages() >= LargePages::Size2MiB,
+            Granule::Size1GiB => self.backend.large_pages() >= LargePages::Size1GiB,
+        };
+        if !allowed {
+            return Err(Error::LargePagesUnavailable);
+        }
+        let phys = pfn.0.checked_mul(PAGE_SIZE).ok_or(Error::RangeOverflow)?;
+        if phys % granule.bytes() != 0 {
+            return Err(Error::Misaligned);
+        }
+        if pfn.0.checked_add(len / PAGE_SIZE).is_none() {
+            return Err(Error::RangeOverflow);
+        }
+        if flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) && !allow_wx {
+            return Err(Error::WriteExecute);
+        }
+        // Validate the flags once, against the first frame (the per-page
+        // encoding re-checks the frame).
+        self.backend.leaf_entry(granule.level(), pfn, flags)?;
+        let mut op = MapOp {
+            va0: va,
+            pfn0: pfn.0,
+            flags,
+            leaf: granule.level(),
+            done: None,
+        };
+        self.nhooks = 0;
+        let root = self.root;
+        let result = self
+            .map_table(root, Level::L4, false, va, last, &mut op)
+            .and_then(|()| self.settle());
+        match result {
+            Ok(()) => Ok(Flush::range(va, len)),
+            Err(e) => {
+                self.rollback_map(va, op.done);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmaps `len` bytes at `va`; every page must be mapped (else
+    /// [`Error::NotMapped`], nothing changed) and large pages must be
+    /// covered whole. Tables that become empty are freed (after a TLB flush
+    /// of everything, so the returned token is then empty).
+    pub fn unmap(&mut self, va: u64, len: u64) -> Result<Flush, Error> {
+        self.take_sticky()?;
+        let Some(last) = self.check_range(va, len, Granule::Size4KiB)? else {
+            return Ok(Flush::none());
+        };
+        self.check_mapped(self.root, Level::L4, va, last)?;
+        let root = self.root;
+        let result = self
+            .unmap_table(root, Level::L4, va, last)
+            .and_then(|_| self.settle());
+        let flushed = self.nfreed > 0;
+        let result = result.and_then(|()| self.finish_frees());
+        match result {
+            Ok(()) if flushed => Ok(Flush::none()),
+            Ok(()) => Ok(Flush::range(va, len)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the leaf flags of every page in `len` bytes at `va` (every page
+    /// must be mapped; large pages covered whole). WRITABLE without
+    /// NO_EXECUTE is refused unless `allow_wx`.
+    pub fn protect(
+        &mut self,
+        va: u64,
+        len: u64,
+        flags: Flags,
+        allow_wx: bool,
+    ) -> Result<Flush, Error> {
+        self.take_sticky()?;
+        let Some(last) = self.check_range(va, len, Granule::Size4KiB)? else {
+            return Ok(Flush::none());
+        };
+        if flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) && !allow_wx {
+            return Err(Error::WriteExecute);
+        }
+        let mut uniform = Uniform::Unknown;
+        self.check_protect(self.root, Level::L4, va, last, flags, &mut uniform)?;
+        let root = self.root;
+        let result = self
+            .protect_table(root, Level::L4, va, last, flags)
+            .and_then(|()| self.settle());
+        match result {
+            Ok(()) => Ok(Flush::range(va, len)),
+            Err(e) => {
+                if let Uniform::Same(old) = uniform {
+                    let _ = self
+                        .protect_table(root, Level::L4, va, last, old)
+                        .and_then(|()| self.backend.drain().map_err(Error::from));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What `va` translates to (sees queued writes).
+    pub fn translate(&self, va: u64) -> Result<Translation, Error> {
+        if !canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        let mut table = self.root;
+        let mut level = Level::L4;
+        loop {
+            let e = self.backend.read(table, level.index(va));
+            if !e.is_present() {
+                return Err(Error::NotMapped { va });
+            }
+            let leaf = level == Level::L1
+                || (level != Level::L4 && e.is_huge() && self.backend.kind() == Kind::Native);
+            let pfn = self
+                .backend
+                .to_pfn(e.mfn())
+                .ok_or(Error::ForeignFrame(e.mfn()))?;
+            if leaf {
+                let granule = Granule::of_level(level);
+                let within = va & (granule.bytes() - 1);
+                return Ok(Translation {
+                    pfn: Pfn(pfn.0 + within / PAGE_SIZE),
+                    offset: va & (PAGE_SIZE - 1),
+                    flags: self.backend.normalize(e.flags() - Flags::HUGE_PAGE),
+                    granule,
+                });
+            }
+            table = pfn;
+            level = match level.lower() {
+                Some(l) => l,
+                None => return Err(Error::NotMapped { va }),
+            };
+        }
+    }
+
+    /// Performs a flush owed by an earlier call (applies queued writes
+    /// first).
+    pub fn flush(&mut self, flush: Flush) -> Result<(), Error> {
+        if flush.pages == 0 {
+            return self.settle();
+        }
+        self.nhooks = 0;
+        self.backend
+            .flush_tlb(TlbScope::Range {
+                start: flush.start,
+                pages: flush.pages,
+            })
+            .map_err(Error::from)
+    }
+
+    /// Applies every queued write now.
+    pub fn drain(&mut self) -> Result<(), Error> {
+        let r = self.backend.drain().map_err(Error::from);
+        if r.is_ok() {
+            self.nhooks = 0;
+        }
+        r
+    }
+
+    /// Makes this tree the current one (PV: `MMUEXT_NEW_BASEPTR` of the
+    /// pinned root; natively CR3 through the backend's TLB hook).
+    ///
+    /// # Safety
+    /// The tree must map everything the running code uses at the same
+    /// addresses.
+    pub unsafe fn activate(&mut self) -> Result<(), Error> {
+        self.drain()?;
+        // SAFETY: forwarded contract.
+        unsafe { self.backend.switch_root(self.root) }.map_err(Error::from)
+    }
+
+    /// Unmaps everything outside the reserved range, frees every table and
+    /// the root (PV: unpinned first), and returns the backend and allocator.
+    /// The tree must not be the current one. On failure the space is handed
+    /// back (it is large, but the caller owns it: no allocation here).
+    #[allow(clippy::result_large_err)]
+    pub fn destroy(mut self) -> Result<(B, A), (Error, Self)> {
+        let lower = (0, 0x0000_7fff_ffff_ffff);
+        let upper = (0xffff_8000_0000_0000, u64::MAX);
+        let mut r = Ok(());
+        for (start, last) in [lower, upper] {
+            r = r.and_then(|()| self.scrub(start, last));
+        }
+        let r = r
+            .and_then(|()| self.settle())
+            .and_then(|()| self.finish_frees())
+            .and_then(|()| {
+                if self.pinned {
+                    self.backend.unpin(self.root)?;
+                }
+                self.backend.release_table(self.root)?;
+                self.backend.drain()?;
+                Ok(())
+            });
+        match r {
+            Ok(()) => {
+                self.alloc.free(self.root);
+                Ok((self.backend, self.alloc))
+            }
+            Err(e) => Err((e, self)),
+        }
+    }
+
+    // ---- lazy batching (crate::lazy) ---------------------------------------
+
+    pub(crate) fn enter_lazy(&mut self) {
+        self.lazy += 1;
+    }
+
+    pub(crate) fn leave_lazy(&mut self) -> Result<(), Error> {
+        self.lazy = self.lazy.saturating_sub(1);
+        if self.lazy == 0 {
+            let r = self.drain();
+            if let Err(e) = r {
+                self.reclaim_lost_hooks();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_sticky(&mut self, e: Error) {
+        self.sticky.get_or_insert(e);
+    }
+
+    fn take_sticky(&mut self) -> Result<(), Error> {
+        match self.sticky.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    // ---- checks ------------------------------------------------------------
+
+    /// Validates `[va, va + len)` for pages of `granule`; returns the last
+    /// address, or `None` for an empty range.
+    fn check_range(&self, va: u64, len: u64, granule: Granule) -> Result<Option<u64>, Error> {
+        if !canonical(va) {
+            return Err(Error::NonCanonical { va });
+        }
+        if va % granule.bytes() != 0 || len % granule.bytes() != 0 {
+            return Err(Error::Misaligned);
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        let last = va.checked_add(len - 1).ok_or(Error::RangeOverflow)?;
+        if !canonical(last) || (va >> 47) != (last >> 47) {
+            return Err(Error::NonCanonical { va: last });
+        }
+        if let Some((start, end)) = self.backend.reserved() {
+            if va < end && last >= start {
+                return Err(Error::XenHole);
+            }
+        }
+        Ok(Some(last))
+    }
+
+    fn child_of(&self, e: Entry) -> Result<Pfn, Error> {
+        self.backend
+            .to_pfn(e.mfn())
+            .ok_or(Error::ForeignFrame(e.mfn()))
+    }
+
+    fn is_leaf(&self, level: Level, e: Entry) -> bool {
+        level == Level::L1
+            || (level != Level::L4 && e.is_huge() && self.backend.kind() == Kind::Native)
+    }
+
+    /// Read-only pass: every page of `[start, last]` is mapped and large
+    /// pages are covered whole.
+    fn check_mapped(&self, table: Pfn, level: Level, start: u64, last: u64) -> Result<(), Error> {
+        self.check_protect(
+            table,
+            level,
+            start,
+            last,
+            Flags::empty(),
+            &mut Uniform::Skip,
+        )
+    }
+
+    fn check_protect(
+        &self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+        flags: Flags,
+        uniform: &mut Uniform,
+    ) -> Result<(), Error> {
+        let mut entries = [0u64; ENTRIES];
+        self.backend.read_table(table, &mut entries);
+        for_each_entry(level, start, last, |i, s, l, whole| {
+            let e = Entry(entries[i]);
+            if !e.is_present() {
+                return Err(Error::NotMapped { va: s });
+            }
+            if self.is_leaf(level, e) {
+                if !whole {
+                    return Err(Error::SplitsLargePage {
+                        va: s & !(level.entry_span() - 1),
+                    });
+                }
+                if !matches!(uniform, Uniform::Skip) {
+                    let pfn = self.child_of(e)?;
+                    self.backend.leaf_entry(level, pfn, flags)?;
+                    let old = self
+                        .backend
+                        .normalize(e.flags() - Flags::HUGE_PAGE - HARDWARE_SET);
+                    uniform.see(old);
+                }
+                Ok(())
+            } else {
+                let child = self.child_of(e)?;
+                let lower = level.lower().ok_or(Error::NotMapped { va: s })?;
+                self.check_protect(child, lower, s, l, flags, uniform)
+            }
+        })
+    }
+
+    // ---- map ---------------------------------------------------------------
+
+    fn map_table(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        private: bool,
+        start: u64,
+        last: u64,
+        op: &mut MapOp,
+    ) -> Result<(), Error> {
+        let Some(lower) = level.lower().filter(|_| level != op.leaf) else {
+            return self.map_leaves(table, level, private, start, last, op);
+        };
+        let span = level.entry_span();
+        let base = start & !(span * ENTRIES as u64 - 1);
+        for i in level.index(start)..=level.index(last) {
+            let e_base = base | (i as u64 * span);
+            let s = start.max(e_base);
+            let l = last.min(e_base | (span - 1));
+            let e = if private {
+                Entry::EMPTY
+            } else {
+                self.backend.read(table, i)
+            };
+            if e.is_present() {
+                if self.is_leaf(level, e) {
+                    return Err(Error::AlreadyMapped { va: s });
+                }
+                let child = self.child_of(e)?;
+                self.map_table(child, lower, false, s, l, op)?;
+                continue;
+            }
+            let child = self.allocate_table().ok_or(Error::OutOfFrames)?;
+            if let Err(e) = self.backend.new_table(child) {
+                self.alloc.free(child);
+                return Err(e.into());
+            }
+            self.tables_created += 1;
+            let built = self
+                .map_table(child, lower, true, s, l, op)
+                .and_then(|()| self.backend.seal_table(child).map_err(Error::from))
+                .and_then(|()| self.backend.table_entry(child).map_err(Error::from));
+            let te = match built {
+                Ok(te) => te,
+                Err(err) => {
+                    self.discard(child, lower);
+                    return Err(err);
+                }
+            };
+            if private {
+                self.store_private(table, i, te)?;
+            } else {
+                if self.nhooks == HOOK_LOG {
+                    if let Err(err) = self.drain() {
+                        self.discard(child, lower);
+                        return Err(err);
+                    }
+                }
+                if let Err(err) = self.backend.write(table, i, te) {
+                    self.discard(child, lower);
+                    return Err(err.into());
+                }
+                self.hooks[self.nhooks] = Hook {
+                    child,
+                    parent: table,
+                    index: i as u16,
+                    level: lower,
+                };
+                self.nhooks += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn map_leaves(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        private: bool,
+        start: u64,
+        last: u64,
+        op: &mut MapOp,
+    ) -> Result<(), Error> {
+        let span = level.entry_span();
+        let first = level.index(start);
+        let n = level.index(last) - first + 1;
+        let pfn_first = op.pfn0 + (start - op.va0) / PAGE_SIZE;
+        let step = span / PAGE_SIZE;
+        if private {
+            let frame = self
+                .backend
+                .frame_ptr(table)
+                .ok_or(Error::BadFrame(table))?;
+            let words = frame.as_ptr().cast::<u64>();
+            for k in 0..n {
+                let e =
+                    self.backend
+                        .leaf_entry(level, Pfn(pfn_first + k as u64 * step), op.flags)?;
+                // SAFETY: `table` is private (allocated and zeroed in this
+                // call, not yet sealed), so plain stores are allowed; index
+                // `first + k` < 512 stays inside the frame.
+                unsafe { words.add(first + k).write(e.0) };
+                op.done = Some(start + (k as u64 + 1) * span - 1);
+            }
+            return Ok(());
+        }
+        let mut entries = [0u64; ENTRIES];
+        self.backend.read_table(table, &mut entries);
+        for k in 0..n {
+            let i = first + k;
+            let va = start + k as u64 * span;
+            if Entry(entries[i]).is_present() {
+                return Err(Error::AlreadyMapped { va });
+            }
+            let e = self
+                .backend
+                .leaf_entry(level, Pfn(pfn_first + k as u64 * step), op.flags)?;
+            self.backend.write(table, i, e)?;
+            op.done = Some(va + span - 1);
+        }
+        Ok(())
+    }
+
+    fn allocate_table(&mut self) -> Option<Pfn> {
+        if self.nspare > 0 {
+            self.nspare -= 1;
+            return Some(self.spare[self.nspare]);
+        }
+        self.alloc.allocate()
+    }
+
+    pub(crate) fn push_spare(&mut self, pfn: Pfn) {
+        if self.nspare < self.spare.len() {
+            self.spare[self.nspare] = pfn;
+            self.nspare += 1;
+        } else {
+            self.alloc.free(pfn);
+        }
+    }
+
+    pub(crate) fn return_spares(&mut self) {
+        while self.nspare > 0 {
+            self.nspare -= 1;
+            self.alloc.free(self.spare[self.nspare]);
+        }
+    }
+
+    fn store_private(&mut self, table: Pfn, index: usize, e: Entry) -> Result<(), Error> {
+        let frame = self
+            .backend
+            .frame_ptr(table)
+            .ok_or(Error::BadFrame(table))?;
+        // SAFETY: `table` is private to the running call (zeroed, not
+        // sealed), so a plain store is allowed; the index is masked.
+        unsafe {
+            frame
+                .as_ptr()
+                .cast::<u64>()
+                .add(index & (ENTRIES - 1))
+                .write(e.0)
+        };
+        Ok(())
+    }
+
+    /// Frees an unreachable subtree this call built (children first).
+    fn discard(&mut self, table: Pfn, level: Level) {
+        if let Some(lower) = level.lower() {
+            let mut entries = [0u64; ENTRIES];
+            self.backend.read_table(table, &mut entries);
+            for raw in entries {
+                let e = Entry(raw);
+                if e.is_present() && !self.is_leaf(level, e) {
+                    if let Ok(child) = self.child_of(e) {
+                        self.discard(child, lower);
+                    }
+                }
+            }
+        }
+        // Its aliases may have been made read-only by a seal already queued
+        // or applied: make them writable again before reuse.
+        let released = self
+            .backend
+            .release_table(table)
+            .and_then(|()| self.backend.drain());
+        if released.is_ok() {
+            self.alloc.free(table);
+            self.tables_freed += 1;
+        }
+    }
+
+    /// After a failed drain: subtrees whose hook never landed are
+    /// unreachable; free them (newest first).
+    fn reclaim_lost_hooks(&mut self) {
+        while self.nhooks > 0 {
+            self.nhooks -= 1;
+            let h = self.hooks[self.nhooks];
+            let landed = self
+                .backend
+                .table_entry(h.child)
+                .map(|te| self.backend.read(h.parent, h.index as usize).mfn() == te.mfn())
+                .unwrap_or(false);
+            if !landed {
+                self.discard(h.child, h.level);
+            }
+        }
+    }
+
+    fn rollback_map(&mut self, va: u64, done: Option<u64>) {
+        // Make the state concrete: apply what is queued (a refusal drops the
+        // rest), then free subtrees whose hook did not land.
+        // A hook is checked against memory, so hooks that landed (in this
+        // drain or an earlier one) are left alone.
+        let _ = self.backend.drain();
+        self.reclaim_lost_hooks();
+        if let Some(last) = done {
+            let _ = self.scrub(va, last);
+        }
+        let _ = self.settle();
+        let _ = self.finish_frees();
+    }
+
+    // ---- unmap -------------------------------------------------------------
+
+    /// Clears present leaves in `[start, last]` and frees tables that became
+    /// empty (tolerates holes).
+    fn scrub(&mut self, start: u64, last: u64) -> Result<(), Error> {
+        let root = self.root;
+        self.unmap_table(root, Level::L4, start, last).map(|_| ())
+    }
+
+    /// Returns whether `table` is empty afterwards.
+    fn unmap_table(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+    ) -> Result<bool, Error> {
+        let span = level.entry_span();
+        let base = start & !(span * ENTRIES as u64 - 1);
+        let reserved = self.backend.reserved();
+        for i in level.index(start)..=level.index(last) {
+            let e_base = base | (i as u64 * span);
+            let s = start.max(e_base);
+            let l = last.min(e_base | (span - 1));
+            if let Some((rs, re)) = reserved {
+                if s < re && l >= rs {
+                    continue;
+                }
+            }
+            let e = self.backend.read(table, i);
+            if !e.is_present() {
+                continue;
+            }
+            if self.is_leaf(level, e) {
+                if s == e_base && l == e_base | (span - 1) {
+                    self.backend.write(table, i, Entry::EMPTY)?;
+                }
+                continue;
+            }
+            let (Ok(child), Some(lower)) = (self.child_of(e), level.lower()) else {
+                continue;
+            };
+            let empty = self.unmap_table(child, lower, s, l)?;
+            if empty {
+                self.backend.write(table, i, Entry::EMPTY)?;
+                self.backend.release_table(child)?;
+                if self.nfreed == FREE_LOG {
+                    self.finish_frees()?;
+                }
+                self.freed[self.nfreed] = child;
+                self.nfreed += 1;
+            }
+        }
+        if level == Level::L4 {
+            return Ok(false);
+        }
+        if start == base && last == base | (span * ENTRIES as u64 - 1) {
+            return Ok(true);
+        }
+        let mut entries = [0u64; ENTRIES];
+        self.backend.read_table(table, &mut entries);
+        Ok(entries.iter().all(|&raw| raw == 0))
+    }
+
+    /// Applies the unhooking writes, flushes the TLB and returns freed
+    /// tables to the allocator.
+    fn finish_frees(&mut self) -> Result<(), Error> {
+        if self.nfreed == 0 {
+            return Ok(());
+        }
+        self.backend.drain()?;
+        self.backend.flush_tlb(TlbScope::All)?;
+        for k in 0..self.nfreed {
+            self.alloc.free(self.freed[k]);
+        }
+        self.tables_freed += self.nfreed as u64;
+        self.nfreed = 0;
+        Ok(())
+    }
+
+    // ---- protect -----------------------------------------------------------
+
+    fn protect_table(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+        flags: Flags,
+    ) -> Result<(), Error> {
+        let span = level.entry_span();
+        let base = start & !(span * ENTRIES as u64 - 1);
+        for i in level.index(start)..=level.index(last) {
+            let e_base = base | (i as u64 * span);
+            let s = start.max(e_base);
+            let l = last.min(e_base | (span - 1));
+            let e = self.backend.read(table, i);
+            if !e.is_present() {
+                continue;
+            }
+            let child = self.child_of(e)?;
+            if self.is_leaf(level, e) {
+                let new = self.backend.leaf_entry(level, child, flags)?;
+                if new != e {
+                    self.backend.write(table, i, new)?;
+                }
+            } else if let Some(lower) = level.lower() {
+                self.protect_table(child, lower, s, l, flags)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- common ------------------------------------------------------------
+
+    /// Ends a call: drains unless inside a lazy batch.
+    fn settle(&mut self) -> Result<(), Error> {
+        if self.lazy > 0 {
+            return Ok(());
+        }
+        self.drain()
+    }
+}
+
+/// Old flags seen by protect's check pass.
+enum Uniform {
+    Skip,
+    Unknown,
+    Same(Flags),
+    Mixed,
+}
+
+impl Uniform {
+    fn see(&mut self, f: Flags) {
+        *self = match *self {
+            Uniform::Skip => Uniform::Skip,
+            Uniform::Unknown => Uniform::Same(f),
+            Uniform::Same(g) if g == f => Uniform::Same(g),
+            _ => Uniform::Mixed,
+        };
+    }
+}
+
+/// Calls `f(index, first, last, whole)` for each entry of a `level` table
+/// that `[start, last]` touches; `whole` says the entry's span is covered.
+fn for_each_entry(
+    level: Level,
+    start: u64,
+    last: u64,
+    mut f: impl FnMut(usize, u64, u64, bool) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let span = level.entry_span();
+    let base = start & !(span * ENTRIES as u64 - 1);
+    for i in level.index(start)..=level.index(last) {
+        let e_base = base | (i as u64 * span);
+        let s = start.max(e_base);
+        let l = last.min(e_base | (span - 1));
+        f(i, s, l, s == e_base && l == e_base | (span - 1))?;
+    }
+    Ok(())
+}
