@@ -9,12 +9,19 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod backend;
 pub mod bootstrap;
+pub mod entry;
+pub mod invariants;
+pub mod lazy;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod negative;
 pub mod phys;
+pub mod space;
 pub mod types;
 
 pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};
 pub use types::{Mfn, Pfn, PAGE_SIZE};
+pub use backend::{Backend, Native, XenPv};
+pub use space::{AddressSpace, Error, Flush, Granule, Translation};
