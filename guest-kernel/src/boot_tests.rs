@@ -28,9 +28,17 @@ pub const SUITE: &[SelfTest] = &[
     SelfTest::only("start_info_magic", Only::XenPv, start_info_magic),
     SelfTest::only("xen_version", Only::XenPv, xen_version),
     SelfTest::only("p2m_m2p_consistent", Only::XenPv, p2m_m2p_consistent),
-    SelfTest::only("initial_tables_map_image", Only::XenPv, initial_tables_map_image),
+    SelfTest::only(
+        "initial_tables_map_image",
+        Only::XenPv,
+        initial_tables_map_image,
+    ),
     SelfTest::only("initial_l4_read_only", Only::XenPv, initial_l4_read_only),
-    SelfTest::only("boot_tables_active", Only::HardwarePaging, boot_tables_active),
+    SelfTest::only(
+        "boot_tables_active",
+        Only::HardwarePaging,
+        boot_tables_active,
+    ),
 ];
 
 /// An address no boot mapping covers (PML4 slot 224, canonical, user half).
@@ -152,16 +160,22 @@ fn frame_allocator(kernel: &mut Kernel) -> TestResult {
         )?;
         if let Some(pv) = &kernel.pv {
             check(pfn.0 < pv.nr_pages, "frame beyond nr_pages")?;
-            let mfn = pv
-                .pfn_to_mfn(pfn.0)
-                .ok_or(Failure::Check("no p2m entry"))?;
-            check_eq("M2P of allocated frame", pv.m2p(mfn).unwrap_or(u64::MAX), pfn.0)?;
+            let mfn = pv.pfn_to_mfn(pfn.0).ok_or(Failure::Check("no p2m entry"))?;
+            check_eq(
+                "M2P of allocated frame",
+                pv.m2p(mfn).unwrap_or(u64::MAX),
+                pfn.0,
+            )?;
         }
     }
     for pfn in got {
         kernel.frames.free(pfn);
     }
-    check_eq("free frames after freeing", kernel.frames.free_count(), free_before)?;
+    check_eq(
+        "free frames after freeing",
+        kernel.frames.free_count(),
+        free_before,
+    )?;
     check(
         kernel.frames.try_free(got[0]) == Err(FrameError::AlreadyFree(got[0])),
         "double free not refused",
@@ -237,8 +251,8 @@ fn start_info_magic(kernel: &mut Kernel) -> TestResult {
 fn xen_version(_: &mut Kernel) -> TestResult {
     let before = hypercall::raw::hypercall_count();
     // SAFETY: this test only runs under Xen PV.
-    let (major, _minor) = unsafe { hypercall::ops::xen_version() }
-        .map_err(|error| Failure::Xen {
+    let (major, _minor) =
+        unsafe { hypercall::ops::xen_version() }.map_err(|error| Failure::Xen {
             what: "xen_version",
             error,
         })?;
@@ -258,7 +272,9 @@ fn p2m_m2p_consistent(kernel: &mut Kernel) -> TestResult {
     let step = (n / 509).max(1);
     let samples = (0..n).step_by(step as usize).chain(core::iter::once(n - 1));
     for pfn in samples {
-        let mfn = pv.pfn_to_mfn(pfn).ok_or(Failure::Check("p2m shorter than nr_pages"))?;
+        let mfn = pv
+            .pfn_to_mfn(pfn)
+            .ok_or(Failure::Check("p2m shorter than nr_pages"))?;
         let back = pv.m2p(mfn).ok_or(Failure::OutOfRange {
             what: "mfn beyond the M2P",
             got: mfn,
@@ -282,12 +298,10 @@ fn initial_tables_map_image(kernel: &mut Kernel) -> TestResult {
     ] {
         let pfn = PvBoot::va_to_pfn(va).ok_or(Failure::Check("address below VIRT_BASE"))?;
         let expected = pv.pfn_to_mfn(pfn).ok_or(Failure::Check("no p2m entry"))?;
-        let found = pv
-            .translate_initial(va)
-            .ok_or(Failure::OutOfRange {
-                what: "not mapped by Xen's tables",
-                got: va,
-            })?;
+        let found = pv.translate_initial(va).ok_or(Failure::OutOfRange {
+            what: "not mapped by Xen's tables",
+            got: va,
+        })?;
         check_eq("mfn mapped at address", found.mfn, expected)?;
     }
     Ok(())

@@ -48,6 +48,14 @@ impl Cmdline {
         self.as_str().split_ascii_whitespace()
     }
 
+    /// The value of the first `name=value` word.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.words()
+            .filter_map(|w| w.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+
     /// Whether the flag `name` is present (`name` or `name=1`/`name=on`).
     pub fn flag(&self, name: &str) -> bool {
         self.words().any(|w| match w.split_once('=') {
@@ -72,6 +80,20 @@ pub struct BootOptions {
     /// `pvmmu.4k`: natively, build the direct map from 4 KiB pages only, to
     /// compare table counts with Xen PV.
     pub only_4k: bool,
+    /// `pvmmu.crash=panic|ud|pf`: crash on purpose after the self-tests,
+    /// before the report, to exercise the panic and fatal-exception paths.
+    pub crash: Option<CrashKind>,
+}
+
+/// A deliberate crash (`pvmmu.crash=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashKind {
+    /// `panic!`.
+    Panic,
+    /// An unexpected invalid opcode (`ud2`).
+    InvalidOpcode,
+    /// An unexpected page fault (read of an unmapped address).
+    PageFault,
 }
 
 impl BootOptions {
@@ -80,6 +102,12 @@ impl BootOptions {
         BootOptions {
             fail_selftest: line.flag("pvmmu.fail_selftest"),
             only_4k: line.flag("pvmmu.4k"),
+            crash: match line.value("pvmmu.crash") {
+                Some("panic") => Some(CrashKind::Panic),
+                Some("ud") => Some(CrashKind::InvalidOpcode),
+                Some("pf") => Some(CrashKind::PageFault),
+                _ => None,
+            },
         }
     }
 }

@@ -224,7 +224,9 @@ fn pv_console(pv: &PvBoot) -> Console {
     match page {
         // SAFETY: the page is start_info's console page, mapped writable by
         // the domain builder in the start-of-day area; we are PV.
-        Some(page) => Console::Ring(unsafe { console::ring::RingConsole::new(page, pv.console_evtchn) }),
+        Some(page) => {
+            Console::Ring(unsafe { console::ring::RingConsole::new(page, pv.console_evtchn) })
+        }
         None => Console::XenConsoleIo(console::XenConsoleIo),
     }
 }
@@ -318,6 +320,9 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }
+    if let Some(kind) = kernel.options.crash {
+        crash(kind);
+    }
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
@@ -328,6 +333,22 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         Verdict::Fail
     };
     shutdown::finish(verdict)
+}
+
+/// Crashes on purpose (`pvmmu.crash=`): the harness checks that a crash
+/// ends in `PVMMU-RESULT FAIL`.
+fn crash(kind: cmdline::CrashKind) {
+    log::warn!("crashing on purpose: {kind:?}");
+    match kind {
+        cmdline::CrashKind::Panic => panic!("pvmmu.crash=panic"),
+        // SAFETY: deliberately raises #UD; the handler does not return.
+        cmdline::CrashKind::InvalidOpcode => unsafe { core::arch::asm!("ud2") },
+        cmdline::CrashKind::PageFault => {
+            // SAFETY: deliberately faults; the handler does not return.
+            let v = unsafe { core::ptr::read_volatile(0x0000_7000_0000_0040 as *const u64) };
+            log::error!("read of an unmapped address returned {v:#x}");
+        }
+    }
 }
 
 #[panic_handler]

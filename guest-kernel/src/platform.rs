@@ -8,7 +8,7 @@
 //! Invariant: the platform is recorded once, at entry, before anything that
 //! depends on it (console, traps, shutdown) runs.
 
-use core::arch::x86_64::{CpuidResult, __cpuid};
+use core::arch::x86_64::{__cpuid, CpuidResult};
 use core::sync::atomic::{AtomicU8, Ordering};
 
 /// Where the kernel runs.

@@ -99,7 +99,7 @@ pub struct PvhBoot {
 
 fn check_ptr(paddr: u64, len: u64, align: u64) -> Result<(), PvhError> {
     let end = paddr.checked_add(len).ok_or(PvhError::BadPointer(paddr))?;
-    if paddr == 0 || end > IDENTITY_LIMIT || paddr % align != 0 {
+    if paddr == 0 || end > IDENTITY_LIMIT || !paddr.is_multiple_of(align) {
         return Err(PvhError::BadPointer(paddr));
     }
     Ok(())

@@ -129,11 +129,7 @@ impl SelfTest {
     }
 
     /// A test for some platforms only.
-    pub const fn only(
-        name: &'static str,
-        only: Only,
-        run: fn(&mut Kernel) -> TestResult,
-    ) -> Self {
+    pub const fn only(name: &'static str, only: Only, run: fn(&mut Kernel) -> TestResult) -> Self {
         SelfTest { name, only, run }
     }
 }

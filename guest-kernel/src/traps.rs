@@ -300,7 +300,10 @@ fn fixup_for(rip: u64) -> Option<u64> {
             (addr(&probe_ud2_insn), addr(&probe_ud2_fixup)),
         ]
     };
-    table.iter().find(|(insn, _)| *insn == rip).map(|(_, fix)| *fix)
+    table
+        .iter()
+        .find(|(insn, _)| *insn == rip)
+        .map(|(_, fix)| *fix)
 }
 
 /// Name of an exception vector.
@@ -357,7 +360,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         frame.rip,
         cr2,
         frame.rsp,
-        frame.cs,
+        frame.cs & 0xffff, // Xen PV keeps the saved upcall mask in bits 32..40
         frame.rflags
     );
     panic!(

@@ -100,8 +100,7 @@ impl PvBoot {
         let cmd_bytes = s.cmd_line.map(|c| c as u8);
         // SAFETY: reading the union as domU is always defined (plain
         // integers); for dom0 the values are simply not used as a ring.
-        let (console_mfn, console_evtchn) =
-            unsafe { (s.console.domU.mfn, s.console.domU.evtchn) };
+        let (console_mfn, console_evtchn) = unsafe { (s.console.domU.mfn, s.console.domU.evtchn) };
         PvBoot {
             start_info_va: si as u64,
             magic,
@@ -203,7 +202,8 @@ impl PvBoot {
             let index = (va >> (12 + 9 * (level - 1))) & 511;
             // SAFETY: `table_va` is the bootstrap L4 or a table frame inside
             // the bootstrap area (checked below), mapped readable by Xen.
-            let pte = unsafe { core::ptr::read_volatile((table_va as *const u64).add(index as usize)) };
+            let pte =
+                unsafe { core::ptr::read_volatile((table_va as *const u64).add(index as usize)) };
             if pte & PTE_PRESENT == 0 {
                 return None;
             }

@@ -191,7 +191,13 @@ pub unsafe fn set_trap_table(table: &[TrapInfo]) -> Result<(), XenError> {
     }
     // SAFETY: `table` is valid and terminated (checked above), so Xen reads
     // only inside it; caller is PV and vouches for the handler addresses.
-    let ret = unsafe { call2(xen_sys::__HYPERVISOR_set_trap_table, table.as_ptr() as u64, 0) };
+    let ret = unsafe {
+        call2(
+            xen_sys::__HYPERVISOR_set_trap_table,
+            table.as_ptr() as u64,
+            0,
+        )
+    };
     XenError::check(ret).map(|_| ())
 }
 
