@@ -35,6 +35,11 @@ pub const SUITE: &[SelfTest] = &[
     ),
     SelfTest::only("initial_l4_read_only", Only::XenPv, initial_l4_read_only),
     SelfTest::only(
+        "initial_mapping_linear",
+        Only::XenPv,
+        initial_mapping_linear,
+    ),
+    SelfTest::only(
         "boot_tables_active",
         Only::HardwarePaging,
         boot_tables_active,
@@ -305,6 +310,41 @@ fn initial_tables_map_image(kernel: &mut Kernel) -> TestResult {
         check_eq("mfn mapped at address", found.mfn, expected)?;
     }
     Ok(())
+}
+
+/// Every frame from the kernel image to the end of the bootstrap area is
+/// mapped at `VIRT_BASE + pfn * 4096` with the MFN the p2m list names, the
+/// bootstrap tables read-only, and the mapping goes on for at least Xen's
+/// 512 KiB of slack past the bootstrap area.
+fn initial_mapping_linear(kernel: &mut Kernel) -> TestResult {
+    let pv = pv(kernel)?;
+    let (first, _) = kernel.image_pfns();
+    let boot_end = pv.bootstrap_end_pfn();
+    let pt_first =
+        PvBoot::va_to_pfn(pv.pt_base).ok_or(Failure::Check("pt_base below VIRT_BASE"))?;
+    for pfn in first..boot_end {
+        let m = pv
+            .translate_initial(PvBoot::pfn_to_va(pfn))
+            .ok_or(Failure::OutOfRange {
+                what: "bootstrap pfn not mapped",
+                got: pfn,
+            })?;
+        check_eq(
+            "mfn of bootstrap pfn",
+            m.mfn,
+            pv.pfn_to_mfn(pfn).unwrap_or(u64::MAX),
+        )?;
+        let is_table = (pt_first..pt_first + pv.nr_pt_frames).contains(&pfn);
+        if is_table {
+            check(!m.writable(), "bootstrap table mapped writable")?;
+        }
+    }
+    let end = pv.initial_mapping_end_pfn();
+    log::info!("start-of-day mapping: pfns [0x0, {end:#x}), bootstrap area ends at {boot_end:#x}");
+    check(
+        end >= boot_end + 128,
+        "less than 512 KiB mapped past the bootstrap area",
+    )
 }
 
 /// Xen maps the live L4 read-only, and a store to it faults.

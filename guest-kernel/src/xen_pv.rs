@@ -193,6 +193,21 @@ impl PvBoot {
         Some((first, first + self.mod_len.div_ceil(4096)))
     }
 
+    /// One past the last PFN of the start-of-day linear mapping: the first
+    /// PFN at or after the bootstrap area that Xen's tables do not map at
+    /// `VIRT_BASE + pfn * 4096` (bounded by `nr_pages`). Frames below it can
+    /// be reached with plain loads and stores before pvmmu maps anything.
+    pub fn initial_mapping_end_pfn(&self) -> u64 {
+        let mut pfn = self.bootstrap_end_pfn().min(self.nr_pages);
+        while pfn < self.nr_pages {
+            match self.translate_initial(Self::pfn_to_va(pfn)) {
+                Some(m) if Some(m.mfn) == self.pfn_to_mfn(pfn) => pfn += 1,
+                _ => break,
+            }
+        }
+        pfn
+    }
+
     /// Walks Xen's start-of-day tables for `va`. Table frames are read
     /// through the linear area, so only tables inside the bootstrap area are
     /// followed (all of Xen's are).
