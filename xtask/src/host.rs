@@ -4,6 +4,7 @@
 //! [`program_exists`], so a failure always names the command line that failed.
 
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::cli;
@@ -42,9 +43,14 @@ pub fn program_exists(program: &str) -> bool {
         .is_ok()
 }
 
-/// The command line of `command`, for messages.
+/// The command line of `command`, for messages (cargo by its short name, not
+/// the toolchain path that `$CARGO` holds).
 pub fn describe(command: &Command) -> String {
-    let program = command.get_program().to_string_lossy().into_owned();
+    let program = Path::new(command.get_program());
+    let program = match program.file_name() {
+        Some(name) if name == "cargo" => "cargo".to_string(),
+        _ => program.to_string_lossy().into_owned(),
+    };
     let args: Vec<String> = command
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
@@ -78,6 +84,19 @@ pub fn apt_get(args: &[&str]) -> Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_shortens_cargo_only() {
+        let mut cargo = Command::new("/root/.rustup/toolchains/stable/bin/cargo");
+        cargo.args(["fmt", "--all", "--check"]);
+        assert_eq!(describe(&cargo), "cargo fmt --all --check");
+        let mut qemu = Command::new("/usr/bin/qemu-system-x86_64");
+        qemu.args(["-append", "a b"]);
+        assert_eq!(
+            describe(&qemu),
+            "/usr/bin/qemu-system-x86_64 -append \"a b\""
+        );
+    }
 
     #[test]
     fn effective_uid_is_the_second_uid_field() {
