@@ -312,17 +312,16 @@ fn initial_tables_map_image(kernel: &mut Kernel) -> TestResult {
     Ok(())
 }
 
-/// Every frame from the kernel image to the end of the bootstrap area is
+/// Every frame from pfn 0 to the end of the bootstrap area is
 /// mapped at `VIRT_BASE + pfn * 4096` with the MFN the p2m list names, the
 /// bootstrap tables read-only, and the mapping goes on for at least Xen's
 /// 512 KiB of slack past the bootstrap area.
 fn initial_mapping_linear(kernel: &mut Kernel) -> TestResult {
     let pv = pv(kernel)?;
-    let (first, _) = kernel.image_pfns();
     let boot_end = pv.bootstrap_end_pfn();
     let pt_first =
         PvBoot::va_to_pfn(pv.pt_base).ok_or(Failure::Check("pt_base below VIRT_BASE"))?;
-    for pfn in first..boot_end {
+    for pfn in 0..boot_end {
         let m = pv
             .translate_initial(PvBoot::pfn_to_va(pfn))
             .ok_or(Failure::OutOfRange {
