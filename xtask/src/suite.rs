@@ -16,6 +16,7 @@ use crate::cli::{self, Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_
 use crate::error::XtaskError;
 use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
+use crate::negative;
 use crate::qemu;
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
 
@@ -37,6 +38,16 @@ impl Expect {
     }
 }
 
+/// A check a boot row adds to its expected result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// The expected result is all.
+    Nothing,
+    /// The kernel's `NEGATIVE` lines under real Xen must equal the Xen
+    /// model's (the `negative-model` binary of the tests crate).
+    NegativeSuite,
+}
+
 /// One row of the boot table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boot {
@@ -48,30 +59,52 @@ pub struct Boot {
     pub cmdline: &'static str,
     /// What the boot must end with.
     pub expect: Expect,
+    /// What else a passing boot must show.
+    pub check: Check,
 }
 
-const fn boot(mode: Mode, memory_mib: u64, cmdline: &'static str, expect: Expect) -> Boot {
+const fn boot(
+    mode: Mode,
+    memory_mib: u64,
+    cmdline: &'static str,
+    expect: Expect,
+    check: Check,
+) -> Boot {
     Boot {
         mode,
         memory_mib,
         cmdline,
         expect,
+        check,
     }
 }
 
 /// Every boot `cargo xtask test` performs, in order. One line per boot: add
 /// memory sizes and command-line variants here.
+/// Columns: mode, guest MiB, kernel command line, expected result, extra check.
 pub const BOOTS: &[Boot] = &[
-    //   mode          MiB  kernel command line  expected
-    boot(Mode::Native, 512, "", Expect::Pass),
-    boot(Mode::Xen, 512, "", Expect::Pass),
+    boot(Mode::Native, 512, "", Expect::Pass, Check::Nothing),
+    // Check::NegativeSuite here once the kernel prints its NEGATIVE lines.
+    boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing),
     // The deliberate failure: proves the harness tells FAIL from PASS.
-    boot(Mode::Native, 512, FAIL_SELFTEST_KNOB, Expect::Fail),
-    boot(Mode::Xen, 512, FAIL_SELFTEST_KNOB, Expect::Fail),
+    boot(
+        Mode::Native,
+        512,
+        FAIL_SELFTEST_KNOB,
+        Expect::Fail,
+        Check::Nothing,
+    ),
+    boot(
+        Mode::Xen,
+        512,
+        FAIL_SELFTEST_KNOB,
+        Expect::Fail,
+        Check::Nothing,
+    ),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`].
-pub const CI_BOOTS: &[Boot] = &[boot(Mode::Xl, 512, "", Expect::Pass)];
+pub const CI_BOOTS: &[Boot] = &[boot(Mode::Xl, 512, "", Expect::Pass, Check::Nothing)];
 
 /// The host stages: a name and cargo's arguments.
 pub const HOST_STAGES: &[(&str, &[&str])] = &[
@@ -282,6 +315,8 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
     let start = Instant::now();
     qemu::ensure_installed()?;
     let mut lines = Vec::new();
+    // The Xen model's negative-suite answers, computed once if a row needs them.
+    let mut model_negative: Option<Result<Vec<String>, String>> = None;
 
     for (name, args) in HOST_STAGES {
         let mut command = build::cargo(ws);
@@ -326,7 +361,24 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
                 what: "booting without a kernel (the kernel build failed)",
             }),
         };
-        let line = boot_line(row, &outcome);
+        let mut line = boot_line(row, &outcome);
+        if let (true, Check::NegativeSuite, Ok(outcome)) = (line.ok, row.check, &outcome) {
+            let model = model_negative.get_or_insert_with(|| {
+                negative::model_lines(ws).map_err(|error| error.to_string())
+            });
+            let compared = model
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|model| negative::compare(model, &negative::lines(&outcome.transcript)));
+            match compared {
+                Ok(()) => line.detail.push_str(" negative-suite=model"),
+                Err(why) => {
+                    line.ok = false;
+                    line.got = "DIFF".into();
+                    line.detail = why;
+                }
+            }
+        }
         if !line.ok {
             if let Ok(outcome) = &outcome {
                 print_tail(outcome);
@@ -396,7 +448,7 @@ mod tests {
 
     #[test]
     fn judging_rows() {
-        let pass_xen = boot(Mode::Xen, 512, "", Expect::Pass);
+        let pass_xen = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing);
         assert_eq!(
             judge(&pass_xen, &Verdict::Pass(report("xen-pv", 0))),
             Ok(())
@@ -410,7 +462,13 @@ mod tests {
         });
         assert!(judge(&pass_xen, &timeout).unwrap_err().contains("timeout"));
 
-        let fail_native = boot(Mode::Native, 512, FAIL_SELFTEST_KNOB, Expect::Fail);
+        let fail_native = boot(
+            Mode::Native,
+            512,
+            FAIL_SELFTEST_KNOB,
+            Expect::Fail,
+            Check::Nothing,
+        );
         let orderly = Verdict::Fail(Failure::ResultFail {
             report: Some(report("native", 1)),
         });
