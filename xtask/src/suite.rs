@@ -45,6 +45,8 @@ pub enum Check {
     Nothing,
     /// The kernel's `NEGATIVE` lines under real Xen must equal the Xen
     /// model's (the `negative-model` binary of the tests crate).
+    // Not in the table until the guest kernel prints its NEGATIVE lines.
+    #[allow(dead_code)]
     NegativeSuite,
 }
 
