@@ -416,12 +416,12 @@ mod tests {
         let outcome = run_emulated(&ws, &request).unwrap();
         let transcript = outcome.transcript.join("\n");
         let started = transcript
-            .find("xl-dom0: guest pvmmu started")
+            .find("] guest pvmmu created; its console follows")
             .expect("dom0 started the guest");
         let banner = transcript[started..]
             .find("Linux version")
             .expect("the domU's console reached the harness");
-        assert!(transcript[started + banner..].contains("xl-dom0: guest domain pvmmu is gone"));
+        assert!(transcript[started + banner..].contains("] guest domain pvmmu is gone"));
         // No result line: the harness calls that an early QEMU exit, which
         // shows that dom0's poweroff ended QEMU by itself.
         assert!(matches!(

@@ -13,7 +13,7 @@
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu
 
-say() { echo "xl-dom0: $*"; }
+say() { echo "xl-dom0: [$(cut -d' ' -f1 /proc/uptime)] $*"; }
 die() {
     say "FAILED: $*"
     poweroff -f
@@ -53,8 +53,7 @@ log=/var/log/xen/console/guest-$name.log
 timeout=$(cat /guest/timeout 2>/dev/null || echo 600)
 
 xl create /guest/guest.cfg >/tmp/xl-create.log 2>&1 || { cat /tmp/xl-create.log; die "xl create"; }
-domid=$(xl domid "$name" 2>/dev/null)
-say "guest $name started as domain $domid; its console follows"
+say "guest $name created; its console follows"
 
 # Copy the console log as it grows. Only whole bytes already in the file are
 # copied (size read first), so nothing is printed twice or skipped.
@@ -68,8 +67,17 @@ copy_new() {
     fi
 }
 
+# The guest is running while xenstore lists a domain other than dom0: libxl
+# removes /local/domain/<domid> when it destroys the domain (on_poweroff =
+# "destroy"). Polling xenstore is far lighter than running `xl` each time,
+# and dom0 shares the one CPU with the guest. A guest that is already gone
+# (it can run to its end while `xl create` returns) ends the loop at once.
+guest_running() {
+    xenstore-list /local/domain 2>/dev/null | grep -qvx 0
+}
+
 start=$(cut -d. -f1 /proc/uptime)
-while xl domid "$name" >/dev/null 2>&1; do
+while guest_running; do
     copy_new
     now=$(cut -d. -f1 /proc/uptime)
     if [ $((now - start)) -gt "$timeout" ]; then
