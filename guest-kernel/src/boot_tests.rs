@@ -5,10 +5,11 @@
 //! Invariant: every test here checks values it reads back from the machine
 //! or from Xen; none can pass without looking.
 
-use pvmmu::{FrameAllocator, Pfn};
+use pvmmu::{FrameAllocator, FrameMap, Mfn, Pfn, PhysMem};
 
 use crate::frames::FrameError;
 use crate::memmap::{self, MapSource};
+use crate::physmem::BootMem;
 use crate::platform;
 use crate::selftest::{check, check_eq, Failure, Only, SelfTest, TestResult};
 use crate::traps::{self, pf, vector};
@@ -44,6 +45,8 @@ pub const SUITE: &[SelfTest] = &[
         Only::HardwarePaging,
         boot_tables_active,
     ),
+    SelfTest::new("boot_mem_reaches_image", boot_mem_reaches_image),
+    SelfTest::only("frame_map_roundtrip", Only::XenPv, frame_map_roundtrip),
 ];
 
 /// An address no boot mapping covers (PML4 slot 224, canonical, user half).
@@ -397,4 +400,50 @@ fn boot_tables_active(kernel: &mut Kernel) -> TestResult {
         error_code: f.error_code,
     })?;
     check_eq("value through the identity map", via_identity, PROBE_TARGET)
+}
+
+/// The boot `PhysMem` reaches the frame holding a static at the address
+/// that reads the static's value, and refuses the frame past its end.
+fn boot_mem_reaches_image(kernel: &mut Kernel) -> TestResult {
+    let mem = match &kernel.pv {
+        Some(pv) => BootMem::xen_start_of_day(pv),
+        None => BootMem::identity(),
+    };
+    let va = core::ptr::addr_of!(PROBE_TARGET) as u64;
+    let phys = va - crate::boot::KERNEL_VMA;
+    let frame = mem
+        .frame_ptr(Pfn::containing(phys))
+        .ok_or(Failure::Check("image frame not reachable"))?;
+    let word = frame.as_ptr() as u64 + (phys & 0xfff);
+    // SAFETY: plain memory (the static), reached through the boot mapping.
+    let value = unsafe { traps::probe_read(word) }.map_err(|f| Failure::Fault {
+        what: "read through boot mapping",
+        vector: f.vector,
+        error_code: f.error_code,
+    })?;
+    check_eq("value through BootMem", value, PROBE_TARGET)?;
+    check(
+        mem.frame_ptr(mem.end()).is_none(),
+        "frame past the end reachable",
+    )
+}
+
+/// The `FrameMap` of the p2m list and M2P round-trips and refuses a frame
+/// the domain does not own.
+fn frame_map_roundtrip(kernel: &mut Kernel) -> TestResult {
+    let pv = pv(kernel)?;
+    for pfn in [0, pv.nr_pages / 2, pv.nr_pages - 1] {
+        let mfn = pv.to_mfn(Pfn(pfn)).ok_or(Failure::Check("no mfn"))?;
+        check_eq(
+            "to_pfn(to_mfn(pfn))",
+            pv.to_pfn(mfn).map_or(u64::MAX, |p| p.0),
+            pfn,
+        )?;
+    }
+    check(
+        pv.to_mfn(Pfn(pv.nr_pages)).is_none(),
+        "pfn past nr_pages translated",
+    )?;
+    // MFN 0 belongs to Xen, never to a guest.
+    check(pv.to_pfn(Mfn(0)).is_none(), "mfn 0 claimed as ours")
 }

@@ -16,6 +16,7 @@ mod cmdline;
 mod console;
 mod frames;
 mod memmap;
+mod physmem;
 mod platform;
 mod pvh;
 mod report;
