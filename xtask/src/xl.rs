@@ -21,7 +21,7 @@ pub mod cpio;
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::boot::BootRequest;
@@ -61,7 +61,40 @@ pub fn in_real_dom0() -> bool {
     let control_domain = fs::read_to_string("/proc/xen/capabilities")
         .map(|caps| caps.contains("control_d"))
         .unwrap_or(false);
-    control_domain && host::program_exists("xl")
+    control_domain && xl_program().is_some()
+}
+
+/// `xl` on PATH, else Debian's `/usr/sbin/xl` (not on a normal user's PATH).
+fn xl_program() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("xl"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.or_else(|| {
+        let sbin = PathBuf::from("/usr/sbin/xl");
+        sbin.is_file().then_some(sbin)
+    })
+}
+
+/// The program and leading arguments that run `xl`: itself as root, else
+/// through `sudo -n` (never prompting: a CI runner has no terminal).
+fn xl_invocation(xl: &Path, root: bool) -> (String, Vec<String>) {
+    let xl = xl.display().to_string();
+    if root {
+        (xl, Vec::new())
+    } else {
+        ("sudo".to_string(), vec!["-n".to_string(), xl])
+    }
+}
+
+/// A `Command` running `xl args...` as [`xl_invocation`] says.
+fn xl_command(xl: &Path, args: &[&str]) -> Command {
+    let (program, mut leading) = xl_invocation(xl, host::is_root());
+    leading.extend(args.iter().map(|arg| arg.to_string()));
+    let mut command = Command::new(program);
+    command.args(leading);
+    command
 }
 
 /// Turns a PASS whose report is not a PV domU's into a failure.
@@ -250,26 +283,31 @@ fn run_real(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError
     fs::write(&config_path, config)
         .map_err(|e| XtaskError::io(format!("writing {}", config_path.display()), e))?;
 
+    let xl = xl_program().ok_or(XtaskError::MissingTool {
+        tool: "xl",
+        install: "apt-get install xen-utils-4.17 (inside a Xen dom0)".to_string(),
+    })?;
+    let (program, mut args) = xl_invocation(&xl, host::is_root());
+    args.extend([
+        "create".to_string(),
+        "-c".to_string(),
+        config_path.display().to_string(),
+    ]);
     let spec = BootSpec {
-        program: "xl".to_string(),
-        args: vec![
-            "create".into(),
-            "-c".into(),
-            config_path.display().to_string(),
-        ],
+        program,
+        args,
         ..request.spec(ws, Vec::new())
     };
     let outcome = harness::boot(&spec);
     // The harness ended the console client; the domain may still be there
     // (a timeout, or a guest still shutting down).
-    destroy_if_present(&name);
+    destroy_if_present(&xl, &name);
     outcome
 }
 
 /// `xl destroy name` if a domain of that name exists.
-fn destroy_if_present(name: &str) {
-    let exists = Command::new("xl")
-        .args(["domid", name])
+fn destroy_if_present(xl: &Path, name: &str) {
+    let exists = xl_command(xl, &["domid", name])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -277,7 +315,7 @@ fn destroy_if_present(name: &str) {
         .unwrap_or(false);
     if exists {
         eprintln!("xtask: destroying leftover domain {name}");
-        if let Err(error) = host::run(Command::new("xl").args(["destroy", name])) {
+        if let Err(error) = host::run(&mut xl_command(xl, &["destroy", name])) {
             eprintln!("xtask: {error}");
         }
     }
@@ -287,7 +325,6 @@ fn destroy_if_present(name: &str) {
 mod tests {
     use super::*;
     use crate::report::parse_report;
-    use std::path::PathBuf;
     use std::time::Duration;
 
     fn options(memory_mib: u64, cmdline: &str, fail_selftest: bool) -> RunOptions {
@@ -428,6 +465,22 @@ mod tests {
             outcome.verdict,
             Verdict::Fail(Failure::QemuExited { .. })
         ));
+    }
+
+    #[test]
+    fn xl_runs_directly_as_root_and_through_sudo_otherwise() {
+        let xl = Path::new("/usr/sbin/xl");
+        assert_eq!(
+            xl_invocation(xl, true),
+            ("/usr/sbin/xl".to_string(), vec![])
+        );
+        assert_eq!(
+            xl_invocation(xl, false),
+            (
+                "sudo".to_string(),
+                vec!["-n".to_string(), "/usr/sbin/xl".to_string()]
+            )
+        );
     }
 
     #[test]
