@@ -166,11 +166,16 @@ pub fn native_check(flags: Flags) -> Result<Flags, FlagError> {
     Ok(flags)
 }
 
+/// Bit 52, which Xen sets (with USER) on the kernel's L1 entries of a
+/// 64-bit PV guest (`_PAGE_GUEST_KERNEL`).
+pub const XEN_GUEST_KERNEL: Flags = Flags::BIT_52;
+
 /// Flags of a read-back PV entry as the guest asked for them: Xen sets
-/// USER on every present entry of a 64-bit PV guest (its kernel runs in ring
-/// 3), so USER carries no information and is dropped.
+/// USER (and its guest-kernel marker, bit 52) on present entries of a 64-bit
+/// PV guest, whose kernel runs in ring 3, and may set GLOBAL on them (the
+/// guest never may), so these carry no information and are dropped.
 pub fn pv_normalize(flags: Flags) -> Flags {
-    flags - Flags::USER_ACCESSIBLE
+    flags - Flags::USER_ACCESSIBLE - XEN_GUEST_KERNEL - Flags::GLOBAL
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! * no mapping inside Xen's hole (PV: L4 slots 256..=271 belong to Xen and
 //!   are skipped, anything else in the range is reported);
 //! * every present entry points to a frame the guest owns;
-//! * PV: no PSE, PWT, PCD or GLOBAL in any entry.
+//! * PV: no PSE, PWT or PCD in any entry (GLOBAL may be Xen's own doing).
 
 use crate::backend::{Backend, Kind};
 use crate::entry::{Entry, Flags, Level};
@@ -193,8 +193,9 @@ fn walk<B: Backend>(
                     continue;
                 }
             }
-            let forbidden =
-                Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE | Flags::GLOBAL;
+            // GLOBAL is not checked: Xen sets it itself on user pages of a
+            // 64-bit PV guest (the backend never writes it).
+            let forbidden = Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE;
             if e.flags().intersects(forbidden) {
                 emit(Violation::ForbiddenFlags {
                     va,

@@ -948,7 +948,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             let child = self.child_of(e)?;
             if self.is_leaf(level, e) {
                 let new = self.backend.leaf_entry(level, child, flags)?;
-                if new != e {
+                let same = new.mfn() == e.mfn()
+                    && self.backend.normalize(new.flags()) == self.backend.normalize(e.flags() - HARDWARE_SET);
+                if !same {
                     self.backend.write(table, i, new)?;
                 }
             } else if let Some(lower) = level.lower() {
