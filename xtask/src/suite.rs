@@ -294,8 +294,8 @@ fn summary(lines: &[Line], total: Duration) -> String {
         "#", "stage", "expected", "got", "status", "time"
     );
     for (index, line) in lines.iter().enumerate() {
-        text.push_str(&format!(
-            "{:>2}  {:<width$}  {:<8}  {:<7}  {:<6}  {:>7}  {}\n",
+        let row = format!(
+            "{:>2}  {:<width$}  {:<8}  {:<7}  {:<6}  {:>7}  {}",
             index + 1,
             line.name,
             line.expected,
@@ -303,7 +303,9 @@ fn summary(lines: &[Line], total: Duration) -> String {
             if line.ok { "ok" } else { "FAILED" },
             format_duration(line.elapsed),
             line.detail
-        ));
+        );
+        text.push_str(row.trim_end());
+        text.push('\n');
     }
     let passed = lines.iter().filter(|l| l.ok).count();
     text.push_str(&format!("total time {}\n", format_duration(total)));
