@@ -66,6 +66,15 @@ impl XenModel {
         if virt_base % PAGE_SIZE != 0 || self.root != 0 {
             return Err(XenError::Inval);
         }
+        if nr_image_pfns >= self.nr_pages {
+            return Err(XenError::NoMem);
+        }
+        // The last byte of a mapping of `pages` frames, if it fits.
+        let last = |pages: u64| {
+            pages
+                .checked_mul(PAGE_SIZE)
+                .and_then(|len| virt_base.checked_add(len - 1))
+        };
         // Table frames needed to map the image plus the tables themselves.
         let count = |total: u64| {
             1 + blocks(virt_base, total, 39)
@@ -74,19 +83,19 @@ impl XenModel {
         };
         let mut nr_pt = 1;
         loop {
-            let need = count(nr_image_pfns + nr_pt);
+            let total = nr_image_pfns + nr_pt;
+            if total > self.nr_pages {
+                return Err(XenError::NoMem);
+            }
+            last(total).ok_or(XenError::Inval)?;
+            let need = count(total);
             if need <= nr_pt {
                 break;
             }
             nr_pt = need;
         }
         let total = nr_image_pfns + nr_pt;
-        if total > self.nr_pages {
-            return Err(XenError::NoMem);
-        }
-        let end = virt_base
-            .checked_add(total * PAGE_SIZE - 1)
-            .ok_or(XenError::Inval)?;
+        let end = last(total).ok_or(XenError::Inval)?;
         let hole = 0xffff_8000_0000_0000..0xffff_8800_0000_0000u64;
         if !canonical(virt_base)
             || !canonical(end)

@@ -168,6 +168,20 @@ fn start_of_day_builds_xen_style_tables() {
         XenModel::new(10).start_of_day(virt, 8),
         Err(XenError::NoMem)
     );
+    assert_eq!(
+        XenModel::new(1024).start_of_day(virt, u64::MAX),
+        Err(XenError::NoMem)
+    );
+    assert_eq!(
+        XenModel::new(1 << 20).start_of_day(0xffff_ffff_ffff_f000, 100),
+        Err(XenError::Inval),
+        "wraps past the top"
+    );
+    assert_eq!(
+        XenModel::new(1 << 20).start_of_day(0x7fff_ffff_f000, 100),
+        Err(XenError::Inval),
+        "leaves the lower half"
+    );
 }
 
 const BASE: u64 = PAGE_PRESENT | PAGE_RW | PAGE_ACCESSED | PAGE_USER | PAGE_DIRTY;
