@@ -344,6 +344,9 @@ pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
     let layout = Layout::new(cache);
     fs::create_dir_all(&layout.debs)
         .map_err(io_err(format!("creating {}", layout.debs.display())))?;
+    // Two xtasks (say `run` and `test` in two terminals) must not build the
+    // same cache at once.
+    let _lock = CacheLock::acquire(&cache.join("lock"))?;
 
     let kernel_package = resolve_kernel_package()?;
     let release = kernel_release(&kernel_package)
@@ -440,6 +443,69 @@ pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
         kernel_release: release,
         built: true,
     })
+}
+
+/// An exclusive claim on the cache: a file created with `create_new` holding
+/// the owner's pid, removed on drop. A file whose pid no longer runs is stale
+/// (its xtask was killed) and is taken over.
+struct CacheLock {
+    path: PathBuf,
+}
+
+impl CacheLock {
+    fn acquire(path: &Path) -> Result<CacheLock, FixtureError> {
+        let mut told = false;
+        let mut empty_reads = 0;
+        loop {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(mut file) => {
+                    write!(file, "{}", std::process::id())
+                        .map_err(io_err(format!("writing {}", path.display())))?;
+                    return Ok(CacheLock {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let owner = fs::read_to_string(path).unwrap_or_default();
+                    if owner.trim().is_empty() && empty_reads < 20 {
+                        // Just created, its pid not written yet.
+                        empty_reads += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                    let alive = owner
+                        .trim()
+                        .parse::<u32>()
+                        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                    if !alive {
+                        // Its owner is gone (killed mid-build): take over.
+                        let _ = fs::remove_file(path);
+                        continue;
+                    }
+                    if !told {
+                        eprintln!(
+                            "xl fixture: waiting for xtask pid {} to finish with {}",
+                            owner.trim(),
+                            path.parent().unwrap_or(path).display()
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
+            }
+        }
+    }
+}
+
+impl Drop for CacheLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 /// Downloads the package files not already in `dir` with the right size.
@@ -679,6 +745,40 @@ pub fn guest_cpio(kernel: &[u8], config: &str, timeout_secs: u64) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_lock_excludes_a_second_owner_and_takes_over_stale_ones() {
+        let dir = std::env::temp_dir().join(format!("xl-lock-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lock");
+
+        // A lock left by a pid that does not run (pid_max is below 2^22).
+        fs::write(&path, "4194305").unwrap();
+        let first = CacheLock::acquire(&path).unwrap();
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            std::process::id().to_string()
+        );
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let second = CacheLock::acquire(&path).unwrap();
+                tx.send(()).unwrap();
+                drop(second);
+            })
+        };
+        // Held by a live pid (ours): the second claim waits.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(800))
+            .is_err());
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        waiter.join().unwrap();
+        assert!(!path.exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn kernel_package_is_read_from_the_metapackage() {

@@ -253,13 +253,33 @@ fn run_emulated(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskE
     concatenate(&fixture.base_cpio, &guest, &initrd)?;
 
     let args = qemu_args(&xen_elf, &fixture.dom0_kernel, &initrd, &request.options)?;
-    harness::boot(&request.spec(ws, args))
+    let outcome = harness::boot(&request.spec(ws, args))?;
+    match shutdown_reason(&outcome.transcript) {
+        Some("poweroff") => {}
+        Some(reason) => eprintln!(
+            "[{}] xtask: warning: xl saw the guest end with shutdown reason `{reason}`, not poweroff",
+            request.label
+        ),
+        // The harness may stop QEMU before dom0 gets to say it.
+        None => {}
+    }
+    Ok(outcome)
+}
+
+/// The shutdown reason xl logged for the guest, as the dom0's `/init`
+/// reports it (`xl-dom0: [...] guest domain ... shutdown reason: poweroff; ...`).
+pub fn shutdown_reason(transcript: &[String]) -> Option<&str> {
+    transcript.iter().find_map(|line| {
+        let rest = line.strip_prefix("xl-dom0:")?;
+        let reason = rest.split("shutdown reason: ").nth(1)?;
+        reason.split(';').next().map(str::trim)
+    })
 }
 
 /// Writes `base` followed by `tail` to `out`.
 fn concatenate(base: &Path, tail: &[u8], out: &Path) -> Result<(), XtaskError> {
     let context = || format!("writing {}", out.display());
-    let partial = out.with_extension("partial");
+    let partial = out.with_extension(format!("partial-{}", std::process::id()));
     fs::copy(base, &partial).map_err(|e| XtaskError::io(context(), e))?;
     let mut file = fs::OpenOptions::new()
         .append(true)
@@ -459,6 +479,8 @@ mod tests {
             .find("Linux version")
             .expect("the domU's console reached the harness");
         assert!(transcript[started + banner..].contains("] guest domain pvmmu is gone"));
+        // Linux panics without a root file system; `panic=-1` reboots.
+        assert_eq!(shutdown_reason(&outcome.transcript), Some("reboot"));
         // No result line: the harness calls that an early QEMU exit, which
         // shows that dom0's poweroff ended QEMU by itself.
         assert!(matches!(
@@ -481,6 +503,17 @@ mod tests {
                 vec!["-n".to_string(), "/usr/sbin/xl".to_string()]
             )
         );
+    }
+
+    #[test]
+    fn shutdown_reason_comes_from_dom0_lines_only() {
+        let lines = |text: &str| text.lines().map(str::to_string).collect::<Vec<_>>();
+        let transcript = lines(
+            "guest says shutdown reason: fake; x\n\
+             xl-dom0: [9.1] guest domain pvmmu is gone after 1s, shutdown reason: poweroff; powering off",
+        );
+        assert_eq!(shutdown_reason(&transcript), Some("poweroff"));
+        assert_eq!(shutdown_reason(&lines("xl-dom0: [1.0] toolstack up")), None);
     }
 
     #[test]

@@ -91,5 +91,16 @@ done
 sleep 0.3
 copy_new
 echo
-say "guest domain $name is gone after $(( $(cut -d. -f1 /proc/uptime) - start ))s; powering off"
+# xl's monitor process (forked by `xl create`) logs why the domain ended.
+code=$(sed -n 's/.*has shut down, reason code \([0-9]*\).*/\1/p' "/var/log/xen/xl-$name.log" 2>/dev/null | head -n 1)
+case "$code" in
+    0) reason=poweroff ;;
+    1) reason=reboot ;;
+    2) reason=suspend ;;
+    3) reason=crash ;;
+    4) reason=watchdog ;;
+    5) reason=soft_reset ;;
+    *) reason=unknown ;;
+esac
+say "guest domain $name is gone after $(( $(cut -d. -f1 /proc/uptime) - start ))s, shutdown reason: $reason; powering off"
 poweroff -f
