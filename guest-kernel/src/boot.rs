@@ -10,12 +10,18 @@
 //!   mode and moves to the high-half link address.
 //!
 //! Invariant: both entries zero `.bss` before anything uses it and call Rust
-//! on the kernel's own stack (`BOOT_STACK`), never on the loader's.
+//! on the kernel's own stack (`BOOT_STACK`), never on the loader's. The page
+//! below the stack (`BOOT_STACK_GUARD`) is never mapped at its link address
+//! (the PVH trampoline leaves it out; the PV path unmaps it first thing), so
+//! a stack overflow faults instead of corrupting `.bss`.
 
 use core::arch::global_asm;
 
 /// Size of the kernel's boot stack in `.bss`.
 pub const BOOT_STACK_SIZE: usize = 128 * 1024;
+
+/// Size of the native double-fault (IST 1) stack in `.bss`.
+pub const DOUBLE_FAULT_STACK_SIZE: usize = 16 * 1024;
 
 /// Where the kernel is linked: virtual = `KERNEL_VMA` + physical.
 pub const KERNEL_VMA: u64 = 0xffff_ffff_8000_0000;
@@ -83,17 +89,27 @@ global_asm!(
     r#"
     .pushsection .bss.boot_stack, "aw", @nobits
     .balign 4096
+    .globl BOOT_STACK_GUARD
+BOOT_STACK_GUARD:                   # left unmapped: an overflow faults
+    .skip 4096
     .globl BOOT_STACK
 BOOT_STACK:
     .skip {stack_size}
     .globl BOOT_STACK_TOP
 BOOT_STACK_TOP:
+    .globl DOUBLE_FAULT_STACK
+DOUBLE_FAULT_STACK:                 # IST stack for #DF (native)
+    .skip {df_stack_size}
+    .globl DOUBLE_FAULT_STACK_TOP
+DOUBLE_FAULT_STACK_TOP:
 
     .balign 4096
     .globl PVH_PML4
 PVH_PML4:       .skip 4096
 PVH_PDPT_LOW:   .skip 4096
 PVH_PDPT_HIGH:  .skip 4096
+PVH_PD_HIGH:    .skip 4096          # high 0..1 GiB: first 2 MiB via PVH_PT_HIGH
+PVH_PT_HIGH:    .skip 4096          # high 0..2 MiB in 4 KiB pages (stack guard)
     .globl PVH_PD
 PVH_PD:         .skip 4 * 4096
     .globl PVH_TABLES_END
@@ -121,6 +137,7 @@ BOOT_GDT_PTR64:                     # lgdt operand in long mode: virtual base
     .popsection
 "#,
     stack_size = const BOOT_STACK_SIZE,
+    df_stack_size = const DOUBLE_FAULT_STACK_SIZE,
     options(att_syntax)
 );
 
@@ -192,11 +209,44 @@ pvh_entry:
     add $4096, %eax
     mov %eax, 24(%edi)
 
+    # High page table: physical 0..2 MiB in 4 KiB pages, except the boot
+    # stack's guard page (if it lies in those 2 MiB).
+    mov $(PVH_PT_HIGH - KVMA), %edi
+    xor %ecx, %ecx
+1:  mov %ecx, %eax
+    shl $12, %eax
+    or $0x3, %eax                   # present | writable
+    mov %eax, (%edi,%ecx,8)
+    movl $0, 4(%edi,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jb 1b
+    mov $(BOOT_STACK_GUARD - KVMA), %ecx
+    shr $12, %ecx
+    cmp $512, %ecx
+    jae 1f
+    movl $0, (%edi,%ecx,8)
+1:
+    # High directory for physical 0..1 GiB: slot 0 -> that table, the rest
+    # 2 MiB pages as in the identity map.
+    mov $(PVH_PD_HIGH - KVMA), %edi
+    movl $(PVH_PT_HIGH - KVMA + 3), 0(%edi)
+    movl $0, 4(%edi)
+    mov $1, %ecx
+1:  mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax
+    mov %eax, (%edi,%ecx,8)
+    movl $0, 4(%edi,%ecx,8)
+    inc %ecx
+    cmp $512, %ecx
+    jb 1b
+
     # High PDPT: 0xffffffff80000000 (slots 510, 511) -> physical 0..2 GiB.
     mov $(PVH_PDPT_HIGH - KVMA), %edi
-    mov $(PVH_PD - KVMA + 3), %eax
+    mov $(PVH_PD_HIGH - KVMA + 3), %eax
     mov %eax, 510*8(%edi)
-    add $4096, %eax
+    mov $(PVH_PD - KVMA + 4096 + 3), %eax
     mov %eax, 511*8(%edi)
 
     # PML4: slot 0 -> low PDPT, slot 511 -> high PDPT.
@@ -266,6 +316,10 @@ extern "C" {
     static __bss_end: u8;
     static PVH_PML4: u8;
     static PVH_TABLES_END: u8;
+    static BOOT_STACK_GUARD: u8;
+    static BOOT_STACK: u8;
+    static BOOT_STACK_TOP: u8;
+    static DOUBLE_FAULT_STACK_TOP: u8;
 }
 
 /// A range of kernel virtual addresses `[start, end)`.
@@ -304,6 +358,12 @@ pub struct ImageLayout {
     pub bss: VirtRange,
     /// The PVH boot page tables (in `.bss`; unused under PV).
     pub pvh_tables: VirtRange,
+    /// The boot stack.
+    pub stack: VirtRange,
+    /// The unmapped guard page below the boot stack.
+    pub stack_guard: VirtRange,
+    /// Top of the native double-fault stack.
+    pub double_fault_stack_top: u64,
 }
 
 /// Reads the image layout from the linker symbols.
@@ -336,6 +396,15 @@ pub fn image_layout() -> ImageLayout {
                 start: sym(&PVH_PML4),
                 end: sym(&PVH_TABLES_END),
             },
+            stack: VirtRange {
+                start: sym(&BOOT_STACK),
+                end: sym(&BOOT_STACK_TOP),
+            },
+            stack_guard: VirtRange {
+                start: sym(&BOOT_STACK_GUARD),
+                end: sym(&BOOT_STACK),
+            },
+            double_fault_stack_top: sym(&DOUBLE_FAULT_STACK_TOP),
         }
     }
 }

@@ -46,6 +46,7 @@ pub const SUITE: &[SelfTest] = &[
         boot_tables_active,
     ),
     SelfTest::new("boot_mem_reaches_image", boot_mem_reaches_image),
+    SelfTest::new("stack_guard_unmapped", stack_guard_unmapped),
     SelfTest::only("frame_map_roundtrip", Only::XenPv, frame_map_roundtrip),
 ];
 
@@ -315,7 +316,8 @@ fn initial_tables_map_image(kernel: &mut Kernel) -> TestResult {
     Ok(())
 }
 
-/// Every frame from pfn 0 to the end of the bootstrap area is
+/// Every frame from pfn 0 to the end of the bootstrap area (but the stack
+/// guard page, which the kernel unmapped) is
 /// mapped at `VIRT_BASE + pfn * 4096` with the MFN the p2m list names, the
 /// bootstrap tables read-only, and the mapping goes on for at least Xen's
 /// 512 KiB of slack past the bootstrap area.
@@ -324,7 +326,17 @@ fn initial_mapping_linear(kernel: &mut Kernel) -> TestResult {
     let boot_end = pv.bootstrap_end_pfn();
     let pt_first =
         PvBoot::va_to_pfn(pv.pt_base).ok_or(Failure::Check("pt_base below VIRT_BASE"))?;
+    let guard = PvBoot::va_to_pfn(kernel.image.stack_guard.start)
+        .ok_or(Failure::Check("guard below VIRT_BASE"))?;
     for pfn in 0..boot_end {
+        if pfn == guard {
+            // Unmapped by the kernel itself (stack guard).
+            check(
+                pv.translate_initial(PvBoot::pfn_to_va(pfn)).is_none(),
+                "stack guard page mapped",
+            )?;
+            continue;
+        }
         let m = pv
             .translate_initial(PvBoot::pfn_to_va(pfn))
             .ok_or(Failure::OutOfRange {
@@ -446,4 +458,32 @@ fn frame_map_roundtrip(kernel: &mut Kernel) -> TestResult {
     )?;
     // MFN 0 belongs to Xen, never to a guest.
     check(pv.to_pfn(Mfn(0)).is_none(), "mfn 0 claimed as ours")
+}
+
+/// We run on the boot stack, and the page below it faults (not present).
+fn stack_guard_unmapped(kernel: &mut Kernel) -> TestResult {
+    let marker = 0u64;
+    let sp = core::ptr::addr_of!(marker) as u64;
+    let stack = kernel.image.stack;
+    check(
+        stack.start <= sp && sp < stack.end,
+        "not running on the boot stack",
+    )?;
+    let guard = kernel.image.stack_guard;
+    check_eq("guard page just below the stack", guard.end, stack.start)?;
+    let probe = guard.end - 8;
+    // SAFETY: the guard page is ours and plain memory; the read is expected
+    // to fault.
+    match unsafe { traps::probe_read(probe) } {
+        Ok(_) => Err(Failure::Check("guard page is mapped")),
+        Err(f) if f.vector == vector::PF => {
+            check_eq("cr2", f.cr2, probe)?;
+            check_eq("error code present bit", f.error_code & pf::PRESENT, 0)
+        }
+        Err(f) => Err(Failure::Fault {
+            what: "read of the guard page",
+            vector: f.vector,
+            error_code: f.error_code,
+        }),
+    }
 }

@@ -80,7 +80,7 @@ pub struct BootOptions {
     /// `pvmmu.4k`: natively, build the direct map from 4 KiB pages only, to
     /// compare table counts with Xen PV.
     pub only_4k: bool,
-    /// `pvmmu.crash=panic|ud|pf`: crash on purpose after the self-tests,
+    /// `pvmmu.crash=panic|ud|pf|stack`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
 }
@@ -94,6 +94,10 @@ pub enum CrashKind {
     InvalidOpcode,
     /// An unexpected page fault (read of an unmapped address).
     PageFault,
+    /// A stack overflow into the guard page (natively a #PF that becomes a
+    /// #DF on the IST stack; under PV Xen cannot deliver the #PF and crashes
+    /// the domain).
+    StackOverflow,
 }
 
 impl BootOptions {
@@ -106,6 +110,7 @@ impl BootOptions {
                 Some("panic") => Some(CrashKind::Panic),
                 Some("ud") => Some(CrashKind::InvalidOpcode),
                 Some("pf") => Some(CrashKind::PageFault),
+                Some("stack") => Some(CrashKind::StackOverflow),
                 _ => None,
             },
         }

@@ -180,6 +180,7 @@ extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
     if let Err(e) = traps::init() {
         panic!("set_trap_table failed: {e:?}");
     }
+    unmap_pv_stack_guard();
 
     let mut buf = [hypercall::abi::E820Entry::default(); memmap::MAX_REGIONS];
     // SAFETY: we are a PV guest; `buf` is a valid buffer.
@@ -209,6 +210,18 @@ extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
     });
     kernel.pv = Some(pv);
     kernel_main(kernel)
+}
+
+/// Unmaps the boot stack's guard page in Xen's start-of-day tables, so a
+/// stack overflow faults (the PVH trampoline never maps it).
+fn unmap_pv_stack_guard() {
+    use hypercall::MmuHypercalls;
+    let guard = boot::image_layout().stack_guard.start;
+    // SAFETY: platform is Xen PV (PV entry).
+    let mut xen = unsafe { hypercall::Xen::new() };
+    if let Err(e) = xen.update_va_mapping(guard, 0, hypercall::abi::UVMF_INVLPG) {
+        panic!("cannot unmap the stack guard page at {guard:#x}: {e}");
+    }
 }
 
 /// The console for a PV domain: `console_io` for dom0, the console ring
@@ -349,7 +362,20 @@ fn crash(kind: cmdline::CrashKind) {
             let v = unsafe { core::ptr::read_volatile(0x0000_7000_0000_0040 as *const u64) };
             log::error!("read of an unmapped address returned {v:#x}");
         }
+        cmdline::CrashKind::StackOverflow => {
+            let depth = recurse(0);
+            log::error!("recursion returned at depth {depth}");
+        }
     }
+}
+
+/// Recurses until the stack overflows (every frame keeps 512 live bytes).
+fn recurse(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    if depth == u64::MAX {
+        return frame[0];
+    }
+    core::hint::black_box(recurse(depth + 1)) + frame[63]
 }
 
 #[panic_handler]

@@ -4,8 +4,9 @@
 //! identity map natively, and the p2m list / M2P table for translation.
 //!
 //! Invariant: a pointer is only handed out for a frame the boot mapping
-//! really covers (below the walked end of Xen's linear area, or below the
-//! 4 GiB identity map), so the `PhysMem` contract holds as long as those
+//! really covers (below the walked end of Xen's linear area and not the
+//! stack guard page the kernel unmapped there, or below the 4 GiB identity
+//! map), so the `PhysMem` contract holds as long as those
 //! boot mappings are live.
 
 use core::ptr::NonNull;
@@ -21,15 +22,20 @@ use crate::xen_pv::PvBoot;
 pub struct BootMem {
     base: u64,
     end: Pfn,
+    /// A frame below `end` that the mapping leaves out (PV: the boot stack's
+    /// guard page).
+    hole: Option<Pfn>,
 }
 
 impl BootMem {
     /// Xen PV: the start-of-day linear area (`VIRT_BASE + pfn * 4096`), up
     /// to where Xen's tables stop mapping it.
     pub fn xen_start_of_day(pv: &PvBoot) -> Self {
+        let guard = crate::boot::image_layout().stack_guard.start;
         BootMem {
             base: crate::boot::KERNEL_VMA,
             end: Pfn(pv.initial_mapping_end_pfn()),
+            hole: PvBoot::va_to_pfn(guard).map(Pfn),
         }
     }
 
@@ -38,6 +44,7 @@ impl BootMem {
         BootMem {
             base: 0,
             end: Pfn::containing(IDENTITY_LIMIT),
+            hole: None,
         }
     }
 
@@ -47,13 +54,13 @@ impl BootMem {
     }
 }
 
-// SAFETY: every frame below `end` is mapped at `base + pfn * 4096` by the
+// SAFETY: every frame below `end` but `hole` is mapped at `base + pfn * 4096` by the
 // boot tables (walked under PV, built by the trampoline natively), readable,
 // and writable unless it is a live page table under Xen PV; the address is
 // the same every time.
 unsafe impl PhysMem for BootMem {
     fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        if pfn >= self.end {
+        if pfn >= self.end || Some(pfn) == self.hole {
             return None;
         }
         NonNull::new((self.base + pfn.addr()) as *mut FrameWords)

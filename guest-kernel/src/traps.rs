@@ -409,7 +409,7 @@ pub fn probe_invalid_opcode() -> Result<(), Fault> {
     probe_outcome(unsafe { probe_ud2() }).map(|_| ())
 }
 
-/// An IDT gate (interrupt gate, DPL 0, no IST).
+/// An IDT gate (interrupt gate, DPL 0; IST 1 for the double fault).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct IdtGate {
@@ -445,7 +445,42 @@ pub fn init() -> Result<(), TrapError> {
     }
 }
 
+/// Vector of the double fault, which runs on its own stack (IST 1).
+const DOUBLE_FAULT: usize = 8;
+
+static TSS: spin::Once<x86_64::structures::tss::TaskStateSegment> = spin::Once::new();
+static GDT: spin::Once<(
+    x86_64::structures::gdt::GlobalDescriptorTable,
+    x86_64::structures::gdt::SegmentSelector,
+)> = spin::Once::new();
+
+/// Replaces the boot GDT by one with the same code (0x08) and data (0x10)
+/// selectors plus a TSS whose IST 1 is the double-fault stack, and loads
+/// the TSS.
+fn init_native_tss() {
+    use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+    let tss = TSS.call_once(|| {
+        let mut tss = x86_64::structures::tss::TaskStateSegment::new();
+        tss.interrupt_stack_table[0] =
+            x86_64::VirtAddr::new(crate::boot::image_layout().double_fault_stack_top);
+        tss
+    });
+    let (gdt, tss_selector) = GDT.call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
+        let code = gdt.append(Descriptor::kernel_code_segment());
+        let data = gdt.append(Descriptor::kernel_data_segment());
+        debug_assert_eq!((code.0, data.0), (0x08, 0x10));
+        let tss_selector = gdt.append(Descriptor::tss_segment(tss));
+        (gdt, tss_selector)
+    });
+    gdt.load();
+    // SAFETY: the GDT just loaded holds a valid, not yet busy TSS descriptor
+    // at `tss_selector`, and both live in statics forever.
+    unsafe { x86_64::instructions::tables::load_tss(*tss_selector) };
+}
+
 fn init_native() {
+    init_native_tss();
     let idt = IDT.call_once(|| {
         // SAFETY: `trap_native_stubs` is a constant table in .text.
         let stubs = unsafe { &trap_native_stubs };
@@ -469,6 +504,7 @@ fn init_native() {
                 reserved: 0,
             };
         }
+        gates[DOUBLE_FAULT].ist = 1;
         Idt(gates)
     });
     let ptr = x86_64::structures::DescriptorTablePointer {
