@@ -11,7 +11,8 @@ use std::rc::Rc;
 
 use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{BatchError, Call, HypercallStats, MmuHypercalls, XenError};
-use pvmmu::backend::{Backend, Kind, NoAliases, XenPv};
+use pvmmu::backend::xen::MAX_ALIASES;
+use pvmmu::backend::{Alias, AliasMap, Backend, Kind, NoAliases, XenPv};
 use pvmmu::entry::{Entry, Flags, Level, HARDWARE_SET};
 use pvmmu::invariants::{self, Oracle, Rules, Violation};
 use pvmmu::model::{PageType, XenModel};
@@ -79,6 +80,10 @@ impl Pool {
     }
     pub fn in_use(&self) -> usize {
         self.out.len()
+    }
+    /// Adds frames `[first, first + n)` to the free set.
+    pub fn add_frames(&mut self, first: u64, n: u64) {
+        self.free.extend(first..first + n);
     }
 }
 
@@ -192,6 +197,28 @@ impl Oracle for TableSet {
 }
 
 pub type PvBackend = XenPv<Shared, Shared, Shared, NoAliases>;
+
+/// A kernel direct map: frames `[first, first + n)` are mapped at
+/// `base + pfn * 4096` in the current root.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectAliases {
+    pub base: u64,
+    pub first: u64,
+    pub n: u64,
+}
+
+impl AliasMap for DirectAliases {
+    fn aliases(&self, pfn: Pfn, out: &mut [Alias; MAX_ALIASES]) -> usize {
+        if pfn.0 >= self.first && pfn.0 < self.first + self.n {
+            out[0] = Alias::Va(self.base + pfn.0 * 4096);
+            1
+        } else {
+            0
+        }
+    }
+}
+
+pub type PvAliasBackend = XenPv<Shared, Shared, Shared, DirectAliases>;
 pub type NativeBackend = Native<Arena>;
 
 pub fn pv_backend(model: &Shared, batch: usize) -> PvBackend {
