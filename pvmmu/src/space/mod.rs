@@ -353,11 +353,16 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         };
         self.check_mapped(self.root, Level::L4, va, last)?;
         let root = self.root;
-        let result = self
-            .unmap_table(root, Level::L4, va, last)
-            .and_then(|_| self.settle());
+        let result = self.unmap_table(root, Level::L4, va, last).map(|_| ());
         let flushed = self.nfreed > 0;
-        let result = result.and_then(|()| self.finish_frees());
+        // Freed tables: their flush submits the queue with it.
+        let result = result.and_then(|()| {
+            if flushed {
+                self.finish_frees()
+            } else {
+                self.settle()
+            }
+        });
         match result {
             Ok(()) if flushed => Ok(Flush::none()),
             Ok(()) => Ok(Flush::range(va, len)),
@@ -887,15 +892,13 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             let (Ok(child), Some(lower)) = (self.child_of(e), level.lower()) else {
                 continue;
             };
-            let empty = self.unmap_table(child, lower, s, l)?;
-            if empty {
+            // A subtree covered whole is unhooked with one write (Xen drops
+            // the types of the whole subtree); its leaves are not cleared
+            // one by one.
+            let whole = s == e_base && l == e_base | (span - 1);
+            if whole || self.unmap_table(child, lower, s, l)? {
                 self.backend.write(table, i, Entry::EMPTY)?;
-                self.backend.release_table(child)?;
-                if self.nfreed == FREE_LOG {
-                    self.finish_frees()?;
-                }
-                self.freed[self.nfreed] = child;
-                self.nfreed += 1;
+                self.release_subtree(child, lower)?;
             }
         }
         if level == Level::L4 {
@@ -909,14 +912,39 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(entries.iter().all(|&raw| raw == 0))
     }
 
+    /// Queues the release of an unhooked subtree (after the unhooking write)
+    /// and records its frames for freeing.
+    fn release_subtree(&mut self, table: Pfn, level: Level) -> Result<(), Error> {
+        if let Some(lower) = level.lower() {
+            let mut entries = [0u64; ENTRIES];
+            self.backend.read_table(table, &mut entries);
+            for raw in entries {
+                let e = Entry(raw);
+                if e.is_present() && !self.is_leaf(level, e) {
+                    if let Ok(child) = self.child_of(e) {
+                        self.release_subtree(child, lower)?;
+                    }
+                }
+            }
+        }
+        self.backend.release_table(table)?;
+        if self.nfreed == FREE_LOG {
+            self.finish_frees()?;
+        }
+        self.freed[self.nfreed] = table;
+        self.nfreed += 1;
+        Ok(())
+    }
+
     /// Applies the unhooking writes, flushes the TLB and returns freed
     /// tables to the allocator.
     fn finish_frees(&mut self) -> Result<(), Error> {
         if self.nfreed == 0 {
             return Ok(());
         }
-        self.backend.drain()?;
+        // One submission: the queued unhooks and releases, then the flush.
         self.backend.flush_tlb(TlbScope::All)?;
+        self.nhooks = 0;
         for k in 0..self.nfreed {
             self.alloc.free(self.freed[k]);
         }
