@@ -58,11 +58,6 @@ pub enum XtaskError {
         /// Why not.
         reason: &'static str,
     },
-    /// A feature that another part of the project has not delivered yet.
-    NotImplemented {
-        /// What is missing.
-        what: &'static str,
-    },
     /// `cargo xtask bench` found no benchmark output to collect.
     NoBenchmarks,
 }
@@ -100,7 +95,6 @@ impl fmt::Display for XtaskError {
             XtaskError::UnsupportedPath { path, reason } => {
                 write!(f, "cannot use {}: {reason}", path.display())
             }
-            XtaskError::NotImplemented { what } => write!(f, "{what} is not implemented yet"),
             XtaskError::NoBenchmarks => write!(
                 f,
                 "no benchmarks: no bench target printed a `BENCH <name> <value> <unit>` line"
