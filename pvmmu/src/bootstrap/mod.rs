@@ -755,6 +755,8 @@ impl<'a, 's> Boot<'a, 's> {
             let got = PfnRange::new(r.end.0 - take, r.end.0);
             self.pool.insert(got)?;
             self.report.tables.insert(got)?;
+            // Retired initial tables are free again and may be reused.
+            self.report.freed.remove(got)?;
             left -= take;
         }
         if left > 0 {
@@ -1018,3 +1020,5 @@ const fn align_up(x: u64, a: u64) -> u64 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_pv;

@@ -180,7 +180,7 @@ fn native_4k_one_gib_grows_geometrically() {
     assert_eq!(run.loaded, alloc::vec![r.root]);
     assert_eq!(r.pages_mapped, 0x9f + 0x40000 - 0x100);
     // 1 GiB of 4 KiB pages needs 512 L1s, 1 L2 and an L3 per side + L4.
-    assert!(r.tables_created >= 512 + 1 + 1 + 1, "{r:?}");
+    assert!(r.tables_created >= 515, "{r:?}");
     assert!(r.tables_created <= 512 + 16, "{r:?}");
     assert!(r.rounds >= 2 && r.rounds <= 4, "rounds {}", r.rounds);
     // Every chunk at most GROWTH x the previous one.

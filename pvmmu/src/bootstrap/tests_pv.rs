@@ -1,0 +1,325 @@
+//! The PV bootstrap against the Xen model: Xen-style start-of-day tables,
+//! the real hypercall path, Xen's validation of every hook and pin.
+
+use super::tests::translate;
+use super::*;
+use crate::backend::{NoAliases, XenPv};
+use crate::entry::Level;
+use crate::invariants::{self, Oracle, Rules};
+use crate::model::{PageType, XenModel};
+use alloc::rc::Rc;
+use core::cell::RefCell;
+use core::ptr::NonNull;
+use hypercall::abi::mmuext_op;
+use hypercall::HypercallStats;
+use std::vec::Vec;
+
+const VIRT_BASE: u64 = 0xffff_ffff_8000_0000;
+const DM: u64 = 0xffff_8880_0000_0000;
+
+/// The model behind the bootstrap's three borrowed traits at once.
+#[derive(Clone)]
+struct Shared(Rc<RefCell<XenModel>>);
+
+impl MmuHypercalls for Shared {
+    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
+        self.0.borrow_mut().mmu_update(reqs)
+    }
+    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
+        self.0.borrow_mut().mmuext_op(ops)
+    }
+    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
+        self.0.borrow_mut().update_va_mapping(va, val, flags)
+    }
+    fn multicall(
+        &mut self,
+        calls: &[Call<'_>],
+        results: &mut [Result<u64, XenError>],
+    ) -> Result<(), XenError> {
+        self.0.borrow_mut().multicall(calls, results)
+    }
+    fn stats(&self) -> HypercallStats {
+        self.0.borrow().stats()
+    }
+}
+
+// SAFETY: forwards to the model, whose frame pointers are stable while it
+// lives; the Rc keeps it alive as long as any handle.
+unsafe impl PhysMem for Shared {
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+        self.0.borrow().frame_ptr(pfn)
+    }
+}
+
+impl FrameMap for Shared {
+    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
+        self.0.borrow().to_mfn(pfn)
+    }
+    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
+        self.0.borrow().to_pfn(mfn)
+    }
+}
+
+/// The model's memory, reaching only `reach`.
+struct Reach {
+    model: Shared,
+    reach: PfnRange,
+}
+
+// SAFETY: as for `Shared`.
+unsafe impl PhysMem for Reach {
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+        if self.reach.contains(pfn) {
+            self.model.frame_ptr(pfn)
+        } else {
+            None
+        }
+    }
+}
+
+struct ModelOracle<'a>(&'a XenModel);
+
+impl Oracle for ModelOracle<'_> {
+    fn table_level(&self, mfn: Mfn) -> Option<Level> {
+        match self.0.page_type(mfn) {
+            PageType::L1 => Some(Level::L1),
+            PageType::L2 => Some(Level::L2),
+            PageType::L3 => Some(Level::L3),
+            PageType::L4 => Some(Level::L4),
+            _ => None,
+        }
+    }
+    fn is_pinned(&self, mfn: Mfn) -> bool {
+        self.0.is_pinned(mfn)
+    }
+}
+
+pub(crate) struct PvRun {
+    pub report: BootReport,
+    pub model: Rc<RefCell<XenModel>>,
+    pub image: u64,
+    pub old_tables: PfnRange,
+}
+
+/// Boots a PV guest of `nr_pages` with `image` frames of kernel, p2m and
+/// start_info (the last 256 of them free padding, as Xen leaves >= 512 KiB).
+pub(crate) fn run_pv(nr_pages: u64, image: u64, batch: usize) -> Result<PvRun, BootError> {
+    let mut model = XenModel::new_hardware_domain(nr_pages);
+    let sod = model.start_of_day(VIRT_BASE, image).expect("start of day");
+    let shared = Shared(Rc::new(RefCell::new(model)));
+    let mapped = sod.nr_mapped_pfns;
+    let ram = [PfnRange::new(0, nr_pages)];
+    let reserved = [PfnRange::new(0, image - 256)];
+    let regions = [
+        Region {
+            va: VIRT_BASE,
+            pfns: PfnRange::new(0, 0x100),
+            access: Access::Data,
+        },
+        Region {
+            va: VIRT_BASE + 0x100 * PAGE_SIZE,
+            pfns: PfnRange::new(0x100, 0x120),
+            access: Access::Text,
+        },
+        Region {
+            va: VIRT_BASE + 0x120 * PAGE_SIZE,
+            pfns: PfnRange::new(0x120, 0x130),
+            access: Access::ReadOnly,
+        },
+        Region {
+            va: VIRT_BASE + 0x130 * PAGE_SIZE,
+            pfns: PfnRange::new(0x130, mapped),
+            access: Access::Data,
+        },
+    ];
+    let layout = Layout {
+        ram: &ram,
+        reserved: &reserved,
+        first_chunk: PfnRange::new(0, mapped),
+        direct_map_base: DM,
+        regions: &regions,
+        page_sizes: PageSizes::Up1G,
+    };
+    let boot = Reach {
+        model: shared.clone(),
+        reach: PfnRange::new(0, mapped),
+    };
+    let direct = Reach {
+        model: shared.clone(),
+        reach: PfnRange::new(0, nr_pages),
+    };
+    let mut hyp = shared.clone();
+    let p2m = shared.clone();
+    let mut scratch = std::vec![mmu_update { ptr: 0, val: 0 }; batch];
+    let report = bootstrap(
+        &layout,
+        Platform::XenPv {
+            hyp: &mut hyp,
+            p2m: &p2m,
+            old_root: sod.pt_base_pfn,
+        },
+        &boot,
+        &direct,
+        &mut scratch,
+    )?;
+    let old_tables = PfnRange::new(sod.pt_base_pfn.0, sod.pt_base_pfn.0 + sod.nr_pt_frames);
+    Ok(PvRun {
+        report,
+        model: shared.0,
+        image,
+        old_tables,
+    })
+}
+
+fn check_pv(run: &PvRun, stride: u64) {
+    let model = run.model.borrow();
+    let r = &run.report;
+    let nr = model.nr_pages();
+    // The new root is live and pinned; Xen's initial tree is gone.
+    let root_mfn = model.mfn_of(r.root).unwrap();
+    assert_eq!(model.current_root(), Some(root_mfn));
+    assert!(model.is_pinned(root_mfn));
+    assert_eq!(model.check_integrity(), Ok(()));
+    assert_eq!(r.pages_mapped, nr);
+    // Tables: exactly the frames Xen has typed, none reserved.
+    assert_eq!(model.live_tables() as u64, r.tables_created);
+    for t in r.tables.ranges() {
+        for p in t.start.0..t.end.0 {
+            assert_ne!(
+                model.page_type(model.mfn_of(Pfn(p)).unwrap()),
+                PageType::None,
+                "pfn {p:#x}"
+            );
+            assert!(p >= run.image - 256);
+        }
+    }
+    // The old tables were given back (or reused as new tables): untyped,
+    // writable in the direct map.
+    for p in run.old_tables.start.0..run.old_tables.end.0 {
+        assert!(
+            r.freed.contains(Pfn(p)) || r.tables.contains(Pfn(p)),
+            "old table {p:#x} lost"
+        );
+    }
+    for f in r.freed.ranges() {
+        for p in f.start.0..f.end.0 {
+            assert!(
+                !r.tables.contains(Pfn(p)),
+                "pfn {p:#x} both freed and a table"
+            );
+        }
+    }
+    for f in r.freed.ranges() {
+        for p in f.start.0..f.end.0 {
+            let mfn = model.mfn_of(Pfn(p)).unwrap();
+            assert!(
+                matches!(model.page_type(mfn), PageType::None | PageType::Writable),
+                "pfn {p:#x}: {:?} count {} freed {:?} root {:?}",
+                model.page_type(mfn),
+                model.type_count(mfn),
+                r.freed,
+                r.root
+            );
+            let (pfn, flags, _) = translate(&*model, r.root, DM + p * PAGE_SIZE, &*model).unwrap();
+            assert_eq!(pfn, p);
+            assert!(flags & F::WRITABLE.bits() != 0);
+        }
+    }
+    // Every RAM frame is in the direct map, tables read-only, the rest RW.
+    let mut p = 0;
+    while p < nr {
+        let (pfn, flags, level) = translate(&*model, r.root, DM + p * PAGE_SIZE, &*model)
+            .unwrap_or_else(|| panic!("pfn {p:#x} not mapped"));
+        assert_eq!((pfn, level), (p, 1));
+        assert_eq!(
+            flags & F::WRITABLE.bits() != 0,
+            !r.tables.contains(Pfn(p)),
+            "pfn {p:#x}"
+        );
+        p += if p < 0x1000 { 1 } else { stride };
+    }
+    assert!(translate(&*model, r.root, DM + nr * PAGE_SIZE, &*model).is_none());
+    // The boot region keeps its permissions.
+    let (_, f, _) = translate(&*model, r.root, VIRT_BASE + 0x105 * PAGE_SIZE, &*model).unwrap();
+    assert!(f & F::WRITABLE.bits() == 0 && f & F::NO_EXECUTE.bits() == 0);
+    let (_, f, _) = translate(&*model, r.root, VIRT_BASE + 0x125 * PAGE_SIZE, &*model).unwrap();
+    assert!(f & F::WRITABLE.bits() == 0 && f & F::NO_EXECUTE.bits() != 0);
+    // pvmmu's invariant walker over the live tree, with Xen's types as oracle.
+    let backend = XenPv::new(
+        run_handle(&run.model),
+        run_handle(&run.model),
+        run_handle(&run.model),
+        NoAliases,
+        Some(root_mfn),
+    );
+    let mut violations = Vec::new();
+    let n = invariants::check(
+        &backend,
+        r.root,
+        Rules::for_backend(&backend),
+        Some(&ModelOracle(&model)),
+        &mut |v| {
+            if violations.len() < 8 {
+                violations.push(v)
+            }
+        },
+    );
+    assert_eq!(n, 0, "{violations:?}");
+}
+
+fn run_handle(m: &Rc<RefCell<XenModel>>) -> Shared {
+    Shared(m.clone())
+}
+
+#[test]
+fn pv_one_gib_dom0() {
+    let run = run_pv(1 << 18, 0x400, 1024).unwrap();
+    check_pv(&run, 7);
+    let r = &run.report;
+    assert!(r.rounds >= 2 && r.rounds <= 4, "{r:?}");
+    // Targets from issue 4: <= 8 hypercalls and <= 1100 entries per GiB.
+    assert!(r.hypercalls <= 8, "{r:?}");
+    assert!(r.mmu_update_entries <= 1100, "{r:?}");
+}
+
+#[test]
+fn pv_small_batches_lose_nothing() {
+    // A tiny batch forces many partial flushes; the result must be the same
+    // tree, just more hypercalls.
+    let big = run_pv(1 << 16, 0x400, 4096).unwrap();
+    let small = run_pv(1 << 16, 0x400, 64).unwrap();
+    check_pv(&small, 3);
+    assert_eq!(big.report.tables_created, small.report.tables_created);
+    assert_eq!(
+        big.report.mmu_update_entries,
+        small.report.mmu_update_entries
+    );
+    assert!(small.report.hypercalls > big.report.hypercalls);
+}
+
+#[test]
+fn pv_scaling_is_logarithmic_and_within_bounds() {
+    let mut rows = Vec::new();
+    for gib in [1u64, 4, 16, 64] {
+        let run = run_pv(gib << 18, 0x400, 2048).unwrap();
+        let r = &run.report;
+        assert_eq!(r.pages_mapped, gib << 18);
+        assert!(r.hypercalls <= 8 * gib, "{gib} GiB: {r:?}");
+        assert!(r.mmu_update_entries <= 1100 * gib, "{gib} GiB: {r:?}");
+        rows.push((
+            gib,
+            r.rounds,
+            r.tables_created,
+            r.hypercalls,
+            r.mmu_update_entries,
+        ));
+        if gib <= 4 {
+            check_pv(&run, 4099);
+        } else {
+            assert_eq!(run.model.borrow().check_integrity(), Ok(()));
+        }
+    }
+    std::println!("{rows:?}");
+    // 64x more memory costs at most two more rounds.
+    assert!(rows[3].1 <= rows[0].1 + 2, "{rows:?}");
+}
