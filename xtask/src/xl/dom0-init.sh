@@ -87,8 +87,9 @@ while guest_running; do
     fi
     sleep 0.1
 done
-# xenconsoled may still hold the last bytes the guest wrote before it died.
-sleep 0.3
+# The guest drains its ring before it shuts down and xenconsoled writes what
+# it reads at once; this covers a guest that died without draining.
+sleep 0.1
 copy_new
 echo
 # xl's monitor process (forked by `xl create`) logs why the domain ended.
