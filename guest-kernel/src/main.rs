@@ -14,6 +14,7 @@ mod boot;
 mod boot_tests;
 mod cmdline;
 mod console;
+mod directmap;
 mod frames;
 mod memmap;
 mod physmem;
@@ -79,6 +80,8 @@ pub struct Kernel {
     pub image: ImageLayout,
     /// The report being filled.
     pub report: Report,
+    /// The direct map, once pvmmu's bootstrap has built it.
+    pub direct_map: Option<directmap::DirectMap>,
 }
 
 impl Kernel {
@@ -95,6 +98,7 @@ impl Kernel {
             pvh_modules: [pvh::Module::default(); pvh::MAX_MODULES],
             image: boot::image_layout(),
             report: Report::new(platform),
+            direct_map: None,
         }
     }
 
@@ -231,13 +235,19 @@ fn pv_console(pv: &PvBoot) -> Console {
     if pv.is_dom0() {
         return Console::XenConsoleIo(console::XenConsoleIo);
     }
+    // The toolstack maps the ring inside Xen's start-of-day area; walk Xen's
+    // tables to check that its address really maps the ring's frame writable.
     let page = pv
         .mfn_to_pfn(pv.console_mfn)
-        .filter(|&pfn| pfn < pv.bootstrap_end_pfn())
-        .and_then(|pfn| NonNull::new(PvBoot::pfn_to_va(pfn) as *mut u8));
+        .map(PvBoot::pfn_to_va)
+        .filter(|&va| {
+            pv.translate_initial(va)
+                .is_some_and(|m| m.mfn == pv.console_mfn && m.writable())
+        })
+        .and_then(|va| NonNull::new(va as *mut u8));
     match page {
-        // SAFETY: the page is start_info's console page, mapped writable by
-        // the domain builder in the start-of-day area; we are PV.
+        // SAFETY: the walk above found start_info's console frame mapped
+        // writable at this address by Xen's start-of-day tables; we are PV.
         Some(page) => {
             Console::Ring(unsafe { console::ring::RingConsole::new(page, pv.console_evtchn) })
         }
@@ -330,6 +340,34 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         kernel.frames.ranges().len()
     );
 
+    match directmap::build(&mut kernel) {
+        Ok(dm) => {
+            let r = &dm.report;
+            log::info!(
+                "direct map at {:#x}: {} pages, {} tables in {} rounds, {} hypercalls, {} mmu_update entries, {} cycles; root {:?}",
+                directmap::DIRECT_MAP_BASE,
+                r.pages_mapped,
+                r.tables_created,
+                r.rounds,
+                r.hypercalls,
+                r.mmu_update_entries,
+                dm.cycles,
+                dm.root
+            );
+            for (i, c) in r.chunks[..r.rounds as usize].iter().enumerate() {
+                log::info!("  round {i}: pfns [{:#x}, {:#x})", c.start.0, c.end.0);
+            }
+            kernel.report.pages_mapped = r.pages_mapped;
+            kernel.report.tables_created = r.tables_created;
+            kernel.report.map_cycles = dm.cycles;
+            kernel.report.bootstrap_rounds = u64::from(r.rounds);
+            kernel.report.bootstrap_hypercalls = r.hypercalls;
+            kernel.report.bootstrap_entries = r.mmu_update_entries;
+            kernel.direct_map = Some(dm);
+        }
+        Err(e) => panic!("direct-map bootstrap failed: {e:?}"),
+    }
+
     let mut tally = Tally::default();
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
@@ -340,6 +378,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
+    if kernel.pv.is_some() {
+        use hypercall::MmuHypercalls;
+        // SAFETY: PV guest; `stats` issues no hypercall.
+        kernel.report.mmu_update_entries = unsafe { hypercall::Xen::new() }.stats().mmu_update_entries;
+    }
     report::print(&kernel.report);
     let verdict = if tally.failed == 0 && tally.passed > 0 {
         Verdict::Pass
