@@ -18,7 +18,9 @@ const RO: Flags = Flags::PRESENT.union(Flags::NO_EXECUTE);
 
 fn space(model: &Shared, cap: usize) -> AddressSpace<PvBackend, Pool> {
     let backend = pv_backend(model, cap);
-    AddressSpace::new(backend, Pool::new(4096, 64)).map_err(|e| e.0).expect("space")
+    AddressSpace::new(backend, Pool::new(4096, 64))
+        .map_err(|e| e.0)
+        .expect("space")
 }
 
 fn calls(n: usize, cap: usize) -> u64 {
@@ -34,7 +36,9 @@ fn map_and_unmap_in_a_live_l1_drain_every_entry() {
         s.map(VA, Pfn(0), 4096, RO).expect("first page").ignore();
         model.0.borrow_mut().reset_stats();
 
-        s.map(VA + 4096, Pfn(1), n as u64 * 4096, RO).expect("map").ignore();
+        s.map(VA + 4096, Pfn(1), n as u64 * 4096, RO)
+            .expect("map")
+            .ignore();
         let st = model.0.borrow().stats();
         assert_eq!(st.mmu_update_entries, n as u64, "map of {n}: entries");
         assert_eq!(st.hypercalls, calls(n, CAP), "map of {n}: hypercalls");
@@ -50,7 +54,10 @@ fn map_and_unmap_in_a_live_l1_drain_every_entry() {
         assert_eq!(st.mmu_update_entries, n as u64, "unmap of {n}: entries");
         assert_eq!(st.hypercalls, calls(n, CAP), "unmap of {n}: hypercalls");
         for k in 1..=n as u64 {
-            assert!(s.translate(VA + k * 4096).is_err(), "page {k} of {n} still mapped");
+            assert!(
+                s.translate(VA + k * 4096).is_err(),
+                "page {k} of {n} still mapped"
+            );
         }
         assert!(s.translate(VA).is_ok());
     }
@@ -59,7 +66,15 @@ fn map_and_unmap_in_a_live_l1_drain_every_entry() {
 #[test]
 fn raw_backend_writes_reach_memory_in_exact_batches() {
     for cap in [1, CAP, 512] {
-        for n in [0, 1, cap.saturating_sub(1), cap, cap + 1, 3 * cap, 3 * cap + 1] {
+        for n in [
+            0,
+            1,
+            cap.saturating_sub(1),
+            cap,
+            cap + 1,
+            3 * cap,
+            3 * cap + 1,
+        ] {
             if n > 512 {
                 continue;
             }
@@ -77,13 +92,18 @@ fn raw_backend_writes_reach_memory_in_exact_batches() {
             model.0.borrow_mut().reset_stats();
             let b = s.backend_mut();
             for i in 0..n {
-                let e = b.leaf_entry(Level::L1, Pfn(100 + i as u64), RO).expect("entry");
+                let e = b
+                    .leaf_entry(Level::L1, Pfn(100 + i as u64), RO)
+                    .expect("entry");
                 // Index 0 holds the first page: write entries from the top.
                 b.write(l1, 511 - i, e).expect("queue");
             }
             // Reads see the queued values before the drain.
             for i in 0..n {
-                assert_eq!(b.to_pfn(b.read(l1, 511 - i).mfn()), Some(Pfn(100 + i as u64)));
+                assert_eq!(
+                    b.to_pfn(b.read(l1, 511 - i).mfn()),
+                    Some(Pfn(100 + i as u64))
+                );
             }
             b.drain().expect("drain");
             let st = model.0.borrow().stats();
@@ -93,7 +113,11 @@ fn raw_backend_writes_reach_memory_in_exact_batches() {
             let l1_mfn = m.mfn_of(l1).expect("mfn");
             for i in 0..n {
                 let raw = m.read_entry(l1_mfn, 511 - i).expect("entry");
-                assert_eq!(Entry(raw).mfn(), m.mfn_of(Pfn(100 + i as u64)).expect("mfn"), "cap {cap} n {n} i {i}");
+                assert_eq!(
+                    Entry(raw).mfn(),
+                    m.mfn_of(Pfn(100 + i as u64)).expect("mfn"),
+                    "cap {cap} n {n} i {i}"
+                );
             }
             m.check_integrity().expect("integrity");
         }
@@ -113,7 +137,9 @@ fn fresh_tables_cost_one_hook_each_not_one_entry_per_page() {
     assert_eq!(st.hypercalls, 1);
     // A fourth L1 under the now-live L2: one hook again.
     model.0.borrow_mut().reset_stats();
-    s.map(VA + 1536 * 4096, Pfn(1536), 512 * 4096, RO).expect("map").ignore();
+    s.map(VA + 1536 * 4096, Pfn(1536), 512 * 4096, RO)
+        .expect("map")
+        .ignore();
     let st = model.0.borrow().stats();
     assert_eq!((st.mmu_update_entries, st.hypercalls), (1, 1));
     model.0.borrow().check_integrity().expect("integrity");

@@ -20,13 +20,18 @@ use pvmmu::{AddressSpace, Error, Granule, Pfn};
 const WINDOW_PAGES: u64 = 2048;
 /// Two 8 MiB windows: one straddling the L4 boundary at 512 GiB (so L1, L2
 /// and L3 boundaries too), one in the upper half straddling 1 GiB.
-const WINDOWS: [u64; 2] = [0x0000_0080_0000_0000 - 0x40_0000, 0xffff_c900_4000_0000 - 0x40_0000];
+const WINDOWS: [u64; 2] = [
+    0x0000_0080_0000_0000 - 0x40_0000,
+    0xffff_c900_4000_0000 - 0x40_0000,
+];
 const DATA_FRAMES: u64 = 8192;
 const TABLE_FRAMES: u64 = 1024;
 
 const FLAG_SETS: [Flags; 6] = [
     Flags::PRESENT.union(Flags::NO_EXECUTE),
-    Flags::PRESENT.union(Flags::WRITABLE).union(Flags::NO_EXECUTE),
+    Flags::PRESENT
+        .union(Flags::WRITABLE)
+        .union(Flags::NO_EXECUTE),
     Flags::PRESENT,
     Flags::PRESENT
         .union(Flags::WRITABLE)
@@ -39,15 +44,57 @@ const FLAG_SETS: [Flags; 6] = [
 
 #[derive(Debug, Clone)]
 enum Op {
-    Map { win: usize, page: u64, pages: u64, frame: u64, flags: usize },
-    MapLarge { win: usize, slot: u64, frame: u64, flags: usize },
-    MapStarved { win: usize, page: u64, pages: u64, frame: u64, flags: usize, allow: usize },
-    Unmap { win: usize, page: u64, pages: u64 },
-    UnmapAt { nth: usize, pages: u64 },
-    Protect { win: usize, page: u64, pages: u64, flags: usize },
-    ProtectAt { nth: usize, pages: u64, flags: usize },
-    Translate { win: usize, page: u64 },
-    LazyMapProtect { win: usize, page: u64, pages: u64, frame: u64 },
+    Map {
+        win: usize,
+        page: u64,
+        pages: u64,
+        frame: u64,
+        flags: usize,
+    },
+    MapLarge {
+        win: usize,
+        slot: u64,
+        frame: u64,
+        flags: usize,
+    },
+    MapStarved {
+        win: usize,
+        page: u64,
+        pages: u64,
+        frame: u64,
+        flags: usize,
+        allow: usize,
+    },
+    Unmap {
+        win: usize,
+        page: u64,
+        pages: u64,
+    },
+    UnmapAt {
+        nth: usize,
+        pages: u64,
+    },
+    Protect {
+        win: usize,
+        page: u64,
+        pages: u64,
+        flags: usize,
+    },
+    ProtectAt {
+        nth: usize,
+        pages: u64,
+        flags: usize,
+    },
+    Translate {
+        win: usize,
+        page: u64,
+    },
+    LazyMapProtect {
+        win: usize,
+        page: u64,
+        pages: u64,
+        frame: u64,
+    },
 }
 
 fn pages_strategy() -> impl Strategy<Value = u64> {
@@ -138,7 +185,11 @@ impl Harness for PvHarness {
         true
     }
     fn extra_checks(&self) -> Result<(), String> {
-        self.model.0.borrow().check_integrity().map_err(|v| format!("model integrity: {v:?}"))
+        self.model
+            .0
+            .borrow()
+            .check_integrity()
+            .map_err(|v| format!("model integrity: {v:?}"))
     }
     fn oracle_violations(&self) -> Vec<pvmmu::invariants::Violation> {
         let model = self.model.0.borrow();
@@ -172,7 +223,9 @@ impl Harness for PvAliasHarness {
     }
     fn extra_checks(&self) -> Result<(), String> {
         let model = self.model.0.borrow();
-        model.check_integrity().map_err(|v| format!("model integrity: {v:?}"))?;
+        model
+            .check_integrity()
+            .map_err(|v| format!("model integrity: {v:?}"))?;
         if model.current_root() != model.mfn_of(self.space.root()) {
             return Err("the space is not the current root".into());
         }
@@ -187,7 +240,10 @@ impl Harness for PvAliasHarness {
             let mfn = self.model.0.borrow().mfn_of(Pfn(pfn)).map_or(0, |m| m.0);
             let is_table = tables.0.contains_key(&mfn);
             if t.flags.contains(Flags::WRITABLE) == is_table {
-                return Err(format!("alias of {pfn:#x}: writable={} table={is_table}", !is_table));
+                return Err(format!(
+                    "alias of {pfn:#x}: writable={} table={is_table}",
+                    !is_table
+                ));
             }
         }
         Ok(())
@@ -207,28 +263,46 @@ impl Harness for PvAliasHarness {
 
 fn new_pv_aliased(batch: usize) -> PvAliasHarness {
     let model = Shared::new(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
-    let direct = DirectAliases { base: DIRECT_BASE, first: DATA_FRAMES, n: TABLE_FRAMES };
-    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None).with_batch_capacity(batch);
+    let direct = DirectAliases {
+        base: DIRECT_BASE,
+        first: DATA_FRAMES,
+        n: TABLE_FRAMES,
+    };
+    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None)
+        .with_batch_capacity(batch);
     // The direct map's own tables come from frames it does not map.
     let pool = Pool::new(DATA_FRAMES + TABLE_FRAMES, BOOT_FRAMES);
-    let mut space = AddressSpace::new(backend, pool).map_err(|e| e.0).expect("pv space");
+    let mut space = AddressSpace::new(backend, pool)
+        .map_err(|e| e.0)
+        .expect("pv space");
     let rw = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
     space
-        .map(DIRECT_BASE + DATA_FRAMES * 4096, Pfn(DATA_FRAMES), TABLE_FRAMES * 4096, rw)
+        .map(
+            DIRECT_BASE + DATA_FRAMES * 4096,
+            Pfn(DATA_FRAMES),
+            TABLE_FRAMES * 4096,
+            rw,
+        )
         .expect("direct map")
         .ignore();
     // SAFETY: nothing runs on these tables; the model just starts walking
     // them.
     unsafe { space.activate() }.expect("NEW_BASEPTR");
     space.allocator_mut().add_frames(DATA_FRAMES, TABLE_FRAMES);
-    PvAliasHarness { model, space, direct }
+    PvAliasHarness {
+        model,
+        space,
+        direct,
+    }
 }
 
 fn new_native() -> NativeHarness {
     let arena = Arena::new((DATA_FRAMES + TABLE_FRAMES) as usize);
     let backend = pvmmu::Native::new(arena).with_large_pages(pvmmu::backend::LargePages::Size1GiB);
     let pool = Pool::new(DATA_FRAMES, TABLE_FRAMES);
-    let space = AddressSpace::new(backend, pool).map_err(|e| e.0).expect("native space");
+    let space = AddressSpace::new(backend, pool)
+        .map_err(|e| e.0)
+        .expect("native space");
     NativeHarness { space }
 }
 
@@ -236,7 +310,9 @@ fn new_pv(batch: usize) -> PvHarness {
     let model = Shared::new(DATA_FRAMES + TABLE_FRAMES);
     let backend = pv_backend(&model, batch);
     let pool = Pool::new(DATA_FRAMES, TABLE_FRAMES);
-    let space = AddressSpace::new(backend, pool).map_err(|e| e.0).expect("pv space");
+    let space = AddressSpace::new(backend, pool)
+        .map_err(|e| e.0)
+        .expect("pv space");
     PvHarness { model, space }
 }
 
@@ -255,7 +331,14 @@ fn predict_map(r: &Reference, va: u64, pages: u64, flags: Flags, pv: bool) -> Op
 
 /// As `predict_map` for pages of `page_len` bytes: the walk reports the
 /// first page (of that size) whose entry is occupied.
-fn predict_map_sized(r: &Reference, va: u64, pages: u64, flags: Flags, pv: bool, page_len: u64) -> Option<Error> {
+fn predict_map_sized(
+    r: &Reference,
+    va: u64,
+    pages: u64,
+    flags: Flags,
+    pv: bool,
+    page_len: u64,
+) -> Option<Error> {
     if flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) {
         return Some(Error::WriteExecute);
     }
@@ -263,11 +346,19 @@ fn predict_map_sized(r: &Reference, va: u64, pages: u64, flags: Flags, pv: bool,
         return Some(Error::Flags(FlagError::Global));
     }
     let end = va + pages * 4096;
-    r.range(va..end).next().map(|(&p, _)| Error::AlreadyMapped { va: p - (p - va) % page_len })
+    r.range(va..end).next().map(|(&p, _)| Error::AlreadyMapped {
+        va: p - (p - va) % page_len,
+    })
 }
 
 /// The error the reference predicts for unmap / protect of the range.
-fn predict_change(r: &Reference, va: u64, pages: u64, flags: Option<Flags>, pv: bool) -> Option<Error> {
+fn predict_change(
+    r: &Reference,
+    va: u64,
+    pages: u64,
+    flags: Option<Flags>,
+    pv: bool,
+) -> Option<Error> {
     if let Some(f) = flags {
         if f.contains(Flags::WRITABLE) && !f.contains(Flags::NO_EXECUTE) {
             return Some(Error::WriteExecute);
@@ -276,7 +367,9 @@ fn predict_change(r: &Reference, va: u64, pages: u64, flags: Option<Flags>, pv: 
     let end = va + pages * 4096;
     let mut p = va;
     while p < end {
-        let Some(l) = r.get(&p) else { return Some(Error::NotMapped { va: p }) };
+        let Some(l) = r.get(&p) else {
+            return Some(Error::NotMapped { va: p });
+        };
         if l.page_start < va || l.page_start + l.page_len > end {
             return Some(Error::SplitsLargePage { va: l.page_start });
         }
@@ -288,17 +381,41 @@ fn predict_change(r: &Reference, va: u64, pages: u64, flags: Option<Flags>, pv: 
     None
 }
 
-fn apply_map(r: &mut Reference, va: u64, pfn: u64, pages: u64, flags: Flags, pv: bool, page_len: u64) {
-    let flags = if pv { flags - Flags::USER_ACCESSIBLE } else { flags };
+fn apply_map(
+    r: &mut Reference,
+    va: u64,
+    pfn: u64,
+    pages: u64,
+    flags: Flags,
+    pv: bool,
+    page_len: u64,
+) {
+    let flags = if pv {
+        flags - Flags::USER_ACCESSIBLE
+    } else {
+        flags
+    };
     for k in 0..pages {
         let v = va + k * 4096;
         let start = v - (k * 4096) % page_len;
-        r.insert(v, Leaf { pfn: pfn + k, flags, page_start: start, page_len });
+        r.insert(
+            v,
+            Leaf {
+                pfn: pfn + k,
+                flags,
+                page_start: start,
+                page_len,
+            },
+        );
     }
 }
 
 fn apply_protect(r: &mut Reference, va: u64, pages: u64, flags: Flags, pv: bool) {
-    let flags = if pv { flags - Flags::USER_ACCESSIBLE } else { flags };
+    let flags = if pv {
+        flags - Flags::USER_ACCESSIBLE
+    } else {
+        flags
+    };
     for (_, l) in r.range_mut(va..va + pages * 4096) {
         l.flags = flags;
     }
@@ -338,15 +455,23 @@ fn check<H: Harness>(h: &H, r: &Reference, step: usize) -> Result<(), TestCaseEr
             .iter()
             .filter(|(k, v)| r.get(k) != Some(v))
             .map(|(k, v)| format!("tree {k:#x}={v:?} ref={:?}", r.get(k)))
-            .chain(r.iter().filter(|(k, _)| !tree.contains_key(k)).map(|(k, v)| format!("missing {k:#x}={v:?}")))
+            .chain(
+                r.iter()
+                    .filter(|(k, _)| !tree.contains_key(k))
+                    .map(|(k, v)| format!("missing {k:#x}={v:?}")),
+            )
             .take(4)
             .collect::<Vec<_>>();
-        return Err(TestCaseError::fail(format!("step {step}: tree differs from reference: {diff:?}")));
+        return Err(TestCaseError::fail(format!(
+            "step {step}: tree differs from reference: {diff:?}"
+        )));
     }
     // Invariants.
     let v = h.oracle_violations();
     if !v.is_empty() {
-        return Err(TestCaseError::fail(format!("step {step}: invariant violations {v:?}")));
+        return Err(TestCaseError::fail(format!(
+            "step {step}: invariant violations {v:?}"
+        )));
     }
     // Frames: the pool's handed-out frames are exactly the tables.
     let tables = TableSet::of(space.backend(), space.root());
@@ -365,12 +490,20 @@ fn check<H: Harness>(h: &H, r: &Reference, step: usize) -> Result<(), TestCaseEr
         )));
     }
     if space.backend().pending() != 0 {
-        return Err(TestCaseError::fail(format!("step {step}: writes left queued")));
+        return Err(TestCaseError::fail(format!(
+            "step {step}: writes left queued"
+        )));
     }
-    h.extra_checks().map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))
+    h.extra_checks()
+        .map_err(|e| TestCaseError::fail(format!("step {step}: {e}")))
 }
 
-fn expect(step: usize, what: &str, got: Result<(), Error>, want: Option<Error>) -> Result<(), TestCaseError> {
+fn expect(
+    step: usize,
+    what: &str,
+    got: Result<(), Error>,
+    want: Option<Error>,
+) -> Result<(), TestCaseError> {
     let ok = match (&got, &want) {
         (Ok(()), None) => true,
         (Err(g), Some(w)) => g == w,
@@ -379,7 +512,9 @@ fn expect(step: usize, what: &str, got: Result<(), Error>, want: Option<Error>) 
     if ok {
         Ok(())
     } else {
-        Err(TestCaseError::fail(format!("step {step}: {what}: got {got:?}, want {want:?}")))
+        Err(TestCaseError::fail(format!(
+            "step {step}: {what}: got {got:?}, want {want:?}"
+        )))
     }
 }
 
@@ -388,39 +523,67 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
     let pv = h.pv();
     for (step, op) in ops.iter().enumerate() {
         match *op {
-            Op::Map { win, page, pages, frame, flags } => {
+            Op::Map {
+                win,
+                page,
+                pages,
+                frame,
+                flags,
+            } => {
                 let pages = clamp(page, pages);
                 let va = va_of(win, page);
                 let pfn = frame.min(DATA_FRAMES - pages);
                 let f = FLAG_SETS[flags];
                 let want = predict_map(&r, va, pages, f, pv);
-                let got = h.space_mut().map(va, Pfn(pfn), pages * 4096, f).map(|fl| fl.ignore());
+                let got = h
+                    .space_mut()
+                    .map(va, Pfn(pfn), pages * 4096, f)
+                    .map(|fl| fl.ignore());
                 expect(step, "map", got, want)?;
                 if want.is_none() {
                     apply_map(&mut r, va, pfn, pages, f, pv, 4096);
                 }
             }
-            Op::MapLarge { win, slot, frame, flags } => {
+            Op::MapLarge {
+                win,
+                slot,
+                frame,
+                flags,
+            } => {
                 let va = va_of(win, slot * 512);
                 let f = FLAG_SETS[flags];
                 let got = h
                     .space_mut()
                     .map_sized(va, Pfn(frame * 512), 2 << 20, f, Granule::Size2MiB, false)
                     .map(|fl| fl.ignore());
-                let want = if pv { Some(Error::LargePagesUnavailable) } else { predict_map_sized(&r, va, 512, f, pv, 2 << 20) };
+                let want = if pv {
+                    Some(Error::LargePagesUnavailable)
+                } else {
+                    predict_map_sized(&r, va, 512, f, pv, 2 << 20)
+                };
                 expect(step, "map 2M", got, want)?;
                 if want.is_none() {
                     apply_map(&mut r, va, frame * 512, 512, f, pv, 2 << 20);
                 }
             }
-            Op::MapStarved { win, page, pages, frame, flags, allow } => {
+            Op::MapStarved {
+                win,
+                page,
+                pages,
+                frame,
+                flags,
+                allow,
+            } => {
                 let pages = clamp(page, pages);
                 let va = va_of(win, page);
                 let pfn = frame.min(DATA_FRAMES - pages);
                 let f = FLAG_SETS[flags];
                 let want = predict_map(&r, va, pages, f, pv);
                 h.space_mut().allocator_mut().fail_after = Some(allow);
-                let got = h.space_mut().map(va, Pfn(pfn), pages * 4096, f).map(|fl| fl.ignore());
+                let got = h
+                    .space_mut()
+                    .map(va, Pfn(pfn), pages * 4096, f)
+                    .map(|fl| fl.ignore());
                 h.space_mut().allocator_mut().fail_after = None;
                 match got {
                     Err(Error::OutOfFrames) => {}
@@ -444,7 +607,9 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::UnmapAt { nth, pages } => {
-                let Some((va, n)) = mapped_run(&r, nth, pages) else { continue };
+                let Some((va, n)) = mapped_run(&r, nth, pages) else {
+                    continue;
+                };
                 let got = h.space_mut().unmap(va, n * 4096).map(|fl| fl.ignore());
                 expect(step, "unmap run", got, None)?;
                 let keys: Vec<u64> = r.range(va..va + n * 4096).map(|(k, _)| *k).collect();
@@ -452,22 +617,35 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                     r.remove(&k);
                 }
             }
-            Op::Protect { win, page, pages, flags } => {
+            Op::Protect {
+                win,
+                page,
+                pages,
+                flags,
+            } => {
                 let pages = clamp(page, pages);
                 let va = va_of(win, page);
                 let f = FLAG_SETS[flags];
                 let want = predict_change(&r, va, pages, Some(f), pv);
-                let got = h.space_mut().protect(va, pages * 4096, f, false).map(|fl| fl.ignore());
+                let got = h
+                    .space_mut()
+                    .protect(va, pages * 4096, f, false)
+                    .map(|fl| fl.ignore());
                 expect(step, "protect", got, want)?;
                 if want.is_none() {
                     apply_protect(&mut r, va, pages, f, pv);
                 }
             }
             Op::ProtectAt { nth, pages, flags } => {
-                let Some((va, n)) = mapped_run(&r, nth, pages) else { continue };
+                let Some((va, n)) = mapped_run(&r, nth, pages) else {
+                    continue;
+                };
                 let f = FLAG_SETS[flags];
                 let want = predict_change(&r, va, n, Some(f), pv);
-                let got = h.space_mut().protect(va, n * 4096, f, false).map(|fl| fl.ignore());
+                let got = h
+                    .space_mut()
+                    .protect(va, n * 4096, f, false)
+                    .map(|fl| fl.ignore());
                 expect(step, "protect run", got, want)?;
                 if want.is_none() {
                     apply_protect(&mut r, va, n, f, pv);
@@ -479,35 +657,52 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                 match (r.get(&(va & !0xfff)), got) {
                     (None, Err(Error::NotMapped { .. })) => {}
                     (Some(l), Ok(t))
-                        if t.pfn.0 == l.pfn && t.offset == 0x123 && t.flags - pvmmu::entry::HARDWARE_SET == l.flags => {}
+                        if t.pfn.0 == l.pfn
+                            && t.offset == 0x123
+                            && t.flags - pvmmu::entry::HARDWARE_SET == l.flags => {}
                     (want, got) => {
-                        return Err(TestCaseError::fail(format!("step {step}: translate {va:#x}: got {got:?}, want {want:?}")))
+                        return Err(TestCaseError::fail(format!(
+                            "step {step}: translate {va:#x}: got {got:?}, want {want:?}"
+                        )))
                     }
                 }
             }
-            Op::LazyMapProtect { win, page, pages, frame } => {
+            Op::LazyMapProtect {
+                win,
+                page,
+                pages,
+                frame,
+            } => {
                 let pages = clamp(page, pages);
                 let va = va_of(win, page);
                 let pfn = frame.min(DATA_FRAMES - pages);
                 let f = FLAG_SETS[1];
                 let want = predict_map(&r, va, pages, f, pv);
                 let mut batch = h.space_mut().lazy();
-                let got = batch.map(va, Pfn(pfn), pages * 4096, f).map(|fl| fl.ignore());
+                let got = batch
+                    .map(va, Pfn(pfn), pages * 4096, f)
+                    .map(|fl| fl.ignore());
                 expect(step, "lazy map", got, want)?;
                 if want.is_none() {
                     // Inside the batch: the queued entries are what reads see.
                     let last = va + (pages - 1) * 4096;
-                    let t = batch.translate(last).map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
+                    let t = batch
+                        .translate(last)
+                        .map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
                     prop_assert_eq!(t.pfn.0, pfn + pages - 1);
                     prop_assert!(t.flags.contains(Flags::WRITABLE));
                     batch
                         .protect(va, pages * 4096, FLAG_SETS[0], false)
                         .map(|fl| fl.ignore())
                         .map_err(|e| TestCaseError::fail(format!("lazy protect {e:?}")))?;
-                    let t = batch.translate(va).map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
+                    let t = batch
+                        .translate(va)
+                        .map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
                     prop_assert!(!t.flags.contains(Flags::WRITABLE));
                 }
-                batch.finish().map_err(|e| TestCaseError::fail(format!("lazy finish {e:?}")))?;
+                batch
+                    .finish()
+                    .map_err(|e| TestCaseError::fail(format!("lazy finish {e:?}")))?;
                 if want.is_none() {
                     apply_map(&mut r, va, pfn, pages, FLAG_SETS[0], pv, 4096);
                 }
@@ -527,7 +722,11 @@ fn run_seeds(name: &str, body: impl Fn(&[Op]) -> Result<(), TestCaseError>) -> u
     run_seeds_sized(name, CASES, body)
 }
 
-fn run_seeds_sized(name: &str, cases: u32, body: impl Fn(&[Op]) -> Result<(), TestCaseError>) -> u64 {
+fn run_seeds_sized(
+    name: &str,
+    cases: u32,
+    body: impl Fn(&[Op]) -> Result<(), TestCaseError>,
+) -> u64 {
     let random: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -537,8 +736,13 @@ fn run_seeds_sized(name: &str, cases: u32, body: impl Fn(&[Op]) -> Result<(), Te
     for seed in seeds {
         let mut bytes = [0u8; 32];
         bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let config = Config { cases, failure_persistence: None, ..Config::default() };
-        let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
         let strategy = proptest::collection::vec(op_strategy(), OPS_PER_CASE);
         let result = runner.run(&strategy, |ops| {
             OPS.fetch_add(ops.len() as u64, Ordering::Relaxed);

@@ -110,6 +110,24 @@ pub trait Backend {
     /// The entry mapping `pfn` as a leaf at `level` with `flags` (L2/L3: a
     /// large page; PS is added here).
     fn leaf_entry(&self, level: Level, pfn: Pfn, flags: Flags) -> Result<Entry, BackendError>;
+    /// Fills `out[k]` with the leaf entry for frame `first + k * step` at
+    /// `level` with `flags` (a run of pages in one table). The default asks
+    /// [`Backend::leaf_entry`] per page; backends may check once per run.
+    fn fill_leaves(
+        &self,
+        level: Level,
+        first: Pfn,
+        step: u64,
+        flags: Flags,
+        out: &mut [u64],
+    ) -> Result<(), BackendError> {
+        for (k, slot) in out.iter_mut().enumerate() {
+            *slot = self
+                .leaf_entry(level, Pfn(first.0 + k as u64 * step), flags)?
+                .0;
+        }
+        Ok(())
+    }
     /// The entry pointing at table frame `pfn`.
     fn table_entry(&self, pfn: Pfn) -> Result<Entry, BackendError>;
     /// The flags of a read-back entry as the guest asked for them.

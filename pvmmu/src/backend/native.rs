@@ -180,6 +180,34 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
         Ok(Entry::new(mfn, flags))
     }
 
+    fn fill_leaves(
+        &self,
+        level: Level,
+        first: Pfn,
+        step: u64,
+        flags: Flags,
+        out: &mut [u64],
+    ) -> Result<(), BackendError> {
+        let Some(n) = (out.len() as u64).checked_sub(1) else {
+            return Ok(());
+        };
+        // Checks the flags and both ends of the run once; frames in between
+        // are below the last one.
+        let template = self.leaf_entry(level, first, flags)?;
+        let last = n
+            .checked_mul(step)
+            .and_then(|d| first.0.checked_add(d))
+            .ok_or(BackendError::BadFrame(first))?;
+        self.leaf_entry(level, Pfn(last), flags)?;
+        let bits = template.0 & !crate::types::ENTRY_FRAME_MASK;
+        let mut addr = first.0 << 12;
+        for slot in out.iter_mut() {
+            *slot = addr | bits;
+            addr += step << 12;
+        }
+        Ok(())
+    }
+
     fn table_entry(&self, pfn: Pfn) -> Result<Entry, BackendError> {
         let mfn = self.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
         Ok(Entry::new(mfn, TABLE_FLAGS))
@@ -200,9 +228,13 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
 
     fn read_table(&self, table: Pfn, out: &mut [u64; ENTRIES]) {
         match self.mem.frame_ptr(table) {
-            // SAFETY: valid for reads per `PhysMem`; `out` is a distinct
-            // caller-owned buffer.
-            Some(p) => *out = unsafe { p.as_ptr().read_volatile() },
+            // SAFETY: valid for 4096-byte reads per `PhysMem`; `out` is a
+            // distinct caller-owned buffer. The CPU may set accessed/dirty
+            // bits meanwhile; the copy then holds either value of those bits,
+            // which every caller masks.
+            Some(p) => unsafe {
+                core::ptr::copy_nonoverlapping(p.as_ptr().cast::<u64>(), out.as_mut_ptr(), ENTRIES)
+            },
             None => *out = [0; ENTRIES],
         }
     }

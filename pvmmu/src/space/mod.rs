@@ -133,7 +133,7 @@ impl Flush {
 /// if a drain fails).
 const HOOK_LOG: usize = 64;
 /// Freed tables waiting for their unhooking writes and a TLB flush.
-const FREE_LOG: usize = 64;
+const FREE_LOG: usize = 1024;
 
 #[derive(Clone, Copy)]
 struct Hook {
@@ -600,6 +600,17 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     ) -> Result<(), Error> {
         let mut entries = [0u64; ENTRIES];
         self.backend.read_table(table, &mut entries);
+        if level == Level::L1 && matches!(uniform, Uniform::Skip) {
+            // Fast path of unmap's check: every entry present.
+            let first = level.index(start);
+            let run = &entries[first..=level.index(last)];
+            return match run.iter().position(|&raw| !Entry(raw).is_present()) {
+                Some(k) => Err(Error::NotMapped {
+                    va: start + k as u64 * PAGE_SIZE,
+                }),
+                None => Ok(()),
+            };
+        }
         for_each_entry(level, start, last, |i, s, l, whole| {
             let e = Entry(entries[i]);
             if !e.is_present() {
@@ -722,17 +733,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 .backend
                 .frame_ptr(table)
                 .ok_or(Error::BadFrame(table))?;
-            let words = frame.as_ptr().cast::<u64>();
-            for k in 0..n {
-                let e =
-                    self.backend
-                        .leaf_entry(level, Pfn(pfn_first + k as u64 * step), op.flags)?;
-                // SAFETY: `table` is private (allocated and zeroed in this
-                // call, not yet sealed), so plain stores are allowed; index
-                // `first + k` < 512 stays inside the frame.
-                unsafe { words.add(first + k).write(e.0) };
-                op.done = Some(start + (k as u64 + 1) * span - 1);
-            }
+            // SAFETY: `table` is private (allocated and zeroed in this call,
+            // not yet sealed), so nothing else reads or writes it and plain
+            // stores are allowed; `first + n <= 512` keeps the slice inside
+            // the frame.
+            let words = unsafe { &mut (&mut *frame.as_ptr())[first..first + n] };
+            self.backend
+                .fill_leaves(level, Pfn(pfn_first), step, op.flags, words)?;
+            op.done = Some(last);
             return Ok(());
         }
         let mut entries = [0u64; ENTRIES];
@@ -977,7 +985,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             if self.is_leaf(level, e) {
                 let new = self.backend.leaf_entry(level, child, flags)?;
                 let same = new.mfn() == e.mfn()
-                    && self.backend.normalize(new.flags()) == self.backend.normalize(e.flags() - HARDWARE_SET);
+                    && self.backend.normalize(new.flags())
+                        == self.backend.normalize(e.flags() - HARDWARE_SET);
                 if !same {
                     self.backend.write(table, i, new)?;
                 }

@@ -102,7 +102,10 @@ impl FrameAllocator for Pool {
         Some(Pfn(f))
     }
     fn free(&mut self, pfn: Pfn) {
-        assert!(self.out.remove(&pfn.0), "freed a frame not handed out: {pfn:?}");
+        assert!(
+            self.out.remove(&pfn.0),
+            "freed a frame not handed out: {pfn:?}"
+        );
         self.free.insert(pfn.0);
     }
 }
@@ -222,7 +225,8 @@ pub type PvAliasBackend = XenPv<Shared, Shared, Shared, DirectAliases>;
 pub type NativeBackend = Native<Arena>;
 
 pub fn pv_backend(model: &Shared, batch: usize) -> PvBackend {
-    XenPv::new(model.clone(), model.clone(), model.clone(), NoAliases, None).with_batch_capacity(batch)
+    XenPv::new(model.clone(), model.clone(), model.clone(), NoAliases, None)
+        .with_batch_capacity(batch)
 }
 
 /// One mapped 4 KiB page as the tests compare it.
@@ -266,7 +270,12 @@ pub fn leaves<B: Backend>(b: &B, root: Pfn) -> BTreeMap<u64, Leaf> {
                 for k in 0..n {
                     out.insert(
                         va + k * 4096,
-                        Leaf { pfn: pfn + k, flags, page_start: va, page_len: level.entry_span() },
+                        Leaf {
+                            pfn: pfn + k,
+                            flags,
+                            page_start: va,
+                            page_len: level.entry_span(),
+                        },
                     );
                 }
             } else if let Some(lower) = level.lower() {
