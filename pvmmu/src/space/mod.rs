@@ -312,7 +312,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if phys % granule.bytes() != 0 {
             return Err(Error::Misaligned);
         }
-        if pfn.0.checked_add(len / PAGE_SIZE).is_none() {
+        let frames_end = pfn.0.checked_add(len / PAGE_SIZE);
+        if frames_end.and_then(|e| e.checked_mul(PAGE_SIZE)).is_none() {
             return Err(Error::RangeOverflow);
         }
         if flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) && !allow_wx {

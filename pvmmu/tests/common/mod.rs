@@ -67,6 +67,9 @@ pub struct Pool {
     pub out: BTreeSet<u64>,
     pub fail_after: Option<usize>,
     pub allocations: u64,
+    /// Accept frees of frames this pool never handed out (tables that came
+    /// from a caller's x86_64 allocator).
+    pub adopt_foreign: bool,
 }
 
 impl Pool {
@@ -76,6 +79,7 @@ impl Pool {
             out: BTreeSet::new(),
             fail_after: None,
             allocations: 0,
+            adopt_foreign: false,
         }
     }
     pub fn in_use(&self) -> usize {
@@ -103,7 +107,7 @@ impl FrameAllocator for Pool {
     }
     fn free(&mut self, pfn: Pfn) {
         assert!(
-            self.out.remove(&pfn.0),
+            self.out.remove(&pfn.0) || self.adopt_foreign,
             "freed a frame not handed out: {pfn:?}"
         );
         self.free.insert(pfn.0);
