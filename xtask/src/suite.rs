@@ -27,6 +27,8 @@ pub enum Expect {
     Pass,
     /// The kernel's own `PVMMU-RESULT FAIL`.
     Fail,
+    /// A crash that Xen reports (the kernel cannot report it itself).
+    XenCrash,
 }
 
 impl Expect {
@@ -34,6 +36,7 @@ impl Expect {
         match self {
             Expect::Pass => "PASS",
             Expect::Fail => "FAIL",
+            Expect::XenCrash => "CRASH",
         }
     }
 }
@@ -84,29 +87,25 @@ const fn boot(
 /// Every boot `cargo xtask test` performs, in order. One line per boot: add
 /// memory sizes and command-line variants here.
 /// Columns: mode, guest MiB, kernel command line, expected result, extra check.
+#[rustfmt::skip]
 pub const BOOTS: &[Boot] = &[
-    boot(Mode::Native, 512, "", Expect::Pass, Check::Nothing),
+    //   mode          MiB  kernel command line   expected          extra check
+    boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing),
     // Check::NegativeSuite here once the kernel prints its NEGATIVE lines.
-    boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing),
+    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::Nothing),
     // The deliberate failure: proves the harness tells FAIL from PASS.
-    boot(
-        Mode::Native,
-        512,
-        FAIL_SELFTEST_KNOB,
-        Expect::Fail,
-        Check::Nothing,
-    ),
-    boot(
-        Mode::Xen,
-        512,
-        FAIL_SELFTEST_KNOB,
-        Expect::Fail,
-        Check::Nothing,
-    ),
+    boot(Mode::Native, 512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
+    boot(Mode::Xen,    512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
+    // A crash only Xen can report (a stack overflow: Xen cannot deliver the
+    // #PF and kills the domain): the harness catches what the kernel cannot print.
+    boot(Mode::Xen,    512, "pvmmu.crash=stack",  Expect::XenCrash, Check::Nothing),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`].
-pub const CI_BOOTS: &[Boot] = &[boot(Mode::Xl, 512, "", Expect::Pass, Check::Nothing)];
+#[rustfmt::skip]
+pub const CI_BOOTS: &[Boot] = &[
+    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::Nothing),
+];
 
 /// The host stages: a name and cargo's arguments.
 pub const HOST_STAGES: &[(&str, &[&str])] = &[
@@ -201,6 +200,13 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
         (Expect::Fail, Verdict::Pass(_)) => {
             Err("PASS although a self-test was made to fail".into())
         }
+        (Expect::XenCrash, Verdict::Fail(Failure::XenCrash { .. })) => Ok(()),
+        (Expect::XenCrash, Verdict::Fail(failure)) => {
+            Err(format!("expected Xen to report a crash, got: {failure}"))
+        }
+        (Expect::XenCrash, Verdict::Pass(_)) => {
+            Err("PASS although the kernel was made to crash".into())
+        }
     }
 }
 
@@ -269,7 +275,10 @@ fn boot_line(row: &Boot, outcome: &Result<Outcome, XtaskError>) -> Line {
             let detail = match (&judgement, outcome.verdict.report()) {
                 (Err(why), _) => format!("{why} (log: {})", outcome.log_path.display()),
                 (Ok(()), Some(report)) => report.summary(),
-                (Ok(()), None) => String::new(),
+                (Ok(()), None) => match &outcome.verdict {
+                    Verdict::Fail(failure) => failure.to_string(),
+                    Verdict::Pass(_) => String::new(),
+                },
             };
             Line {
                 name,
@@ -450,6 +459,9 @@ mod tests {
                 && b.expect == Expect::Fail
                 && b.options().kernel_cmdline().contains(FAIL_SELFTEST_KNOB)));
         }
+        assert!(BOOTS
+            .iter()
+            .any(|b| b.mode == Mode::Xen && b.expect == Expect::XenCrash));
         assert!(rows(true).iter().any(|b| b.mode == Mode::Xl));
         assert!(!rows(false).iter().any(|b| b.mode == Mode::Xl));
     }
@@ -496,6 +508,20 @@ mod tests {
             .unwrap_err()
             .contains("Xen crash"));
         assert!(judge(&fail_native, &Verdict::Pass(report("native", 0))).is_err());
+
+        let crash_xen = boot(
+            Mode::Xen,
+            512,
+            "pvmmu.crash=stack",
+            Expect::XenCrash,
+            Check::Nothing,
+        );
+        assert_eq!(judge(&crash_xen, &crash), Ok(()));
+        assert!(judge(&crash_xen, &orderly)
+            .unwrap_err()
+            .contains("expected Xen to report a crash"));
+        assert!(judge(&crash_xen, &timeout).is_err());
+        assert!(judge(&crash_xen, &Verdict::Pass(report("xen-pv", 0))).is_err());
     }
 
     #[test]
