@@ -230,3 +230,21 @@ fn walk<B: Backend>(
         }
     }
 }
+
+/// The Xen model answers with the page types and pins it keeps.
+#[cfg(any(test, feature = "model"))]
+impl Oracle for crate::model::XenModel {
+    fn table_level(&self, mfn: Mfn) -> Option<Level> {
+        use crate::model::PageType;
+        match self.page_type(mfn) {
+            PageType::L1 => Some(Level::L1),
+            PageType::L2 => Some(Level::L2),
+            PageType::L3 => Some(Level::L3),
+            PageType::L4 => Some(Level::L4),
+            PageType::None | PageType::Writable => None,
+        }
+    }
+    fn is_pinned(&self, mfn: Mfn) -> bool {
+        crate::model::XenModel::is_pinned(self, mfn)
+    }
+}

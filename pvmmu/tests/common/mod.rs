@@ -15,7 +15,7 @@ use pvmmu::backend::xen::MAX_ALIASES;
 use pvmmu::backend::{Alias, AliasMap, Backend, Kind, NoAliases, XenPv};
 use pvmmu::entry::{Entry, Flags, Level, HARDWARE_SET};
 use pvmmu::invariants::{self, Oracle, Rules, Violation};
-use pvmmu::model::{PageType, XenModel};
+use pvmmu::model::XenModel;
 use pvmmu::phys::FrameWords;
 use pvmmu::{FrameAllocator, FrameMap, Mfn, Native, Pfn, PhysMem};
 
@@ -163,21 +163,16 @@ impl FrameMap for Shared {
     }
 }
 
-/// The model's page types and pins as the invariant walker's oracle.
+/// The model's page types and pins as the invariant walker's oracle (the
+/// library implements `Oracle` for `XenModel`).
 pub struct ModelOracle<'a>(pub &'a XenModel);
 
 impl Oracle for ModelOracle<'_> {
     fn table_level(&self, mfn: Mfn) -> Option<Level> {
-        match self.0.page_type(mfn) {
-            PageType::L1 => Some(Level::L1),
-            PageType::L2 => Some(Level::L2),
-            PageType::L3 => Some(Level::L3),
-            PageType::L4 => Some(Level::L4),
-            _ => None,
-        }
+        Oracle::table_level(self.0, mfn)
     }
     fn is_pinned(&self, mfn: Mfn) -> bool {
-        self.0.is_pinned(mfn)
+        Oracle::is_pinned(self.0, mfn)
     }
 }
 
