@@ -15,6 +15,7 @@ mod boot_tests;
 mod cmdline;
 mod console;
 mod directmap;
+mod dm_tests;
 mod frames;
 mod memmap;
 mod physmem;
@@ -41,8 +42,13 @@ use selftest::{SelfTest, Tally};
 use shutdown::Verdict;
 use xen_pv::PvBoot;
 
-/// Every self-test suite, run in this order. Adding a suite is one line.
-const SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
+/// Self-test suites of the entry state, run before pvmmu replaces the boot
+/// page tables. Adding a suite is one line.
+const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
+
+/// Self-test suites run on the direct map pvmmu built. Adding a suite is one
+/// line.
+const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE];
 
 /// Most reservations remembered (for the self-tests).
 pub const MAX_RESERVATIONS: usize = 16;
@@ -265,6 +271,14 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         _ => Platform::Native,
     };
     platform::set(platform);
+    // Ring 0 honours read-only mappings only with CR0.WP set; the kernel's
+    // W^X (text read-only) depends on it.
+    // SAFETY: setting WP only makes more writes fault; nothing relies on
+    // writing through read-only mappings.
+    unsafe {
+        use x86_64::registers::control::{Cr0, Cr0Flags};
+        Cr0::update(|f| f.insert(Cr0Flags::WRITE_PROTECT));
+    }
     // SAFETY: PVH entry: natively (or as an HVM guest) COM1 is a 16550 or
     // absent; port I/O is allowed in ring 0.
     console::init(Console::Serial(unsafe { console::serial::Com1::init() }));
@@ -340,6 +354,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         kernel.frames.ranges().len()
     );
 
+    let mut tally = Tally::default();
+    for suite in BOOT_SUITES {
+        selftest::run_suite(&mut kernel, suite, &mut tally);
+    }
+
     match directmap::build(&mut kernel) {
         Ok(dm) => {
             let r = &dm.report;
@@ -368,7 +387,6 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         Err(e) => panic!("direct-map bootstrap failed: {e:?}"),
     }
 
-    let mut tally = Tally::default();
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }
@@ -381,7 +399,8 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     if kernel.pv.is_some() {
         use hypercall::MmuHypercalls;
         // SAFETY: PV guest; `stats` issues no hypercall.
-        kernel.report.mmu_update_entries = unsafe { hypercall::Xen::new() }.stats().mmu_update_entries;
+        kernel.report.mmu_update_entries =
+            unsafe { hypercall::Xen::new() }.stats().mmu_update_entries;
     }
     report::print(&kernel.report);
     let verdict = if tally.failed == 0 && tally.passed > 0 {

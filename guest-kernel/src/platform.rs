@@ -80,6 +80,11 @@ pub fn is_xen_pv() -> bool {
     get() == Some(Platform::XenPv)
 }
 
+/// Whether the CPU maps 1 GiB pages (CPUID 0x80000001 EDX bit 26).
+pub fn has_1g_pages() -> bool {
+    cpuid(0x8000_0000).eax >= 0x8000_0001 && cpuid(0x8000_0001).edx & (1 << 26) != 0
+}
+
 /// `cpuid(leaf, 0)`.
 pub fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)

@@ -25,6 +25,12 @@ pub struct Report {
     pub mmu_update_entries: u64,
     /// TSC cycles of the direct-map bootstrap.
     pub map_cycles: u64,
+    /// Rounds the direct-map bootstrap took.
+    pub bootstrap_rounds: u64,
+    /// Hypercalls the bootstrap issued (PV).
+    pub bootstrap_hypercalls: u64,
+    /// `mmu_update` entries the bootstrap issued (PV).
+    pub bootstrap_entries: u64,
     /// Self-tests passed.
     pub selftests_passed: u64,
     /// Self-tests failed.
@@ -46,6 +52,9 @@ impl Report {
             hypercalls: 0,
             mmu_update_entries: 0,
             map_cycles: 0,
+            bootstrap_rounds: 0,
+            bootstrap_hypercalls: 0,
+            bootstrap_entries: 0,
             selftests_passed: 0,
             selftests_failed: 0,
             xen_domain: None,
@@ -84,7 +93,8 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"mem_mib\":{},\"pages_mapped\":{},\"tables_created\":{},\"hypercalls\":{},\
-             \"mmu_update_entries\":{},\"map_cycles\":{},\"selftests_passed\":{},\
+             \"mmu_update_entries\":{},\"map_cycles\":{},\"bootstrap_rounds\":{},\
+             \"bootstrap_hypercalls\":{},\"bootstrap_entries\":{},\"selftests_passed\":{},\
              \"selftests_failed\":{}}}",
             self.mem_mib,
             self.pages_mapped,
@@ -92,6 +102,9 @@ impl fmt::Display for Report {
             self.hypercalls,
             self.mmu_update_entries,
             self.map_cycles,
+            self.bootstrap_rounds,
+            self.bootstrap_hypercalls,
+            self.bootstrap_entries,
             self.selftests_passed,
             self.selftests_failed
         )
