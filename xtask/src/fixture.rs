@@ -338,20 +338,10 @@ impl Layout {
     }
 }
 
-/// Makes sure the fixture for the current Debian packages is in `cache`,
-/// building it if any input changed, and returns where its parts are.
-pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
-    let layout = Layout::new(cache);
-    fs::create_dir_all(&layout.debs)
-        .map_err(io_err(format!("creating {}", layout.debs.display())))?;
-    // Two xtasks (say `run` and `test` in two terminals) must not build the
-    // same cache at once.
-    let _lock = CacheLock::acquire(&cache.join("lock"))?;
-
+/// The kernel package and every package file of the fixture, as apt
+/// resolves them now.
+fn resolve_inputs(cache: &Path) -> Result<(String, Vec<DebFile>), FixtureError> {
     let kernel_package = resolve_kernel_package()?;
-    let release = kernel_release(&kernel_package)
-        .unwrap_or_default()
-        .to_string();
     let mut packages: Vec<&str> = vec![kernel_package.as_str()];
     packages.extend_from_slice(DOM0_PACKAGES);
 
@@ -366,12 +356,58 @@ pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
         command: format!("apt-get {}", args.join(" ")),
         output: "did not name a file for every package".to_string(),
     })?;
-    let stamp = stamp_text(&debs);
+    Ok((kernel_package, debs))
+}
+
+/// The dom0 kernel release recorded in a stamp (its `linux-image-<release>_…`
+/// package file line).
+fn release_from_stamp(stamp: &str) -> Option<&str> {
+    stamp.lines().find_map(|line| {
+        let rest = line.strip_prefix("linux-image-")?;
+        rest.split('_')
+            .next()
+            .filter(|release| release.ends_with("-amd64"))
+    })
+}
+
+/// Makes sure the fixture for the current Debian packages is in `cache`,
+/// building it if any input changed, and returns where its parts are.
+pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
+    let layout = Layout::new(cache);
+    fs::create_dir_all(&layout.debs)
+        .map_err(io_err(format!("creating {}", layout.debs.display())))?;
+    // Two xtasks (say `run` and `test` in two terminals) must not build the
+    // same cache at once.
+    let _lock = CacheLock::acquire(&cache.join("lock"))?;
 
     let outputs_present = [&layout.vmlinux, &layout.base_cpio]
         .iter()
         .all(|path| path.is_file());
-    if outputs_present && fs::read_to_string(&layout.stamp).ok().as_deref() == Some(&stamp) {
+    let old_stamp = fs::read_to_string(&layout.stamp).ok();
+    let (kernel_package, debs) = match resolve_inputs(cache) {
+        Ok(inputs) => inputs,
+        // Offline, or apt's lists are gone: a complete cache still serves.
+        Err(error) => match old_stamp.as_deref().and_then(release_from_stamp) {
+            Some(release) if outputs_present => {
+                eprintln!(
+                    "xl fixture: cannot ask apt whether the packages changed ({error}); \
+                     using the cached dom0 {release}"
+                );
+                return Ok(Fixture {
+                    dom0_kernel: layout.vmlinux,
+                    base_cpio: layout.base_cpio,
+                    kernel_release: release.to_string(),
+                    built: false,
+                });
+            }
+            _ => return Err(error),
+        },
+    };
+    let release = kernel_release(&kernel_package)
+        .unwrap_or_default()
+        .to_string();
+    let stamp = stamp_text(&debs);
+    if outputs_present && old_stamp.as_deref() == Some(&stamp) {
         return Ok(Fixture {
             dom0_kernel: layout.vmlinux,
             base_cpio: layout.base_cpio,
@@ -826,6 +862,29 @@ mod tests {
         assert_ne!(stamp_text(one), stamp_text(&[other]));
         assert!(stamp_text(&[deb]).contains(&format!("{:016x}", fnv1a(DOM0_INIT.as_bytes()))));
         assert_ne!(fnv1a(b"a"), fnv1a(b"b"));
+    }
+
+    #[test]
+    fn release_is_read_back_from_the_stamp() {
+        let debs = [
+            DebFile {
+                package: "linux-image-6.1.0-56-amd64".into(),
+                file: "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb".into(),
+                size: 1,
+                checksum: "SHA256:aa".into(),
+            },
+            DebFile {
+                package: "libc6".into(),
+                file: "libc6_2.36-9_amd64.deb".into(),
+                size: 1,
+                checksum: "SHA256:bb".into(),
+            },
+        ];
+        assert_eq!(
+            release_from_stamp(&stamp_text(&debs)),
+            Some("6.1.0-56-amd64")
+        );
+        assert_eq!(release_from_stamp(&stamp_text(&debs[1..])), None);
     }
 
     #[test]

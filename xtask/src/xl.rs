@@ -91,8 +91,8 @@ fn xl_invocation(xl: &Path, root: bool) -> (String, Vec<String>) {
 }
 
 /// A `Command` running `xl args...` as [`xl_invocation`] says.
-fn xl_command(xl: &Path, args: &[&str]) -> Command {
-    let (program, mut leading) = xl_invocation(xl, host::is_root());
+fn xl_command(xl: &Path, root: bool, args: &[&str]) -> Command {
+    let (program, mut leading) = xl_invocation(xl, root);
     leading.extend(args.iter().map(|arg| arg.to_string()));
     let mut command = Command::new(program);
     command.args(leading);
@@ -296,6 +296,20 @@ fn concatenate(base: &Path, tail: &[u8], out: &Path) -> Result<(), XtaskError> {
 
 /// The real toolstack: `xl create -c` in the dom0 the xtask runs in.
 fn run_real(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError> {
+    let xl = xl_program().ok_or(XtaskError::MissingTool {
+        tool: "xl",
+        install: "apt-get install xen-utils-4.17 (inside a Xen dom0)".to_string(),
+    })?;
+    run_with_xl(ws, request, &xl, host::is_root())
+}
+
+/// `xl create -c` with the given `xl` binary (as root, or through sudo).
+fn run_with_xl(
+    ws: &Workspace,
+    request: &BootRequest,
+    xl: &Path,
+    root: bool,
+) -> Result<Outcome, XtaskError> {
     let name = format!("pvmmu-{}-{}", request.label, std::process::id());
     let kernel = fs::canonicalize(&request.kernel)
         .map_err(|e| XtaskError::io(format!("resolving {}", request.kernel.display()), e))?;
@@ -307,11 +321,7 @@ fn run_real(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError
     fs::write(&config_path, config)
         .map_err(|e| XtaskError::io(format!("writing {}", config_path.display()), e))?;
 
-    let xl = xl_program().ok_or(XtaskError::MissingTool {
-        tool: "xl",
-        install: "apt-get install xen-utils-4.17 (inside a Xen dom0)".to_string(),
-    })?;
-    let (program, mut args) = xl_invocation(&xl, host::is_root());
+    let (program, mut args) = xl_invocation(xl, root);
     args.extend([
         "create".to_string(),
         "-c".to_string(),
@@ -325,13 +335,13 @@ fn run_real(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError
     let outcome = harness::boot(&spec);
     // The harness ended the console client; the domain may still be there
     // (a timeout, or a guest still shutting down).
-    destroy_if_present(&xl, &name);
+    destroy_if_present(xl, root, &name);
     outcome
 }
 
 /// `xl destroy name` if a domain of that name exists.
-fn destroy_if_present(xl: &Path, name: &str) {
-    let exists = xl_command(xl, &["domid", name])
+fn destroy_if_present(xl: &Path, root: bool, name: &str) {
+    let exists = xl_command(xl, root, &["domid", name])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -339,7 +349,7 @@ fn destroy_if_present(xl: &Path, name: &str) {
         .unwrap_or(false);
     if exists {
         eprintln!("xtask: destroying leftover domain {name}");
-        if let Err(error) = host::run(&mut xl_command(xl, &["destroy", name])) {
+        if let Err(error) = host::run(&mut xl_command(xl, root, &["destroy", name])) {
             eprintln!("xtask: {error}");
         }
     }
@@ -492,6 +502,64 @@ mod tests {
             outcome.verdict,
             Verdict::Fail(Failure::QemuExited { .. })
         ));
+    }
+
+    /// The real-dom0 path against a stand-in `xl`: a script that logs its
+    /// arguments, prints a guest console for `create -c`, claims the domain
+    /// still exists for `domid`, and logs `destroy`.
+    #[test]
+    fn real_path_creates_reads_console_and_destroys_the_leftover() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = std::env::temp_dir().join(format!("xl-real-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let calls = dir.join("calls");
+        let kernel = dir.join("guest-kernel");
+        fs::write(&kernel, b"\x7fELF").unwrap();
+        let report = format!("{{\"platform\":\"xen-pv\",\"xen_domain\":\"domU\",{COUNTERS}}}");
+        let xl = dir.join("xl");
+        fs::write(
+            &xl,
+            format!(
+                "#!/bin/sh\n\
+                 echo \"$*\" >> {calls}\n\
+                 case \"$1\" in\n\
+                 create) cat \"$3\" >> {calls}; echo 'pvmmu guest kernel: Xen PV entry';\n\
+                 echo 'PVMMU-REPORT {report}'; echo 'PVMMU-RESULT PASS' ;;\n\
+                 esac\n",
+                calls = calls.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&xl, fs::Permissions::from_mode(0o755)).unwrap();
+
+        let ws = Workspace {
+            root: dir.clone(),
+            target_dir: dir.join("target"),
+        };
+        let request = BootRequest {
+            kernel: kernel.clone(),
+            options: options(128, "pvmmu.x", false),
+            echo: crate::harness::Echo::Markers,
+            label: "xl-128".into(),
+        };
+        let outcome = run_with_xl(&ws, &request, &xl, true).unwrap();
+        assert!(
+            matches!(outcome.verdict, Verdict::Pass(_)),
+            "{:?}",
+            outcome.verdict
+        );
+
+        let calls = fs::read_to_string(&calls).unwrap();
+        let name = format!("pvmmu-xl-128-{}", std::process::id());
+        let lines: Vec<&str> = calls.lines().collect();
+        assert!(lines[0].starts_with("create -c "), "{calls}");
+        assert!(lines[0].ends_with(&format!("{name}.cfg")));
+        assert!(calls.contains(&format!("kernel = \"{}\"", kernel.display())));
+        assert!(calls.contains("memory = 128"));
+        assert!(calls.contains("extra = \"pvmmu.x\""));
+        assert!(calls.contains(&format!("domid {name}\ndestroy {name}\n")));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
