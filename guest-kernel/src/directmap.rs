@@ -178,8 +178,19 @@ pub fn build(kernel: &mut Kernel) -> Result<DirectMap, DirectMapError> {
     let (data, image_end) = (pfn(img.data.start), pfn_up(img.image.end));
     let (region_start, region_end, first_chunk, boot_mem) = match &kernel.pv {
         Some(pv) => {
+            // The new tree maps Xen's start-of-day area at its old addresses
+            // only up to the end of what Xen placed there (start_info, p2m,
+            // rings, initial tables, boot stack): the free padding after it
+            // is reached through the direct map alone, so a table placed
+            // there has one alias to make read-only, not two.
             let end = pv.initial_mapping_end_pfn();
-            (0, end, PfnRange::new(0, end), BootMem::xen_start_of_day(pv))
+            let region_end = pv.bootstrap_end_pfn().min(end);
+            (
+                0,
+                region_end,
+                PfnRange::new(0, end),
+                BootMem::xen_start_of_day(pv),
+            )
         }
         None => {
             // The boot-mapped frames we take chunk 0's tables from: 4 MiB
@@ -229,6 +240,7 @@ pub fn build(kernel: &mut Kernel) -> Result<DirectMap, DirectMapError> {
         ram: mem.ram(),
         reserved: &reserved[..nres],
         first_chunk,
+        entry_alias_base: if kernel.pv.is_some() { KERNEL_VMA } else { 0 },
         direct_map_base: DIRECT_MAP_BASE,
         regions: &regions[..nreg],
         page_sizes,

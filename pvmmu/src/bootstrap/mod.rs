@@ -104,6 +104,11 @@ pub struct Layout<'a> {
     /// Frames the entry environment maps (through `boot_mem`): chunk 0's
     /// source of tables.
     pub first_chunk: PfnRange,
+    /// Where the entry environment's tree maps `first_chunk`: frame `p` at
+    /// `entry_alias_base + p * 4096` (PV: Xen's `VIRT_BASE`; unused natively,
+    /// where tables need not be read-only). Round 0 makes its new tables
+    /// read-only there before the new root is pinned.
+    pub entry_alias_base: u64,
     /// Virtual base of the direct map (pfn `p` at `base + p * 4096`).
     pub direct_map_base: u64,
     /// Other mappings of the new tree, disjoint in virtual address.
@@ -464,14 +469,20 @@ impl<'a, 's> Boot<'a, 's> {
         if !self.is_pv() {
             return Ok(());
         }
-        let live_root = if self.switched {
-            self.root()
-        } else {
-            match &self.pv {
+        if !self.switched {
+            // Round 0: the live tree is the entry tree, which maps the boot
+            // frames linearly; the new tree writes its own aliases RO.
+            let old = match &self.pv {
                 Some((_, _, old)) => *old,
                 None => return Ok(()),
+            };
+            if self.layout.first_chunk.contains(pfn) {
+                let va = self.layout.entry_alias_base + pfn.0 * PAGE_SIZE;
+                self.set_alias_rw(old, va, false)?;
             }
-        };
+            return Ok(());
+        }
+        let live_root = self.root();
         let dm = self.layout.direct_map_base + pfn.0 * PAGE_SIZE;
         self.set_alias_rw(live_root, dm, false)?;
         for i in 0..self.layout.regions.len() {
@@ -1018,6 +1029,8 @@ const fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
 }
 
+#[cfg(any(test, feature = "model"))]
+pub mod sim;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

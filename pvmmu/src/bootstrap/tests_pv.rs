@@ -1,6 +1,7 @@
 //! The PV bootstrap against the Xen model: Xen-style start-of-day tables,
 //! the real hypercall path, Xen's validation of every hook and pin.
 
+use super::sim::{run_pv, PvRun, Shared, DM, VIRT_BASE};
 use super::tests::translate;
 use super::*;
 use crate::backend::{NoAliases, XenPv};
@@ -9,73 +10,7 @@ use crate::invariants::{self, Oracle, Rules};
 use crate::model::{PageType, XenModel};
 use alloc::rc::Rc;
 use core::cell::RefCell;
-use core::ptr::NonNull;
-use hypercall::abi::mmuext_op;
-use hypercall::HypercallStats;
 use std::vec::Vec;
-
-const VIRT_BASE: u64 = 0xffff_ffff_8000_0000;
-const DM: u64 = 0xffff_8880_0000_0000;
-
-/// The model behind the bootstrap's three borrowed traits at once.
-#[derive(Clone)]
-struct Shared(Rc<RefCell<XenModel>>);
-
-impl MmuHypercalls for Shared {
-    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmu_update(reqs)
-    }
-    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmuext_op(ops)
-    }
-    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        self.0.borrow_mut().update_va_mapping(va, val, flags)
-    }
-    fn multicall(
-        &mut self,
-        calls: &[Call<'_>],
-        results: &mut [Result<u64, XenError>],
-    ) -> Result<(), XenError> {
-        self.0.borrow_mut().multicall(calls, results)
-    }
-    fn stats(&self) -> HypercallStats {
-        self.0.borrow().stats()
-    }
-}
-
-// SAFETY: forwards to the model, whose frame pointers are stable while it
-// lives; the Rc keeps it alive as long as any handle.
-unsafe impl PhysMem for Shared {
-    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        self.0.borrow().frame_ptr(pfn)
-    }
-}
-
-impl FrameMap for Shared {
-    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
-        self.0.borrow().to_mfn(pfn)
-    }
-    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
-        self.0.borrow().to_pfn(mfn)
-    }
-}
-
-/// The model's memory, reaching only `reach`.
-struct Reach {
-    model: Shared,
-    reach: PfnRange,
-}
-
-// SAFETY: as for `Shared`.
-unsafe impl PhysMem for Reach {
-    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        if self.reach.contains(pfn) {
-            self.model.frame_ptr(pfn)
-        } else {
-            None
-        }
-    }
-}
 
 struct ModelOracle<'a>(&'a XenModel);
 
@@ -92,83 +27,6 @@ impl Oracle for ModelOracle<'_> {
     fn is_pinned(&self, mfn: Mfn) -> bool {
         self.0.is_pinned(mfn)
     }
-}
-
-pub(crate) struct PvRun {
-    pub report: BootReport,
-    pub model: Rc<RefCell<XenModel>>,
-    pub image: u64,
-    pub old_tables: PfnRange,
-}
-
-/// Boots a PV guest of `nr_pages` with `image` frames of kernel, p2m and
-/// start_info (the last 256 of them free padding, as Xen leaves >= 512 KiB).
-pub(crate) fn run_pv(nr_pages: u64, image: u64, batch: usize) -> Result<PvRun, BootError> {
-    let mut model = XenModel::new_hardware_domain(nr_pages);
-    let sod = model.start_of_day(VIRT_BASE, image).expect("start of day");
-    let shared = Shared(Rc::new(RefCell::new(model)));
-    let mapped = sod.nr_mapped_pfns;
-    let ram = [PfnRange::new(0, nr_pages)];
-    let reserved = [PfnRange::new(0, image - 256)];
-    let regions = [
-        Region {
-            va: VIRT_BASE,
-            pfns: PfnRange::new(0, 0x100),
-            access: Access::Data,
-        },
-        Region {
-            va: VIRT_BASE + 0x100 * PAGE_SIZE,
-            pfns: PfnRange::new(0x100, 0x120),
-            access: Access::Text,
-        },
-        Region {
-            va: VIRT_BASE + 0x120 * PAGE_SIZE,
-            pfns: PfnRange::new(0x120, 0x130),
-            access: Access::ReadOnly,
-        },
-        Region {
-            va: VIRT_BASE + 0x130 * PAGE_SIZE,
-            pfns: PfnRange::new(0x130, mapped),
-            access: Access::Data,
-        },
-    ];
-    let layout = Layout {
-        ram: &ram,
-        reserved: &reserved,
-        first_chunk: PfnRange::new(0, mapped),
-        direct_map_base: DM,
-        regions: &regions,
-        page_sizes: PageSizes::Up1G,
-    };
-    let boot = Reach {
-        model: shared.clone(),
-        reach: PfnRange::new(0, mapped),
-    };
-    let direct = Reach {
-        model: shared.clone(),
-        reach: PfnRange::new(0, nr_pages),
-    };
-    let mut hyp = shared.clone();
-    let p2m = shared.clone();
-    let mut scratch = std::vec![mmu_update { ptr: 0, val: 0 }; batch];
-    let report = bootstrap(
-        &layout,
-        Platform::XenPv {
-            hyp: &mut hyp,
-            p2m: &p2m,
-            old_root: sod.pt_base_pfn,
-        },
-        &boot,
-        &direct,
-        &mut scratch,
-    )?;
-    let old_tables = PfnRange::new(sod.pt_base_pfn.0, sod.pt_base_pfn.0 + sod.nr_pt_frames);
-    Ok(PvRun {
-        report,
-        model: shared.0,
-        image,
-        old_tables,
-    })
 }
 
 fn check_pv(run: &PvRun, stride: u64) {
