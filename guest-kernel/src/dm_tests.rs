@@ -225,7 +225,7 @@ fn tables_read_only(kernel: &mut Kernel) -> TestResult {
             n += 1;
         }
     });
-    check_eq("tables in the live tree", seen, dm.report.tables_created)?;
+    check_eq("tables in the live tree", seen, dm.report.tables.frames())?;
     for &(pfn, level) in &tables[..n] {
         let base = DirectMem::va(pfn);
         let (va, value, expect) = if level == pvmmu::entry::Level::L1 {

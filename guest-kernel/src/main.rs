@@ -376,6 +376,16 @@ fn kernel_main(mut kernel: Kernel) -> ! {
             for (i, c) in r.chunks[..r.rounds as usize].iter().enumerate() {
                 log::info!("  round {i}: pfns [{:#x}, {:#x})", c.start.0, c.end.0);
             }
+            for t in r.tables.ranges() {
+                log::info!("  tables in pfns [{:#x}, {:#x})", t.start.0, t.end.0);
+            }
+            for f in r.freed.ranges() {
+                log::info!(
+                    "  retired initial tables freed: pfns [{:#x}, {:#x})",
+                    f.start.0,
+                    f.end.0
+                );
+            }
             kernel.report.pages_mapped = r.pages_mapped;
             kernel.report.tables_created = r.tables_created;
             kernel.report.map_cycles = dm.cycles;

@@ -192,6 +192,8 @@ pub struct BootReport {
     pub freed: RangeSet<MAX_TABLE_RANGES>,
     /// Page tables created.
     pub tables_created: u64,
+    /// Live L2s replaced by a fresh copy (PV; the old frame is free again).
+    pub tables_replaced: u64,
     /// Rounds taken (round 0 included).
     pub rounds: u32,
     /// Chunk of pfn space mapped by each round.
@@ -224,6 +226,8 @@ struct PathSlot {
     /// Virtual block covered (start address), level implied by the slot.
     block: u64,
     table: Table,
+    /// A live L2 this (fresh) table replaces once hooked.
+    replaces: Option<Pfn>,
 }
 
 /// A leaf mapping to create: `pages` frames from `pfn` at `va`.
@@ -308,6 +312,7 @@ impl<'a, 's> Boot<'a, 's> {
                 tables: RangeSet::new(),
                 freed: RangeSet::new(),
                 tables_created: 0,
+                tables_replaced: 0,
                 rounds: 0,
                 chunks: [PfnRange::default(); MAX_ROUNDS],
                 pages_mapped: 0,
@@ -464,6 +469,39 @@ impl<'a, 's> Boot<'a, 's> {
         self.write(parent, index, entry)
     }
 
+    /// A fresh table holding a copy of live table `live`'s entries.
+    fn copy_table(&mut self, live: Pfn) -> Result<Table, BootError> {
+        let copy = self.new_table()?;
+        if let Table::Fresh(new) = copy {
+            for i in 0..512 {
+                let e = self.read(live, i)?;
+                if e != 0 {
+                    self.store(new, i, e)?;
+                }
+            }
+            self.report.tables_replaced += 1;
+        }
+        Ok(copy)
+    }
+
+    /// Queued after the hook of its replacement: the old table is no longer
+    /// referenced, so Xen drops its type; make its aliases writable and stop
+    /// counting it as a table (the frame is free for the caller again).
+    fn retire_replaced(&mut self, old: Pfn) -> Result<(), BootError> {
+        let root = self.root();
+        let dm = self.layout.direct_map_base + old.0 * PAGE_SIZE;
+        self.set_alias_rw(root, dm, true)?;
+        for i in 0..self.layout.regions.len() {
+            let r = self.layout.regions[i];
+            if r.pfns.contains(old) && r.access == Access::Data {
+                let va = r.va + (old.0 - r.pfns.start.0) * PAGE_SIZE;
+                self.set_alias_rw(root, va, true)?;
+            }
+        }
+        self.report.tables.remove(PfnRange::new(old.0, old.0 + 1))?;
+        Ok(())
+    }
+
     /// Queues RO flips of every live mapping of `pfn` (PV only).
     fn protect_aliases(&mut self, pfn: Pfn) -> Result<(), BootError> {
         if !self.is_pv() {
@@ -535,6 +573,9 @@ impl<'a, 's> Boot<'a, 's> {
                 };
                 let pi = index(slot.block, l + 1);
                 self.complete(slot.table, parent, pi)?;
+                if let (Some(old), false) = (slot.replaces, self.dry) {
+                    self.retire_replaced(old)?;
+                }
             }
         }
         Ok(())
@@ -556,6 +597,7 @@ impl<'a, 's> Boot<'a, 's> {
             self.table_at(level + 1, va)?
         };
         let pi = index(va, level + 1);
+        let mut replaces = None;
         let child = match parent {
             Table::Dry => self.new_table()?,
             Table::Live(p) | Table::Fresh(p) => {
@@ -569,6 +611,12 @@ impl<'a, 's> Boot<'a, 's> {
                         // Hooked earlier this round (cannot happen with
                         // monotonic traversal, but keep it correct).
                         Table::Fresh(child)
+                    } else if level == 2 && self.is_pv() {
+                        // A live L2 about to receive this round's L1s:
+                        // replace it by a fresh copy hooked with one entry,
+                        // instead of one mmu_update per new L1.
+                        replaces = Some(child);
+                        self.copy_table(child)?
                     } else {
                         Table::Live(child)
                     }
@@ -580,6 +628,7 @@ impl<'a, 's> Boot<'a, 's> {
         self.path[level] = Some(PathSlot {
             block,
             table: child,
+            replaces,
         });
         Ok(child)
     }

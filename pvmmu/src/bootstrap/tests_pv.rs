@@ -40,7 +40,8 @@ fn check_pv(run: &PvRun, stride: u64) {
     assert_eq!(model.check_integrity(), Ok(()));
     assert_eq!(r.pages_mapped, nr);
     // Tables: exactly the frames Xen has typed, none reserved.
-    assert_eq!(model.live_tables() as u64, r.tables_created);
+    assert_eq!(model.live_tables() as u64, r.tables.frames());
+    assert_eq!(r.tables.frames(), r.tables_created - r.tables_replaced);
     for t in r.tables.ranges() {
         for p in t.start.0..t.end.0 {
             assert_ne!(
