@@ -1,7 +1,7 @@
 //! The invariant walker: walks a tree and reports every rule it breaks.
 //!
-//! Invariant: the walker only reads (through [`Backend::read_table`], so
-//! queued writes count) and reports each violation once per offending entry,
+//! Invariant: the walker only reads (through [`Backend::read`], so queued
+//! writes count) and reports each violation once per offending entry,
 //! through a callback (no allocation). Rules:
 //! * no leaf maps a page-table frame writable (needs an [`Oracle`] that knows
 //!   which frames are tables: Xen's page types, or a set the caller built
@@ -15,8 +15,8 @@
 //! * PV: no PSE, PWT or PCD in any entry (GLOBAL may be Xen's own doing).
 
 use crate::backend::{Backend, Kind};
-use crate::entry::{Entry, Flags, Level};
-use crate::types::{Mfn, Pfn, ENTRIES};
+use crate::entry::{Flags, Level};
+use crate::types::{Mfn, Pfn};
 
 /// What the hypervisor (or a model of it, or the caller) knows about frames.
 pub trait Oracle {
@@ -115,20 +115,18 @@ pub fn for_each_table<B: Backend>(backend: &B, root: Pfn, f: &mut dyn FnMut(Pfn,
     fn walk<B: Backend>(b: &B, table: Pfn, level: Level, f: &mut dyn FnMut(Pfn, Level)) {
         f(table, level);
         let Some(lower) = level.lower() else { return };
-        let mut entries = [0u64; ENTRIES];
-        b.read_table(table, &mut entries);
-        for (i, raw) in entries.iter().enumerate() {
-            let e = Entry(*raw);
+        // Entry by entry (no 4 KiB buffer per level on a kernel stack).
+        b.scan_table(table, &mut |i, e| {
             if level == Level::L4 && b.kind() == Kind::XenPv && XEN_SLOTS.contains(&i) {
-                continue;
+                return;
             }
             if !e.is_present() || e.is_huge() {
-                continue;
+                return;
             }
             if let Some(child) = b.to_pfn(e.mfn()) {
                 walk(b, child, lower, f);
             }
-        }
+        });
     }
     walk(backend, root, Level::L4, f);
 }
@@ -174,23 +172,22 @@ fn walk<B: Backend>(
             }
         }
     }
-    let mut entries = [0u64; ENTRIES];
-    b.read_table(table, &mut entries);
     let hole = b.reserved();
-    for (i, raw) in entries.iter().enumerate() {
-        let e = Entry(*raw);
+    // Entry by entry (no 4 KiB buffer per level on a kernel stack).
+    b.scan_table(table, &mut |i, e| {
+        let raw = &e.0;
         if !e.is_present() {
-            continue;
+            return;
         }
         if rules.pv && level == Level::L4 && XEN_SLOTS.contains(&i) {
-            continue;
+            return;
         }
         let va = sign_extend(base | ((i as u64) << level.shift()));
         if rules.pv {
             if let Some((start, end)) = hole {
                 if va >= start && va < end {
                     emit(Violation::InXenHole { va });
-                    continue;
+                    return;
                 }
             }
             // GLOBAL is not checked: Xen sets it itself on user pages of a
@@ -210,7 +207,7 @@ fn walk<B: Backend>(
                 level,
                 mfn: e.mfn(),
             });
-            continue;
+            return;
         };
         let leaf = level == Level::L1 || (e.is_huge() && !rules.pv);
         if leaf {
@@ -228,7 +225,7 @@ fn walk<B: Backend>(
         } else if let Some(lower) = level.lower() {
             walk(b, child, lower, va, rules, oracle, emit);
         }
-    }
+    });
 }
 
 /// The Xen model answers with the page types and pins it keeps.

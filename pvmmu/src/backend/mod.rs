@@ -137,6 +137,14 @@ pub trait Backend {
     fn read(&self, table: Pfn, index: usize) -> Entry;
     /// All entries of `table`, including queued writes.
     fn read_table(&self, table: Pfn, out: &mut [u64; ENTRIES]);
+    /// Calls `f(index, entry)` for every entry of `table`, including queued
+    /// writes, without a 4 KiB buffer (the default reads entry by entry;
+    /// backends resolve the frame once).
+    fn scan_table(&self, table: Pfn, f: &mut dyn FnMut(usize, Entry)) {
+        for i in 0..ENTRIES {
+            f(i, self.read(table, i));
+        }
+    }
     /// Queues a write of entry `index` of live table `table` (draining first
     /// when the queue is full).
     fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError>;

@@ -239,6 +239,17 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
         }
     }
 
+    fn scan_table(&self, table: Pfn, f: &mut dyn FnMut(usize, Entry)) {
+        let Some(p) = self.mem.frame_ptr(table) else {
+            return;
+        };
+        let words = p.as_ptr().cast::<u64>();
+        for i in 0..ENTRIES {
+            // SAFETY: valid for 4096-byte reads per `PhysMem`; i < 512.
+            f(i, Entry(unsafe { words.add(i).read_volatile() }));
+        }
+    }
+
     fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError> {
         let p = self
             .entry_ptr(table, index)

@@ -343,6 +343,22 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
         }
     }
 
+    fn scan_table(&self, table: Pfn, f: &mut dyn FnMut(usize, Entry)) {
+        let Some(p) = self.mem.frame_ptr(table) else {
+            return;
+        };
+        let words = p.as_ptr().cast::<u64>();
+        let queued_base = self
+            .table_maddr(table)
+            .filter(|&m| self.len != 0 && self.filter & filter_bit(m) != 0);
+        for i in 0..ENTRIES {
+            let queued = queued_base.and_then(|m| self.queued(m + i as u64 * 8));
+            // SAFETY: valid for 4096-byte reads per `PhysMem`; i < 512.
+            let val = queued.unwrap_or_else(|| unsafe { words.add(i).read_volatile() });
+            f(i, Entry(val));
+        }
+    }
+
     fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError> {
         let base = self.mfn_of(table)? << 12;
         // PV rule: a hole is written as all-zero.

@@ -599,12 +599,31 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         flags: Flags,
         uniform: &mut Uniform,
     ) -> Result<(), Error> {
+        if level == Level::L1 {
+            return self.check_l1(table, start, last, flags, uniform);
+        }
+        self.check_entries(level, start, last, flags, uniform, &|i| {
+            self.backend.read(table, i)
+        })
+    }
+
+    /// The L1 step of the check: one snapshot of the table (kept out of the
+    /// upper levels' stack frames).
+    #[inline(never)]
+    fn check_l1(
+        &self,
+        table: Pfn,
+        start: u64,
+        last: u64,
+        flags: Flags,
+        uniform: &mut Uniform,
+    ) -> Result<(), Error> {
         let mut entries = [0u64; ENTRIES];
         self.backend.read_table(table, &mut entries);
-        if level == Level::L1 && matches!(uniform, Uniform::Skip) {
+        if matches!(uniform, Uniform::Skip) {
             // Fast path of unmap's check: every entry present.
-            let first = level.index(start);
-            let run = &entries[first..=level.index(last)];
+            let first = Level::L1.index(start);
+            let run = &entries[first..=Level::L1.index(last)];
             return match run.iter().position(|&raw| !Entry(raw).is_present()) {
                 Some(k) => Err(Error::NotMapped {
                     va: start + k as u64 * PAGE_SIZE,
@@ -612,8 +631,22 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 None => Ok(()),
             };
         }
+        self.check_entries(Level::L1, start, last, flags, uniform, &|i| {
+            Entry(entries[i])
+        })
+    }
+
+    fn check_entries(
+        &self,
+        level: Level,
+        start: u64,
+        last: u64,
+        flags: Flags,
+        uniform: &mut Uniform,
+        read: &dyn Fn(usize) -> Entry,
+    ) -> Result<(), Error> {
         for_each_entry(level, start, last, |i, s, l, whole| {
-            let e = Entry(entries[i]);
+            let e = read(i);
             if !e.is_present() {
                 return Err(Error::NotMapped { va: s });
             }
@@ -744,6 +777,23 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             op.done = Some(last);
             return Ok(());
         }
+        self.map_live_leaves(table, level, first, n, start, pfn_first, step, op)
+    }
+
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn map_live_leaves(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        first: usize,
+        n: usize,
+        start: u64,
+        pfn_first: u64,
+        step: u64,
+        op: &mut MapOp,
+    ) -> Result<(), Error> {
+        let span = level.entry_span();
         let mut entries = [0u64; ENTRIES];
         self.backend.read_table(table, &mut entries);
         for k in 0..n {
@@ -805,10 +855,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// Frees an unreachable subtree this call built (children first).
     fn discard(&mut self, table: Pfn, level: Level) {
         if let Some(lower) = level.lower() {
-            let mut entries = [0u64; ENTRIES];
-            self.backend.read_table(table, &mut entries);
-            for raw in entries {
-                let e = Entry(raw);
+            for i in 0..ENTRIES {
+                let e = self.backend.read(table, i);
                 if e.is_present() && !self.is_leaf(level, e) {
                     if let Ok(child) = self.child_of(e) {
                         self.discard(child, lower);
@@ -876,6 +924,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         start: u64,
         last: u64,
     ) -> Result<bool, Error> {
+        if level == Level::L1 {
+            return self.unmap_l1(table, start, last);
+        }
         let span = level.entry_span();
         let base = start & !(span * ENTRIES as u64 - 1);
         let reserved = self.backend.reserved();
@@ -916,8 +967,24 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if start == base && last == base | (span * ENTRIES as u64 - 1) {
             return Ok(true);
         }
+        let mut empty = true;
+        self.backend
+            .scan_table(table, &mut |_, e| empty &= e.is_empty());
+        Ok(empty)
+    }
+
+    /// The L1 step of unmap: one snapshot, leaves cleared in one pass.
+    #[inline(never)]
+    fn unmap_l1(&mut self, table: Pfn, start: u64, last: u64) -> Result<bool, Error> {
         let mut entries = [0u64; ENTRIES];
         self.backend.read_table(table, &mut entries);
+        let (first, end) = (Level::L1.index(start), Level::L1.index(last));
+        for (i, raw) in entries.iter_mut().enumerate().take(end + 1).skip(first) {
+            if Entry(*raw).is_present() {
+                self.backend.write(table, i, Entry::EMPTY)?;
+            }
+            *raw = 0;
+        }
         Ok(entries.iter().all(|&raw| raw == 0))
     }
 
@@ -925,10 +992,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// and records its frames for freeing.
     fn release_subtree(&mut self, table: Pfn, level: Level) -> Result<(), Error> {
         if let Some(lower) = level.lower() {
-            let mut entries = [0u64; ENTRIES];
-            self.backend.read_table(table, &mut entries);
-            for raw in entries {
-                let e = Entry(raw);
+            for i in 0..ENTRIES {
+                let e = self.backend.read(table, i);
                 if e.is_present() && !self.is_leaf(level, e) {
                     if let Ok(child) = self.child_of(e) {
                         self.release_subtree(child, lower)?;
@@ -972,6 +1037,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         last: u64,
         flags: Flags,
     ) -> Result<(), Error> {
+        if level == Level::L1 {
+            return self.protect_l1(table, start, last, flags);
+        }
         let span = level.entry_span();
         let base = start & !(span * ENTRIES as u64 - 1);
         for i in level.index(start)..=level.index(last) {
@@ -984,16 +1052,45 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             }
             let child = self.child_of(e)?;
             if self.is_leaf(level, e) {
-                let new = self.backend.leaf_entry(level, child, flags)?;
-                let same = new.mfn() == e.mfn()
-                    && self.backend.normalize(new.flags())
-                        == self.backend.normalize(e.flags() - HARDWARE_SET);
-                if !same {
-                    self.backend.write(table, i, new)?;
-                }
+                self.protect_leaf(table, level, i, e, child, flags)?;
             } else if let Some(lower) = level.lower() {
                 self.protect_table(child, lower, s, l, flags)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The L1 step of protect: one snapshot of the table.
+    #[inline(never)]
+    fn protect_l1(&mut self, table: Pfn, start: u64, last: u64, flags: Flags) -> Result<(), Error> {
+        let mut entries = [0u64; ENTRIES];
+        self.backend.read_table(table, &mut entries);
+        let (first, end) = (Level::L1.index(start), Level::L1.index(last));
+        for (i, raw) in entries.iter().enumerate().take(end + 1).skip(first) {
+            let e = Entry(*raw);
+            if e.is_present() {
+                let frame = self.child_of(e)?;
+                self.protect_leaf(table, Level::L1, i, e, frame, flags)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn protect_leaf(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        i: usize,
+        e: Entry,
+        frame: Pfn,
+        flags: Flags,
+    ) -> Result<(), Error> {
+        let new = self.backend.leaf_entry(level, frame, flags)?;
+        let same = new.mfn() == e.mfn()
+            && self.backend.normalize(new.flags())
+                == self.backend.normalize(e.flags() - HARDWARE_SET);
+        if !same {
+            self.backend.write(table, i, new)?;
         }
         Ok(())
     }
