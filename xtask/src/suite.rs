@@ -93,6 +93,15 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing),
     // Check::NegativeSuite here once the kernel prints its NEGATIVE lines.
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::Nothing),
+    // Issue 4: the direct-map bootstrap at several sizes (every page mapped
+    // and touched; under PV within 8 hypercalls and 1,100 entries per GiB).
+    boot(Mode::Xen,    256, "",                   Expect::Pass,     Check::Nothing),
+    boot(Mode::Xen,   1024, "",                   Expect::Pass,     Check::Nothing),
+    boot(Mode::Xen,   2048, "",                   Expect::Pass,     Check::Nothing),
+    // 3 GiB: QEMU puts 1 GiB of it above 4 GiB, past the PCI hole.
+    boot(Mode::Native, 3072, "",                  Expect::Pass,     Check::Nothing),
+    // 4 KiB pages only natively, table for table comparable with PV.
+    boot(Mode::Native, 512, "pvmmu.4k",           Expect::Pass,     Check::Nothing),
     // The deliberate failure: proves the harness tells FAIL from PASS.
     boot(Mode::Native, 512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
     boot(Mode::Xen,    512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
