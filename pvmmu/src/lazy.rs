@@ -11,8 +11,10 @@
 use core::ops::{Deref, DerefMut};
 
 use crate::backend::Backend;
+use crate::entry::{Flags, Level};
 use crate::phys::FrameAllocator;
-use crate::space::{AddressSpace, Error};
+use crate::space::{AddressSpace, Error, Flush, Translation};
+use crate::types::Pfn;
 
 /// An open lazy batch on an address space (derefs to it).
 pub struct LazyBatch<'a, B: Backend, A: FrameAllocator> {
@@ -29,6 +31,67 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             space: self,
             finished: false,
         }
+    }
+}
+
+impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
+    /// Runs `f(va, translation)` on every mapped page of `[va, va + len)`
+    /// (a large page once, at its start, and only when covered whole) and
+    /// gives the page the flags `f` returns (`None`: unchanged), all in one
+    /// batch. Holes are skipped. `f` is called twice per page — once to
+    /// check every new entry (nothing is written if one is refused: W+X
+    /// without `allow_wx`, flags the backend refuses), once to write — so it
+    /// must depend only on its arguments.
+    pub fn apply_to_range(
+        &mut self,
+        va: u64,
+        len: u64,
+        allow_wx: bool,
+        f: impl Fn(u64, Translation) -> Option<Flags>,
+    ) -> Result<Flush, Error> {
+        let Some(last) = self.checked_range(va, len)? else {
+            return Ok(Flush::none());
+        };
+        let root = self.root();
+        // Pass 1: every new entry is acceptable.
+        self.visit_leaves(
+            root,
+            Level::L4,
+            va,
+            last,
+            &mut |space, _t, level, _i, at, e| {
+                let t = space.leaf_translation(level, e)?;
+                if let Some(flags) = f(at, t) {
+                    if flags.contains(Flags::WRITABLE)
+                        && !flags.contains(Flags::NO_EXECUTE)
+                        && !allow_wx
+                    {
+                        return Err(Error::WriteExecute);
+                    }
+                    space.backend().leaf_entry(level, Pfn(t.pfn.0), flags)?;
+                }
+                Ok(())
+            },
+        )?;
+        // Pass 2: write, in one batch.
+        self.enter_lazy();
+        let written = self.visit_leaves(
+            root,
+            Level::L4,
+            va,
+            last,
+            &mut |space, table, level, i, at, e| {
+                let t = space.leaf_translation(level, e)?;
+                match f(at, t) {
+                    Some(flags) => space.rewrite_leaf(table, level, i, e, flags),
+                    None => Ok(()),
+                }
+            },
+        );
+        let left = self.leave_lazy();
+        written.and(left)?;
+        self.finish_call()?;
+        Ok(Flush::range_of(va, len))
     }
 }
 

@@ -95,6 +95,9 @@ impl Flush {
     pub const fn none() -> Self {
         Self { start: 0, pages: 0 }
     }
+    pub(crate) fn range_of(start: u64, bytes: u64) -> Self {
+        Self::range(start, bytes)
+    }
     fn range(start: u64, bytes: u64) -> Self {
         Self {
             start,
@@ -1095,6 +1098,74 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(())
     }
 
+    // ---- per-leaf visits (lazy::apply_to_range) ------------------------------
+
+    /// Calls `visit(space, table, level, index, va, entry)` for every present
+    /// leaf of `[start, last]` (a large page must be covered whole).
+    pub(crate) fn visit_leaves(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+        visit: &mut LeafVisit<'_, Self>,
+    ) -> Result<(), Error> {
+        let span = level.entry_span();
+        let base = start & !(span * ENTRIES as u64 - 1);
+        for i in level.index(start)..=level.index(last) {
+            let e_base = base | (i as u64 * span);
+            let s = start.max(e_base);
+            let l = last.min(e_base | (span - 1));
+            let e = self.backend.read(table, i);
+            if !e.is_present() {
+                continue;
+            }
+            if self.is_leaf(level, e) {
+                if s != e_base || l != e_base | (span - 1) {
+                    return Err(Error::SplitsLargePage { va: e_base });
+                }
+                visit(self, table, level, i, e_base, e)?;
+            } else if let (Ok(child), Some(lower)) = (self.child_of(e), level.lower()) {
+                self.visit_leaves(child, lower, s, l, visit)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What a leaf entry translates to at its first byte.
+    pub(crate) fn leaf_translation(&self, level: Level, e: Entry) -> Result<Translation, Error> {
+        Ok(Translation {
+            pfn: self.child_of(e)?,
+            offset: 0,
+            flags: self
+                .backend
+                .normalize(e.flags() - Flags::HUGE_PAGE - HARDWARE_SET),
+            granule: Granule::of_level(level),
+        })
+    }
+
+    /// Rewrites one leaf with new flags (no write when nothing changes).
+    pub(crate) fn rewrite_leaf(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        index: usize,
+        e: Entry,
+        flags: Flags,
+    ) -> Result<(), Error> {
+        let frame = self.child_of(e)?;
+        self.protect_leaf(table, level, index, e, frame, flags)
+    }
+
+    pub(crate) fn checked_range(&mut self, va: u64, len: u64) -> Result<Option<u64>, Error> {
+        self.take_sticky()?;
+        self.check_range(va, len, Granule::Size4KiB)
+    }
+
+    pub(crate) fn finish_call(&mut self) -> Result<(), Error> {
+        self.settle()
+    }
+
     // ---- common ------------------------------------------------------------
 
     /// Ends a call: drains unless inside a lazy batch.
@@ -1105,6 +1176,10 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         self.drain()
     }
 }
+
+/// A per-leaf visitor: `(space, table, level, index, va, entry)`.
+pub(crate) type LeafVisit<'a, S> =
+    dyn FnMut(&mut S, Pfn, Level, usize, u64, Entry) -> Result<(), Error> + 'a;
 
 /// Old flags seen by protect's check pass.
 enum Uniform {
