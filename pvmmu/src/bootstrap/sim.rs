@@ -12,56 +12,13 @@ use alloc::rc::Rc;
 use alloc::vec;
 use core::cell::RefCell;
 use core::ptr::NonNull;
-use hypercall::abi::mmuext_op;
-use hypercall::HypercallStats;
 
 /// Where the simulated kernel and Xen's start-of-day area live.
 pub const VIRT_BASE: u64 = 0xffff_ffff_8000_0000;
 /// The simulated direct map.
 pub const DM: u64 = 0xffff_8880_0000_0000;
 
-/// The model behind the bootstrap's three borrowed traits at once.
-#[derive(Clone)]
-pub struct Shared(pub Rc<RefCell<XenModel>>);
-
-impl MmuHypercalls for Shared {
-    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmu_update(reqs)
-    }
-    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmuext_op(ops)
-    }
-    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        self.0.borrow_mut().update_va_mapping(va, val, flags)
-    }
-    fn multicall(
-        &mut self,
-        calls: &[Call<'_>],
-        results: &mut [Result<u64, XenError>],
-    ) -> Result<(), XenError> {
-        self.0.borrow_mut().multicall(calls, results)
-    }
-    fn stats(&self) -> HypercallStats {
-        self.0.borrow().stats()
-    }
-}
-
-// SAFETY: forwards to the model, whose frame pointers are stable while it
-// lives; the Rc keeps it alive as long as any handle.
-unsafe impl PhysMem for Shared {
-    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        self.0.borrow().frame_ptr(pfn)
-    }
-}
-
-impl FrameMap for Shared {
-    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
-        self.0.borrow().to_mfn(pfn)
-    }
-    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
-        self.0.borrow().to_pfn(mfn)
-    }
-}
+pub use crate::model::SharedModel as Shared;
 
 /// The model's memory, reaching only `reach`.
 struct Reach {

@@ -40,12 +40,14 @@ mod boot;
 mod env;
 mod hypercalls;
 mod rules;
+mod shared;
 #[cfg(test)]
 mod tests;
 
 pub use boot::StartOfDay;
 pub use env::{ModelNegativeEnv, MODEL_VIRT_BASE};
 pub use hypercalls::is_guest_l4_slot;
+pub use shared::SharedModel;
 
 /// Entry bit: present.
 pub const PAGE_PRESENT: u64 = 1 << 0;
