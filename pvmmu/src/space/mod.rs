@@ -452,20 +452,25 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if flush.pages == 0 {
             return self.settle();
         }
-        self.nhooks = 0;
-        self.backend
-            .flush_tlb(TlbScope::Range {
-                start: flush.start,
-                pages: flush.pages,
-            })
-            .map_err(Error::from)
+        let r = self.backend.flush_tlb(TlbScope::Range {
+            start: flush.start,
+            pages: flush.pages,
+        });
+        self.after_submit(r.map_err(Error::from))
     }
 
-    /// Applies every queued write now.
+    /// Applies every queued write now. If Xen refuses one, the requests
+    /// before it stay applied (a lazy batch's documented limit) and new
+    /// subtrees whose hook was dropped are freed.
     pub fn drain(&mut self) -> Result<(), Error> {
         let r = self.backend.drain().map_err(Error::from);
-        if r.is_ok() {
-            self.nhooks = 0;
+        self.after_submit(r)
+    }
+
+    fn after_submit(&mut self, r: Result<(), Error>) -> Result<(), Error> {
+        match r {
+            Ok(()) => self.nhooks = 0,
+            Err(_) => self.reclaim_lost_hooks(),
         }
         r
     }
