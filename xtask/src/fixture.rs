@@ -26,7 +26,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::host;
@@ -432,17 +432,22 @@ pub fn ensure(cache: &Path) -> Result<Fixture, FixtureError> {
         fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     }
     for deb in &debs {
-        let into = if deb.package == kernel_package {
-            &linux
-        } else {
-            &rootfs
-        };
         let deb_path = layout.debs.join(&deb.file);
-        output_of(
-            "dpkg-deb",
-            &["-x", &deb_path.to_string_lossy(), &into.to_string_lossy()],
-            None,
-        )?;
+        if deb.package == kernel_package {
+            // 430 MiB of modules of which five are needed: take only those
+            // and the bzImage out of the package's file system archive.
+            let members = [
+                format!("./boot/vmlinuz-{release}"),
+                format!("./lib/modules/{release}/kernel/drivers/xen"),
+            ];
+            unpack_members(&deb_path, &linux, &members)?;
+        } else {
+            output_of(
+                "dpkg-deb",
+                &["-x", &deb_path.to_string_lossy(), &rootfs.to_string_lossy()],
+                None,
+            )?;
+        }
     }
     let unpacked = started.elapsed();
 
@@ -573,6 +578,67 @@ fn download(dir: &Path, debs: &[DebFile]) -> Result<(), FixtureError> {
             return Err(FixtureError::Command {
                 command: format!("apt-get download {}", deb.package),
                 output: format!("{} is missing or has the wrong size", deb.file),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks only `members` (paths as the archive names them, directories
+/// recursively) of the package `deb` into `into`: `dpkg-deb --fsys-tarfile`
+/// piped into `tar -x` (dpkg-deb itself needs tar, so both are there).
+fn unpack_members(deb: &Path, into: &Path, members: &[String]) -> Result<(), FixtureError> {
+    let spawn = |program: &str, command: &mut Command| {
+        command.spawn().map_err(|source| FixtureError::Spawn {
+            program: program.to_string(),
+            source,
+        })
+    };
+    let mut archive = spawn(
+        "dpkg-deb",
+        Command::new("dpkg-deb")
+            .arg("--fsys-tarfile")
+            .arg(deb)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let Some(tar_stream) = archive.stdout.take() else {
+        let _ = archive.kill();
+        let _ = archive.wait();
+        return Err(FixtureError::Command {
+            command: format!("dpkg-deb --fsys-tarfile {}", deb.display()),
+            output: "no output pipe".to_string(),
+        });
+    };
+    let tar = spawn(
+        "tar",
+        Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(into)
+            .args(members)
+            .stdin(Stdio::from(tar_stream))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    let tar_output = tar
+        .wait_with_output()
+        .map_err(io_err(format!("running tar on {}", deb.display())))?;
+    let archive_output = archive
+        .wait_with_output()
+        .map_err(io_err(format!("running dpkg-deb on {}", deb.display())))?;
+    for (name, output) in [
+        ("dpkg-deb --fsys-tarfile", &archive_output),
+        ("tar -x", &tar_output),
+    ] {
+        if !output.status.success() {
+            return Err(FixtureError::Command {
+                command: format!("{name} {} {}", deb.display(), members.join(" ")),
+                output: format!(
+                    "{} ({})",
+                    String::from_utf8_lossy(&output.stderr).trim(),
+                    output.status
+                ),
             });
         }
     }
