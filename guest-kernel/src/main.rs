@@ -18,9 +18,11 @@ mod directmap;
 mod dm_tests;
 mod frames;
 mod memmap;
+mod negative_env;
 mod physmem;
 mod platform;
 mod pvh;
+mod pvmmu_tests;
 mod report;
 mod selftest;
 mod shutdown;
@@ -48,7 +50,7 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 
 /// Self-test suites run on the direct map pvmmu built. Adding a suite is one
 /// line.
-const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE];
+const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE];
 
 /// Most reservations remembered (for the self-tests).
 pub const MAX_RESERVATIONS: usize = 16;
@@ -400,6 +402,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }
+    negative_env::run(&mut kernel);
     if let Some(kind) = kernel.options.crash {
         crash(kind);
     }

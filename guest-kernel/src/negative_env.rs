@@ -1,0 +1,147 @@
+//! pvmmu's negative suite against the real hypervisor: the requests Xen must
+//! refuse, sent by this kernel as a Xen PV guest, one
+//! `NEGATIVE <name> <errno-name> <errno>` line per case, in the format (and
+//! order) of the host's `negative-model` binary. The harness compares the
+//! two lists; the run itself never changes the self-test verdict.
+//!
+//! Invariant: every frame the suite borrows comes from the frame allocator
+//! and goes back to it writable in every kernel mapping (direct map and,
+//! for frames inside Xen's start-of-day area, the boot-region alias); the
+//! live tree is the one the bootstrap built, with its root pinned, before
+//! and after the run.
+
+use hypercall::abi::UVMF_INVLPG;
+use hypercall::{MmuHypercalls, XenError};
+use pvmmu::backend::xen::{Alias, AliasMap, MAX_ALIASES};
+use pvmmu::entry::{pv_normalize, Entry, Flags, Level};
+use pvmmu::negative::{self, Line, NegativeEnv};
+use pvmmu::{FrameMap, Mfn, Pfn, PhysMem};
+
+use crate::directmap::{DirectMem, KernelAliases};
+use crate::frames::Frames;
+use crate::xen_pv::PvBoot;
+use crate::Kernel;
+
+/// The negative suite's view of this PV guest: real hypercalls, the direct
+/// map, the p2m list, and the allocator frames come from.
+pub struct XenNegativeEnv<'k> {
+    xen: hypercall::Xen,
+    mem: DirectMem,
+    pv: PvBoot,
+    aliases: KernelAliases,
+    frames: &'k mut Frames,
+    root: Mfn,
+}
+
+impl XenNegativeEnv<'_> {
+    /// The L1 entry that maps `va` in the live tree; `None` where the walk
+    /// finds no 4 KiB leaf.
+    fn leaf(&self, va: u64) -> Option<Entry> {
+        let mut table = self.pv.to_pfn(self.root)?;
+        let mut level = Level::L4;
+        loop {
+            let index = level.index(va);
+            let words = self.mem.frame_ptr(table)?;
+            // SAFETY: `DirectMem` frames are valid for 4 KiB of reads; the
+            // index is below 512.
+            let e = Entry(unsafe { words.as_ptr().cast::<u64>().add(index).read_volatile() });
+            if !e.is_present() {
+                return None;
+            }
+            match level.lower() {
+                None => return Some(e),
+                Some(_) if e.is_huge() => return None,
+                Some(lower) => {
+                    table = self.pv.to_pfn(e.mfn())?;
+                    level = lower;
+                }
+            }
+        }
+    }
+}
+
+impl NegativeEnv for XenNegativeEnv<'_> {
+    fn hypercalls(&mut self) -> &mut dyn MmuHypercalls {
+        &mut self.xen
+    }
+
+    fn phys_mem(&self) -> &dyn PhysMem {
+        &self.mem
+    }
+
+    fn frame_map(&self) -> &dyn FrameMap {
+        &self.pv
+    }
+
+    fn allocate_frame(&mut self) -> Option<Pfn> {
+        self.frames.allocate_lowest()
+    }
+
+    fn free_frame(&mut self, pfn: Pfn) {
+        if let Err(e) = self.frames.try_free(pfn) {
+            log::error!("negative suite: frame {pfn:?} not given back: {e:?}");
+        }
+    }
+
+    /// Rewrites, with `update_va_mapping`, every kernel mapping of `pfn`
+    /// (its direct-map page and its boot-region page) with RW as asked,
+    /// keeping the other flags the guest gave it.
+    fn set_alias_writable(&mut self, pfn: Pfn, writable: bool) -> Result<(), XenError> {
+        let mfn = self.pv.to_mfn(pfn).ok_or(XenError::Inval)?;
+        let mut out = [Alias::Va(0); MAX_ALIASES];
+        let n = self.aliases.aliases(pfn, &mut out).min(MAX_ALIASES);
+        for alias in &out[..n] {
+            let Alias::Va(va) = *alias else { continue };
+            let Some(e) = self.leaf(va) else {
+                continue;
+            };
+            if e.mfn() != mfn || e.flags().contains(Flags::WRITABLE) == writable {
+                continue;
+            }
+            let mut flags = pv_normalize(e.flags());
+            flags.set(Flags::WRITABLE, writable);
+            let val = Entry::new(mfn, flags).0;
+            self.xen.update_va_mapping(va, val, UVMF_INVLPG)?;
+        }
+        Ok(())
+    }
+
+    fn current_root(&self) -> Mfn {
+        self.root
+    }
+}
+
+/// Runs the negative suite under Xen PV (does nothing on other platforms)
+/// and prints one line per case. Results go to the console only: the
+/// harness judges them against the model.
+pub fn run(kernel: &mut Kernel) {
+    let (Some(pv), Some(dm)) = (kernel.pv.clone(), kernel.direct_map.as_ref()) else {
+        return;
+    };
+    let Some(root) = pv.pfn_to_mfn(dm.root.0).map(Mfn) else {
+        crate::kprintln!("NEGATIVE setup EINVAL 22");
+        return;
+    };
+    let (mem, aliases) = (dm.mem, dm.aliases);
+    let before = kernel.frames.free_count();
+    let mut env = XenNegativeEnv {
+        // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
+        xen: unsafe { hypercall::Xen::new() },
+        mem,
+        pv,
+        aliases,
+        frames: &mut kernel.frames,
+        root,
+    };
+    log::info!(
+        "negative suite: {} cases against Xen",
+        negative::EXPECTED.len()
+    );
+    negative::run(&mut env, &mut |name, result| {
+        crate::kprintln!("{}", Line { name, result });
+    });
+    let after = kernel.frames.free_count();
+    if after != before {
+        log::error!("negative suite: {before} free frames before, {after} after");
+    }
+}
