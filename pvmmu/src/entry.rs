@@ -135,9 +135,11 @@ pub const TABLE_FLAGS: Flags = Flags::PRESENT
     .union(Flags::WRITABLE)
     .union(Flags::USER_ACCESSIBLE);
 
-/// Xen PV entry rules for a leaf at `level` (L1 always under PV). Returns the
-/// flags to write or why they are refused.
-pub fn pv_check(flags: Flags) -> Result<Flags, FlagError> {
+/// Xen PV entry rules for a leaf (always an L1 entry under PV). Returns the
+/// flags to write or why they are refused. `io_privileged`: the domain may
+/// set PWT/PCD (dom0 or a domain with I/O resources); PAT (bit 7 at L1) is
+/// refused regardless, as PS is at every other level.
+pub fn pv_check(flags: Flags, io_privileged: bool) -> Result<Flags, FlagError> {
     if !flags.contains(Flags::PRESENT) {
         return Err(FlagError::NotPresent);
     }
@@ -145,13 +147,31 @@ pub fn pv_check(flags: Flags) -> Result<Flags, FlagError> {
     if flags.contains(Flags::HUGE_PAGE) {
         return Err(FlagError::LargePage);
     }
-    if flags.intersects(Flags::WRITE_THROUGH | Flags::NO_CACHE) {
+    if !io_privileged && flags.intersects(Flags::WRITE_THROUGH | Flags::NO_CACHE) {
         return Err(FlagError::CacheAttributes);
     }
     if flags.contains(Flags::GLOBAL) {
         return Err(FlagError::Global);
     }
     Ok(flags)
+}
+
+/// Xen PV rules for any entry the backend writes (leaves, table entries,
+/// alias flips): no PS at any level, no caching attributes without I/O
+/// privilege. GLOBAL is Xen's to manage: a read-back GLOBAL is not written
+/// back.
+pub fn pv_sanitize(val: Entry, io_privileged: bool) -> Result<Entry, FlagError> {
+    if !val.is_present() {
+        return Ok(Entry::EMPTY);
+    }
+    let flags = val.flags();
+    if flags.contains(Flags::HUGE_PAGE) {
+        return Err(FlagError::LargePage);
+    }
+    if !io_privileged && flags.intersects(Flags::WRITE_THROUGH | Flags::NO_CACHE) {
+        return Err(FlagError::CacheAttributes);
+    }
+    Ok(Entry(val.0 & !Flags::GLOBAL.bits()))
 }
 
 /// Native leaf rules: PRESENT required; `huge` says whether the leaf is a
@@ -204,18 +224,38 @@ mod tests {
     #[test]
     fn pv_rules_refuse_what_xen_refuses() {
         let p = Flags::PRESENT;
-        assert_eq!(pv_check(p | Flags::HUGE_PAGE), Err(FlagError::LargePage));
         assert_eq!(
-            pv_check(p | Flags::NO_CACHE),
-            Err(FlagError::CacheAttributes)
+            pv_check(p | Flags::HUGE_PAGE, true),
+            Err(FlagError::LargePage)
         );
         assert_eq!(
-            pv_check(p | Flags::WRITE_THROUGH),
+            pv_check(p | Flags::NO_CACHE, false),
             Err(FlagError::CacheAttributes)
         );
-        assert_eq!(pv_check(p | Flags::GLOBAL), Err(FlagError::Global));
-        assert_eq!(pv_check(Flags::WRITABLE), Err(FlagError::NotPresent));
-        assert_eq!(pv_check(p | Flags::WRITABLE), Ok(p | Flags::WRITABLE));
+        assert_eq!(pv_check(p | Flags::NO_CACHE, true), Ok(p | Flags::NO_CACHE));
+        assert_eq!(
+            pv_check(p | Flags::WRITE_THROUGH, false),
+            Err(FlagError::CacheAttributes)
+        );
+        assert_eq!(pv_check(p | Flags::GLOBAL, true), Err(FlagError::Global));
+        assert_eq!(pv_check(Flags::WRITABLE, false), Err(FlagError::NotPresent));
+        assert_eq!(
+            pv_check(p | Flags::WRITABLE, false),
+            Ok(p | Flags::WRITABLE)
+        );
+        let e = Entry::new(Mfn(5), p | Flags::GLOBAL | Flags::WRITABLE);
+        assert_eq!(
+            pv_sanitize(e, false),
+            Ok(Entry::new(Mfn(5), p | Flags::WRITABLE))
+        );
+        assert_eq!(
+            pv_sanitize(Entry(Flags::WRITABLE.bits()), false),
+            Ok(Entry::EMPTY)
+        );
+        assert_eq!(
+            pv_sanitize(Entry::new(Mfn(5), p | Flags::HUGE_PAGE), true),
+            Err(FlagError::LargePage)
+        );
         assert_eq!(pv_normalize(p | Flags::USER_ACCESSIBLE), p);
         assert_eq!(native_check(p | Flags::GLOBAL), Ok(p | Flags::GLOBAL));
     }

@@ -18,7 +18,9 @@ use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{Call, MmuExt, MmuHypercalls, MmuUpdate};
 
 use super::{Backend, BackendError, Kind, LargePages, TlbScope, INVLPG_LIMIT};
-use crate::entry::{pv_check, pv_normalize, Entry, FlagError, Flags, Level, TABLE_FLAGS};
+use crate::entry::{
+    pv_check, pv_normalize, pv_sanitize, Entry, FlagError, Flags, Level, TABLE_FLAGS,
+};
 use crate::phys::{FrameMap, FrameWords, PhysMem};
 use crate::types::{Mfn, Pfn, ENTRIES, PAGE_SIZE};
 
@@ -80,6 +82,8 @@ pub struct XenPv<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap = NoAlia
     /// The root Xen walks now (aliases given as virtual addresses are
     /// resolved in it).
     root: Option<Mfn>,
+    /// PWT/PCD allowed (the domain has I/O privileges).
+    io_privileged: bool,
 }
 
 fn filter_bit(table_maddr: u64) -> u64 {
@@ -102,7 +106,15 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
             cap: DEFAULT_BATCH,
             filter: 0,
             root,
+            io_privileged: false,
         }
+    }
+
+    /// Allows PWT/PCD in leaves: only for a domain with I/O privileges
+    /// (dom0, or I/O memory or ports assigned), as Xen checks.
+    pub fn with_io_privilege(mut self, io_privileged: bool) -> Self {
+        self.io_privileged = io_privileged;
+        self
     }
 
     /// Sets the batch capacity (clamped to `1..=MAX_BATCH`).
@@ -294,7 +306,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
         if level != Level::L1 {
             return Err(BackendError::Flags(FlagError::LargePage));
         }
-        let flags = pv_check(flags).map_err(BackendError::Flags)?;
+        let flags = pv_check(flags, self.io_privileged).map_err(BackendError::Flags)?;
         let mfn = self.frames.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
         Ok(Entry::new(mfn, flags))
     }
@@ -361,9 +373,10 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
 
     fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError> {
         let base = self.mfn_of(table)? << 12;
-        // PV rule: a hole is written as all-zero.
-        let val = if val.is_present() { val.0 } else { 0 };
-        self.push(base + (index & (ENTRIES - 1)) as u64 * 8, val)
+        // PV rules: a hole is written as all-zero, no PS / caching
+        // attributes, GLOBAL left to Xen.
+        let val = pv_sanitize(val, self.io_privileged).map_err(BackendError::Flags)?;
+        self.push(base + (index & (ENTRIES - 1)) as u64 * 8, val.0)
     }
 
     fn pending(&self) -> usize {
