@@ -413,7 +413,10 @@ const MAX_TABLES: usize = 8192;
 static TABLE_SET: spin::Mutex<[u64; MAX_TABLES]> = spin::Mutex::new([0; MAX_TABLES]);
 
 /// The oracle: a frame is a table at the level the walk met it; the root
-/// is pinned as far as Xen said.
+/// is pinned as far as Xen said. What it adds to the walk is the
+/// writable-table rule (a leaf mapping any walked table RW) and the root's
+/// pin; the types of walked tables agree with the walk by construction
+/// (Xen's own types are not readable by a guest).
 struct WalkedTables<'a> {
     set: &'a [u64],
     pinned_root: Option<Mfn>,
@@ -798,9 +801,9 @@ fn unmap_frees_tables<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         free0 - cx.space.allocator().free_count(),
         3,
     )?;
-    // SAFETY: reading an unmapped address only faults.
     expect_page_fault(
         "read after unmap",
+        // SAFETY: `a` is in the test area, which maps only RAM.
         unsafe { probe_read(a + 16) },
         a + 16,
         false,
@@ -821,9 +824,9 @@ fn unmap_frees_tables<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     check_eq("tables freed", cx.space.table_counts().1 - freed0, 4)?;
     check(!slot_in_use(cx), "L4 slot still in use")?;
-    // SAFETY: as above.
     expect_page_fault(
         "read after the last unmap",
+        // SAFETY: as above.
         unsafe { probe_read(b) },
         b,
         false,
@@ -1157,9 +1160,9 @@ fn tables_read_only_aliases<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         // L3 and L2 (Xen emulates stores into L1s; see dm_tests).
         if depth < 2 {
             let at = DirectMem::va(t) + 8 * 100;
+            let word = read("table word", at)?;
             // SAFETY: the store, if it went through, would write the word
             // already there (entry 100 of a table this test created).
-            let word = read("table word", at)?;
             let r = unsafe { probe_write(at, word) };
             expect_page_fault("store into a live table", r, at, true, true)?;
         }
@@ -1438,6 +1441,8 @@ fn x86_64_traits<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         // SAFETY: expected to fault (read-only); else it writes our frame.
         let r = unsafe { probe_write(va + 0x40, !value) };
         expect_page_fault("store after update_flags", r, va + 0x40, true, true)?;
+        // SAFETY: the page is mapped already: the call must refuse and
+        // change nothing.
         match unsafe { cx.space.map_to(page, frame, flags, &mut pool) } {
             Err(MapToError::PageAlreadyMapped(f)) => check(f == frame, "already mapped: frame")?,
             other => {
