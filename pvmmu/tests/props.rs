@@ -106,6 +106,15 @@ enum Op {
         which: usize,
         back: u64,
     },
+    /// The same run read-only: Xen accepts it; later protects that make it
+    /// writable must be refused and undone.
+    MapTableReadOnly {
+        win: usize,
+        page: u64,
+        pages: u64,
+        which: usize,
+        back: u64,
+    },
 }
 
 fn pages_strategy() -> impl Strategy<Value = u64> {
@@ -134,8 +143,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (win.clone(), page.clone()).prop_map(|(win, page)| Op::Translate { win, page }),
         1 => (win.clone(), page.clone(), pages_strategy(), frame)
             .prop_map(|(win, page, pages, frame)| Op::LazyMapProtect { win, page, pages, frame }),
-        1 => (win, page, pages_strategy(), any::<usize>(), 0u64..600).prop_map(
+        1 => (win.clone(), page.clone(), pages_strategy(), any::<usize>(), 0u64..600).prop_map(
             |(win, page, pages, which, back)| Op::MapTableWritable { win, page, pages, which, back }
+        ),
+        1 => (win, page, pages_strategy(), any::<usize>(), 0u64..600).prop_map(
+            |(win, page, pages, which, back)| Op::MapTableReadOnly { win, page, pages, which, back }
         ),
     ]
 }
@@ -532,6 +544,45 @@ fn expect(
     }
 }
 
+/// Protect, with the reference's prediction; under PV a range that maps a
+/// live table frame cannot be made writable: Xen refuses and pvmmu must
+/// undo every entry it changed (the old flags may differ page by page).
+fn protect_case<H: Harness>(
+    h: &mut H,
+    r: &mut Reference,
+    step: usize,
+    va: u64,
+    pages: u64,
+    f: Flags,
+) -> Result<(), TestCaseError> {
+    let pv = h.pv();
+    let want = predict_change(r, va, pages, Some(f), pv);
+    let tables = &h.space().allocator().out;
+    let refused = want.is_none()
+        && pv
+        && f.contains(Flags::WRITABLE)
+        && r.range(va..va + pages * 4096)
+            .any(|(_, l)| tables.contains(&l.pfn));
+    let got = h
+        .space_mut()
+        .protect(va, pages * 4096, f, false)
+        .map(|fl| fl.ignore());
+    if refused {
+        if !matches!(got, Err(Error::WritablePageTable { .. })) {
+            return Err(TestCaseError::fail(format!(
+                "step {step}: protect RW over a table frame: got {got:?}"
+            )));
+        }
+        PROTECT_REFUSED.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
+    expect(step, "protect", got, want)?;
+    if want.is_none() {
+        apply_protect(r, va, pages, f, pv);
+    }
+    Ok(())
+}
+
 fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut r = Reference::new();
     let pv = h.pv();
@@ -639,31 +690,13 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
             } => {
                 let pages = clamp(page, pages);
                 let va = va_of(win, page);
-                let f = FLAG_SETS[flags];
-                let want = predict_change(&r, va, pages, Some(f), pv);
-                let got = h
-                    .space_mut()
-                    .protect(va, pages * 4096, f, false)
-                    .map(|fl| fl.ignore());
-                expect(step, "protect", got, want)?;
-                if want.is_none() {
-                    apply_protect(&mut r, va, pages, f, pv);
-                }
+                protect_case(h, &mut r, step, va, pages, FLAG_SETS[flags])?;
             }
             Op::ProtectAt { nth, pages, flags } => {
                 let Some((va, n)) = mapped_run(&r, nth, pages) else {
                     continue;
                 };
-                let f = FLAG_SETS[flags];
-                let want = predict_change(&r, va, n, Some(f), pv);
-                let got = h
-                    .space_mut()
-                    .protect(va, n * 4096, f, false)
-                    .map(|fl| fl.ignore());
-                expect(step, "protect run", got, want)?;
-                if want.is_none() {
-                    apply_protect(&mut r, va, n, f, pv);
-                }
+                protect_case(h, &mut r, step, va, n, FLAG_SETS[flags])?;
             }
             Op::Translate { win, page } => {
                 let va = va_of(win, page) + 0x123;
@@ -716,6 +749,29 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            Op::MapTableReadOnly {
+                win,
+                page,
+                pages,
+                which,
+                back,
+            } => {
+                let pages = clamp(page, pages);
+                let va = va_of(win, page);
+                let tables: Vec<u64> = h.space().allocator().out.iter().copied().collect();
+                let t = tables[which % tables.len()];
+                let pfn = t - back.min(pages - 1);
+                let f = FLAG_SETS[0];
+                let want = predict_map(&r, va, pages, f, pv);
+                let got = h
+                    .space_mut()
+                    .map(va, Pfn(pfn), pages * 4096, f)
+                    .map(|fl| fl.ignore());
+                expect(step, "read-only map over tables", got, want)?;
+                if want.is_none() {
+                    apply_map(&mut r, va, pfn, pages, f, pv, 4096);
+                }
+            }
             Op::LazyMapProtect {
                 win,
                 page,
@@ -765,6 +821,8 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
 static OPS: AtomicU64 = AtomicU64::new(0);
 /// Writable mappings of live tables Xen refused (and pvmmu rolled back).
 static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Protects over table frames Xen refused (and pvmmu undid).
+static PROTECT_REFUSED: AtomicU64 = AtomicU64::new(0);
 
 const OPS_PER_CASE: usize = 900;
 const CASES: u32 = 40;
@@ -805,8 +863,9 @@ fn run_seeds_sized(
         total += u64::from(cases) * OPS_PER_CASE as u64;
     }
     println!(
-        "{name}: {} refusals of writable table mappings rolled back so far",
-        REFUSED.load(Ordering::Relaxed)
+        "{name}: {} refusals of writable table mappings and {} of protects rolled back so far",
+        REFUSED.load(Ordering::Relaxed),
+        PROTECT_REFUSED.load(Ordering::Relaxed)
     );
     println!("{name}: {total} operations over seeds 0x5eed0001, 0x5eed0002, {random:#x}");
     total

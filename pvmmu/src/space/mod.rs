@@ -14,8 +14,10 @@
 //!   leaves it wrote are cleared, tables it created are unhooked, released
 //!   and returned to the allocator. Documented exceptions: an *empty* table
 //!   that existed before inside the failed range is reclaimed too (pvmmu
-//!   never leaves empty tables itself), and a PV `protect` refused by Xen is
-//!   undone only when the range had uniform flags before.
+//!   never leaves empty tables itself). A PV `protect` that makes pages
+//!   writable over a range whose old flags differ page by page keeps the
+//!   old entries in an undo log in frames borrowed from the allocator (one
+//!   per 511 pages) for the length of the call.
 //! * Tables that become empty on `unmap` are freed, after the unhooking
 //!   writes are applied and the TLB is flushed.
 
@@ -394,20 +396,51 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let mut uniform = Uniform::Unknown;
         self.check_protect(self.root, Level::L4, va, last, flags, &mut uniform)?;
         let root = self.root;
+        // Under PV, Xen may refuse a page made writable (a page-table
+        // frame). To undo exactly when the old flags differ page by page,
+        // the old entries go to an undo log in borrowed frames first.
+        let refusable = self.backend.kind() == Kind::XenPv && flags.contains(Flags::WRITABLE);
+        let mut log = UndoLog::default();
+        if refusable && matches!(uniform, Uniform::Mixed) {
+            let recorded =
+                self.visit_leaves(root, Level::L4, va, last, &mut |space, _, _, _, _, e| {
+                    space.undo_push(&mut log, e.0)
+                });
+            if let Err(e) = recorded {
+                self.undo_free(log);
+                return Err(e);
+            }
+        }
         let result = self
             .protect_table(root, Level::L4, va, last, flags)
-            .and_then(|()| self.settle());
-        match result {
+            .and_then(|()| {
+                // With an undo log the outcome must be known now.
+                if log.head.is_some() {
+                    self.drain()
+                } else {
+                    self.settle()
+                }
+            });
+        let result = match result {
             Ok(()) => Ok(Flush::range(va, len)),
             Err(e) => {
-                if let Uniform::Same(old) = uniform {
-                    let _ = self
-                        .protect_table(root, Level::L4, va, last, old)
-                        .and_then(|()| self.backend.drain().map_err(Error::from));
+                let _ = self.backend.drain();
+                match uniform {
+                    Uniform::Same(old) => {
+                        let _ = self
+                            .protect_table(root, Level::L4, va, last, old)
+                            .and_then(|()| self.backend.drain().map_err(Error::from));
+                    }
+                    _ if log.head.is_some() => {
+                        let _ = self.undo_restore(&log, va, last);
+                    }
+                    _ => {}
                 }
                 Err(e)
             }
-        }
+        };
+        self.undo_free(log);
+        result
     }
 
     /// What `va` translates to (sees queued writes).
@@ -1171,6 +1204,91 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         self.settle()
     }
 
+    // ---- protect's undo log ----------------------------------------------------
+
+    fn undo_words(&self, frame: Pfn) -> Result<*mut u64, Error> {
+        self.backend
+            .frame_ptr(frame)
+            .map(|p| p.as_ptr().cast::<u64>())
+            .ok_or(Error::BadFrame(frame))
+    }
+
+    /// Appends one old entry, borrowing a frame when the last one is full.
+    fn undo_push(&mut self, log: &mut UndoLog, val: u64) -> Result<(), Error> {
+        if log.head.is_none() || log.used == UNDO_SLOTS {
+            let frame = self.alloc.allocate().ok_or(Error::OutOfFrames)?;
+            let words = match self.undo_words(frame) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.alloc.free(frame);
+                    return Err(e);
+                }
+            };
+            // SAFETY: a frame just handed out by the allocator is plain,
+            // writable memory owned by this call; slot 511 < 512.
+            unsafe { words.add(UNDO_SLOTS).write(0) };
+            match log.head {
+                None => log.head = Some(frame),
+                Some(_) => {
+                    let tail = self.undo_words(log.tail)?;
+                    // SAFETY: the tail frame is this log's own frame.
+                    unsafe { tail.add(UNDO_SLOTS).write(frame.0 + 1) };
+                }
+            }
+            log.tail = frame;
+            log.used = 0;
+        }
+        let words = self.undo_words(log.tail)?;
+        // SAFETY: the log's own frame; `used` < 511.
+        unsafe { words.add(log.used).write(val) };
+        log.used += 1;
+        Ok(())
+    }
+
+    /// Writes back every recorded entry that changed, in walk order.
+    fn undo_restore(&mut self, log: &UndoLog, va: u64, last: u64) -> Result<(), Error> {
+        let mut frame = log.head;
+        let mut slot = 0usize;
+        let root = self.root;
+        self.visit_leaves(
+            root,
+            Level::L4,
+            va,
+            last,
+            &mut |space, table, _, i, _, e| {
+                let Some(f) = frame else { return Ok(()) };
+                let words = space.undo_words(f)?;
+                // SAFETY: the log's own frame, slot < 511.
+                let old = unsafe { words.add(slot).read() };
+                slot += 1;
+                if slot == UNDO_SLOTS {
+                    // SAFETY: as above; slot 511 holds the link.
+                    let next = unsafe { words.add(UNDO_SLOTS).read() };
+                    frame = next.checked_sub(1).map(Pfn);
+                    slot = 0;
+                }
+                if e.0 != old {
+                    space.backend.write(table, i, Entry(old))?;
+                }
+                Ok(())
+            },
+        )?;
+        self.backend.drain().map_err(Error::from)
+    }
+
+    /// Returns the log's frames to the allocator.
+    fn undo_free(&mut self, log: UndoLog) {
+        let mut frame = log.head;
+        while let Some(f) = frame {
+            frame = match self.undo_words(f) {
+                // SAFETY: the log's own frame; slot 511 holds the link.
+                Ok(w) => unsafe { w.add(UNDO_SLOTS).read() }.checked_sub(1).map(Pfn),
+                Err(_) => None,
+            };
+            self.alloc.free(f);
+        }
+    }
+
     // ---- common ------------------------------------------------------------
 
     /// Ends a call: drains unless inside a lazy batch.
@@ -1185,6 +1303,19 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
 /// A per-leaf visitor: `(space, table, level, index, va, entry)`.
 pub(crate) type LeafVisit<'a, S> =
     dyn FnMut(&mut S, Pfn, Level, usize, u64, Entry) -> Result<(), Error> + 'a;
+
+/// Entries per undo-log frame (word 511 links to the next frame as
+/// `pfn + 1`, 0 ending the chain).
+const UNDO_SLOTS: usize = ENTRIES - 1;
+
+/// Old leaf values of a PV protect that Xen may refuse, kept in frames
+/// borrowed from the allocator for the length of the call.
+#[derive(Default)]
+struct UndoLog {
+    head: Option<Pfn>,
+    tail: Pfn,
+    used: usize,
+}
 
 /// Old flags seen by protect's check pass.
 enum Uniform {
