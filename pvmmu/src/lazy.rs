@@ -10,7 +10,7 @@
 
 use core::ops::{Deref, DerefMut};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Kind};
 use crate::entry::{Flags, Level};
 use crate::phys::FrameAllocator;
 use crate::space::{AddressSpace, Error, Flush, Translation};
@@ -41,7 +41,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// batch. Holes are skipped. `f` is called twice per page — once to
     /// check every new entry (nothing is written if one is refused: W+X
     /// without `allow_wx`, flags the backend refuses), once to write — so it
-    /// must depend only on its arguments.
+    /// must depend only on its arguments. If Xen refuses a page made
+    /// writable, every entry is restored (from an undo log in frames
+    /// borrowed from the allocator).
     pub fn apply_to_range(
         &mut self,
         va: u64,
@@ -53,6 +55,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             return Ok(Flush::none());
         };
         let root = self.root();
+        let pv = self.backend().kind() == Kind::XenPv;
+        let mut adds_writable = false;
         // Pass 1: every new entry is acceptable.
         self.visit_leaves(
             root,
@@ -69,28 +73,39 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                         return Err(Error::WriteExecute);
                     }
                     space.backend().leaf_entry(level, Pfn(t.pfn.0), flags)?;
+                    adds_writable |= flags.contains(Flags::WRITABLE);
                 }
                 Ok(())
             },
         )?;
-        // Pass 2: write, in one batch.
-        self.enter_lazy();
-        let written = self.visit_leaves(
-            root,
-            Level::L4,
-            va,
-            last,
-            &mut |space, table, level, i, at, e| {
-                let t = space.leaf_translation(level, e)?;
-                match f(at, t) {
-                    Some(flags) => space.rewrite_leaf(table, level, i, e, flags),
-                    None => Ok(()),
-                }
-            },
-        );
-        let left = self.leave_lazy();
-        written.and(left)?;
-        self.finish_call()?;
+        // Pass 2: write, in one batch. Under PV Xen may still refuse a page
+        // made writable (a page-table frame): then every entry is restored
+        // from an undo log.
+        let refusable = pv && adds_writable;
+        self.with_undo(va, last, refusable, &mut |space| {
+            space.enter_lazy();
+            let written = space.visit_leaves(
+                root,
+                Level::L4,
+                va,
+                last,
+                &mut |space, table, level, i, at, e| {
+                    let t = space.leaf_translation(level, e)?;
+                    match f(at, t) {
+                        Some(flags) => space.rewrite_leaf(table, level, i, e, flags),
+                        None => Ok(()),
+                    }
+                },
+            );
+            let left = space.leave_lazy();
+            written.and(left)?;
+            if refusable {
+                // The outcome must be known before the undo log goes.
+                space.drain()
+            } else {
+                space.finish_call()
+            }
+        })?;
         Ok(Flush::range_of(va, len))
     }
 }

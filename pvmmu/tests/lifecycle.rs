@@ -168,3 +168,26 @@ fn apply_to_range_validates_everything_then_writes_in_one_batch() {
     }
     model.0.borrow().check_integrity().expect("integrity");
 }
+
+#[test]
+fn apply_to_range_refused_by_xen_restores_every_entry() {
+    let model = Shared::new(4096);
+    let mut s = pv(&model);
+    let root = s.root();
+    // Pages 0..8 data (mixed flags), page 8 the root table read-only.
+    s.map(VA, Pfn(100), 8 * 4096, RO).expect("map").ignore();
+    s.protect(VA + 2 * 4096, 3 * 4096, RW, false)
+        .expect("mixed")
+        .ignore();
+    s.map(VA + 8 * 4096, root, 4096, RO)
+        .expect("table read-only")
+        .ignore();
+    let before = leaves(s.backend(), s.root());
+    let in_use = s.allocator().in_use();
+    // Everything writable: Xen refuses page 8 after pages 0..8 were queued.
+    let r = s.apply_to_range(VA, 9 * 4096, false, |_, _| Some(RW));
+    assert!(matches!(r, Err(Error::WritablePageTable { .. })), "{r:?}");
+    assert_eq!(leaves(s.backend(), s.root()), before, "entries restored");
+    assert_eq!(s.allocator().in_use(), in_use, "undo frames returned");
+    model.0.borrow().check_integrity().expect("integrity");
+}

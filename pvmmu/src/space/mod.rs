@@ -1245,6 +1245,37 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(())
     }
 
+    /// Runs `apply` (which must leave nothing queued) over the leaves of
+    /// `[va, last]`; when `refusable`, the old leaves are logged first and
+    /// written back if `apply` fails.
+    pub(crate) fn with_undo(
+        &mut self,
+        va: u64,
+        last: u64,
+        refusable: bool,
+        apply: &mut dyn FnMut(&mut Self) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut log = UndoLog::default();
+        if refusable {
+            let root = self.root;
+            let recorded =
+                self.visit_leaves(root, Level::L4, va, last, &mut |space, _, _, _, _, e| {
+                    space.undo_push(&mut log, e.0)
+                });
+            if let Err(e) = recorded {
+                self.undo_free(log);
+                return Err(e);
+            }
+        }
+        let result = apply(self);
+        if result.is_err() && log.head.is_some() {
+            let _ = self.backend.drain();
+            let _ = self.undo_restore(&log, va, last);
+        }
+        self.undo_free(log);
+        result
+    }
+
     /// Writes back every recorded entry that changed, in walk order.
     fn undo_restore(&mut self, log: &UndoLog, va: u64, last: u64) -> Result<(), Error> {
         let mut frame = log.head;
