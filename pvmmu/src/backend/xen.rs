@@ -7,7 +7,9 @@
 //! request, in the same `multicall` when requests are pending. A read of an
 //! entry with a queued write returns the queued value. A frame becomes a
 //! table only after it was zeroed while writable and every kernel alias of
-//! it was made read-only by a request queued before the one that hooks it;
+//! it was made read-only by a request queued before the one that hooks it
+//! (when the queue fills between the two they go in consecutive hypercalls,
+//! still in order, with nothing in between);
 //! a freed table's aliases become writable only after the request that
 //! unhooked it. Entry rules (no PSE, no PWT/PCD/PAT, no GLOBAL, holes
 //! written as 0, USER read back is Xen's) live in [`crate::entry`].
