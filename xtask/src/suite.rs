@@ -99,6 +99,9 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Native, 3072, "",                  Expect::Pass,     Check::Nothing),
     // 4 KiB pages only natively, table for table comparable with PV.
     boot(Mode::Native, 512, "pvmmu.4k",           Expect::Pass,     Check::Nothing),
+    // Issue 5: a PV domU built by `xl create` in an emulated Linux dom0
+    // (about 12 s warm, plus about 8 s for a cold dom0 fixture).
+    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite),
     // The deliberate failure: proves the harness tells FAIL from PASS.
     boot(Mode::Native, 512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
     boot(Mode::Xen,    512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
@@ -107,10 +110,10 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xen,    512, "pvmmu.crash=stack",  Expect::XenCrash, Check::Nothing),
 ];
 
-/// The boots `cargo xtask ci` adds to [`BOOTS`].
+/// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
+/// boot is cheap enough, about 12 s, to be part of `test`).
 #[rustfmt::skip]
 pub const CI_BOOTS: &[Boot] = &[
-    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite),
 ];
 
 /// The host stages: a name and cargo's arguments.
@@ -468,8 +471,8 @@ mod tests {
         assert!(BOOTS
             .iter()
             .any(|b| b.mode == Mode::Xen && b.expect == Expect::XenCrash));
-        assert!(rows(true).iter().any(|b| b.mode == Mode::Xl));
-        assert!(!rows(false).iter().any(|b| b.mode == Mode::Xl));
+        // The xl domU boot is part of `test` itself (issue 5).
+        assert!(rows(false).iter().any(|b| b.mode == Mode::Xl));
     }
 
     #[test]
