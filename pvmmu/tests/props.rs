@@ -168,6 +168,10 @@ trait Harness {
     fn excluded(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Frames the guest owns (PV: the model's size).
+    fn frame_limit(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 struct NativeHarness {
@@ -201,6 +205,9 @@ struct PvHarness {
 
 impl Harness for PvHarness {
     type B = PvBackend;
+    fn frame_limit(&self) -> u64 {
+        DATA_FRAMES + TABLE_FRAMES
+    }
     fn space(&self) -> &AddressSpace<PvBackend, Pool> {
         &self.space
     }
@@ -238,6 +245,9 @@ const BOOT_FRAMES: u64 = 64;
 
 impl Harness for PvAliasHarness {
     type B = PvAliasBackend;
+    fn frame_limit(&self) -> u64 {
+        DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES
+    }
     fn space(&self) -> &AddressSpace<PvAliasBackend, Pool> {
         &self.space
     }
@@ -726,7 +736,8 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                 let tables: Vec<u64> = h.space().allocator().out.iter().copied().collect();
                 let t = tables[which % tables.len()];
                 // The run ends `back` pages after the table frame (or at it).
-                let pfn = t - back.min(pages - 1);
+                // Inside the guest's frames.
+                let pfn = (t - back.min(pages - 1)).min(h.frame_limit().saturating_sub(pages));
                 let f = FLAG_SETS[1];
                 let got = h
                     .space_mut()
@@ -760,7 +771,8 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                 let va = va_of(win, page);
                 let tables: Vec<u64> = h.space().allocator().out.iter().copied().collect();
                 let t = tables[which % tables.len()];
-                let pfn = t - back.min(pages - 1);
+                // Inside the guest's frames.
+                let pfn = (t - back.min(pages - 1)).min(h.frame_limit().saturating_sub(pages));
                 let f = FLAG_SETS[0];
                 let want = predict_map(&r, va, pages, f, pv);
                 let got = h
@@ -836,10 +848,16 @@ fn run_seeds_sized(
     cases: u32,
     body: impl Fn(&[Op]) -> Result<(), TestCaseError>,
 ) -> u64 {
-    let random: u64 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
+    // PVMMU_SEED=<hex> replaces the random seed (to replay a failure).
+    let replay = std::env::var("PVMMU_SEED")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    let random: u64 = replay.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+    });
     let seeds = [0x5eed_0001u64, 0x5eed_0002, random];
     let mut total = 0;
     for seed in seeds {
