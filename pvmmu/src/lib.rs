@@ -21,7 +21,7 @@ pub mod phys;
 pub mod space;
 pub mod types;
 
-pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};
-pub use types::{Mfn, Pfn, PAGE_SIZE};
 pub use backend::{Backend, Native, XenPv};
+pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};
 pub use space::{AddressSpace, Error, Flush, Granule, Translation};
+pub use types::{Mfn, Pfn, PAGE_SIZE};
