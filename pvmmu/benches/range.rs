@@ -124,7 +124,7 @@ fn x86_64_round() -> (Duration, Duration) {
 fn pv_counts(name: &str, aliases: bool) {
     let data = PAGES;
     let tables = 1024;
-    let model = Shared::new(data + tables + 64);
+    let model = shared(data + tables + 64);
     let stats = |m: &Shared| m.0.borrow().stats();
     if aliases {
         let direct = DirectAliases {
@@ -193,7 +193,7 @@ fn pv_map_unmap<B: pvmmu::Backend>(
 
 /// The per-PTE baseline: the same 1 GiB mapped one page per call.
 fn pv_per_page() {
-    let model = Shared::new(PAGES + 1024);
+    let model = shared(PAGES + 1024);
     let backend = pv_backend(&model, pvmmu::backend::DEFAULT_BATCH);
     let mut space = AddressSpace::new(backend, Pool::new(PAGES, 1024))
         .map_err(|e| e.0)

@@ -30,7 +30,7 @@ fn calls(n: usize, cap: usize) -> u64 {
 #[test]
 fn map_and_unmap_in_a_live_l1_drain_every_entry() {
     for n in LENGTHS {
-        let model = Shared::new(8192);
+        let model = shared(8192);
         let mut s = space(&model, CAP);
         // Page 0 makes the L1 live; the n pages after it go into that L1.
         s.map(VA, Pfn(0), 4096, RO).expect("first page").ignore();
@@ -78,7 +78,7 @@ fn raw_backend_writes_reach_memory_in_exact_batches() {
             if n > 512 {
                 continue;
             }
-            let model = Shared::new(8192);
+            let model = shared(8192);
             let mut s = space(&model, cap);
             s.map(VA, Pfn(0), 4096, RO).expect("first page").ignore();
             let l1 = {
@@ -126,7 +126,7 @@ fn raw_backend_writes_reach_memory_in_exact_batches() {
 
 #[test]
 fn fresh_tables_cost_one_hook_each_not_one_entry_per_page() {
-    let model = Shared::new(8192);
+    let model = shared(8192);
     let mut s = space(&model, CAP);
     model.0.borrow_mut().reset_stats();
     // 3 L1 tables' worth (1536 pages) under a new L3 / L2: the whole subtree

@@ -274,7 +274,7 @@ fn fixed_garbage_gets_typed_errors_native() {
 
 #[test]
 fn fixed_garbage_gets_typed_errors_pv() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     fixed_cases(&mut s, true);
     model.0.borrow().check_integrity().expect("integrity");
@@ -364,7 +364,7 @@ fn random_garbage_never_panics_native() {
 
 #[test]
 fn random_garbage_never_panics_pv() {
-    let model = Shared::new(8192 + 2048);
+    let model = shared(8192 + 2048);
     let mut s = AddressSpace::new(pv_backend(&model, 32), Pool::new(8192, 2048))
         .map_err(|e| e.0)
         .expect("space");
@@ -377,7 +377,7 @@ fn random_garbage_never_panics_pv() {
 
 #[test]
 fn xen_refuses_a_writable_mapping_of_a_live_table() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     let va = 0x0000_2000_0000_0000u64;
     s.map(va, Pfn(1), 4096, RO).expect("map").ignore();

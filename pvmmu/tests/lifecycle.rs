@@ -23,7 +23,7 @@ fn pv(model: &Shared) -> AddressSpace<PvBackend, Pool> {
 
 #[test]
 fn a_lazy_batch_drains_once() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     s.map(VA, Pfn(0), 4096, RO).expect("live L1").ignore();
     model.0.borrow_mut().reset_stats();
@@ -47,7 +47,7 @@ fn a_lazy_batch_drains_once() {
 
 #[test]
 fn a_dropped_batch_keeps_its_failure_for_the_next_call() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     s.map(VA, Pfn(0), 4096, RO).expect("live L1").ignore();
     let root = s.root();
@@ -72,7 +72,7 @@ fn a_dropped_batch_keeps_its_failure_for_the_next_call() {
 
 #[test]
 fn pv_space_is_pinned_switched_to_and_destroyed_cleanly() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     let root_mfn = model.0.borrow().mfn_of(s.root()).expect("mfn");
     assert!(
@@ -129,7 +129,7 @@ fn native_flush_tokens_reach_the_tlb_hook() {
 
 #[test]
 fn apply_to_range_validates_everything_then_writes_in_one_batch() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     s.map(VA, Pfn(0), 1024 * 4096, RW).expect("map").ignore();
     // A refused value anywhere: nothing written.
@@ -171,7 +171,7 @@ fn apply_to_range_validates_everything_then_writes_in_one_batch() {
 
 #[test]
 fn apply_to_range_refused_by_xen_restores_every_entry() {
-    let model = Shared::new(4096);
+    let model = shared(4096);
     let mut s = pv(&model);
     let root = s.root();
     // Pages 0..8 data (mixed flags), page 8 the root table read-only.

@@ -298,7 +298,7 @@ impl Harness for PvAliasHarness {
 }
 
 fn new_pv_aliased(batch: usize) -> PvAliasHarness {
-    let model = Shared::new(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
+    let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
     let direct = DirectAliases {
         base: DIRECT_BASE,
         first: DATA_FRAMES,
@@ -343,7 +343,7 @@ fn new_native() -> NativeHarness {
 }
 
 fn new_pv(batch: usize) -> PvHarness {
-    let model = Shared::new(DATA_FRAMES + TABLE_FRAMES);
+    let model = shared(DATA_FRAMES + TABLE_FRAMES);
     let backend = pv_backend(&model, batch);
     let pool = Pool::new(DATA_FRAMES, TABLE_FRAMES);
     let space = AddressSpace::new(backend, pool)

@@ -8,61 +8,15 @@
 //! then hooked — in one ordered submission — and made writable again when
 //! it is freed.
 
-use std::cell::RefCell;
-use std::ptr::NonNull;
-use std::rc::Rc;
-
-use hypercall::abi::{mmu_update, mmuext_op};
-use hypercall::{BatchError, Call, HypercallStats, MmuHypercalls, XenError};
+use hypercall::MmuHypercalls;
 use pvmmu::backend::xen::MAX_ALIASES;
 use pvmmu::backend::{Alias, AliasMap};
 use pvmmu::entry::Flags;
 use pvmmu::invariants::{self, Rules};
 use pvmmu::model::XenModel;
-use pvmmu::phys::FrameWords;
-use pvmmu::{AddressSpace, FrameAllocator, FrameMap, Mfn, Pfn, PhysMem, XenPv};
+use pvmmu::{AddressSpace, FrameAllocator, Pfn, XenPv};
 
-#[derive(Clone)]
-struct Shared(Rc<RefCell<XenModel>>);
-
-impl MmuHypercalls for Shared {
-    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmu_update(reqs)
-    }
-    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmuext_op(ops)
-    }
-    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        self.0.borrow_mut().update_va_mapping(va, val, flags)
-    }
-    fn multicall(
-        &mut self,
-        calls: &[Call<'_>],
-        results: &mut [Result<u64, XenError>],
-    ) -> Result<(), XenError> {
-        self.0.borrow_mut().multicall(calls, results)
-    }
-    fn stats(&self) -> HypercallStats {
-        self.0.borrow().stats()
-    }
-}
-
-// SAFETY: forwards to the model, whose frame pointers are stable for its
-// lifetime, which every clone of this handle shares (Rc).
-unsafe impl PhysMem for Shared {
-    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        self.0.borrow().frame_ptr(pfn)
-    }
-}
-
-impl FrameMap for Shared {
-    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
-        self.0.borrow().to_mfn(pfn)
-    }
-    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
-        self.0.borrow().to_pfn(mfn)
-    }
-}
+use pvmmu::model::SharedModel as Shared;
 
 /// Xen's initial mapping: pfn p at `base + p * 4096` for p < `n`.
 struct InitialMapping {
@@ -111,7 +65,7 @@ const RW: Flags = Flags::PRESENT
 
 #[test]
 fn address_space_on_xens_start_of_day_tree() {
-    let model = Shared(Rc::new(RefCell::new(XenModel::new(32768))));
+    let model = Shared::new(XenModel::new(32768));
     let sod = model
         .0
         .borrow_mut()

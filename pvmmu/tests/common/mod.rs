@@ -4,20 +4,16 @@
 //! walker, and a leaf walker that lists every mapped 4 KiB page.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ptr::NonNull;
-use std::rc::Rc;
 
-use hypercall::abi::{mmu_update, mmuext_op};
-use hypercall::{BatchError, Call, HypercallStats, MmuHypercalls, XenError};
 use pvmmu::backend::xen::MAX_ALIASES;
 use pvmmu::backend::{Alias, AliasMap, Backend, Kind, NoAliases, XenPv};
 use pvmmu::entry::{Entry, Flags, Level, HARDWARE_SET};
 use pvmmu::invariants::{self, Oracle, Rules, Violation};
 use pvmmu::model::XenModel;
 use pvmmu::phys::FrameWords;
-use pvmmu::{FrameAllocator, FrameMap, Mfn, Native, Pfn, PhysMem};
+use pvmmu::{FrameAllocator, Mfn, Native, Pfn, PhysMem};
 
 /// `n` zeroed frames; pfn `i` is frame `i`.
 pub struct Arena {
@@ -115,52 +111,11 @@ impl FrameAllocator for Pool {
 }
 
 /// The Xen model behind the three traits the PV backend takes.
-#[derive(Clone)]
-pub struct Shared(pub Rc<RefCell<XenModel>>);
+pub use pvmmu::model::SharedModel as Shared;
 
-impl Shared {
-    pub fn new(nr_pages: u64) -> Self {
-        Self(Rc::new(RefCell::new(XenModel::new(nr_pages))))
-    }
-}
-
-impl MmuHypercalls for Shared {
-    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmu_update(reqs)
-    }
-    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
-        self.0.borrow_mut().mmuext_op(ops)
-    }
-    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
-        self.0.borrow_mut().update_va_mapping(va, val, flags)
-    }
-    fn multicall(
-        &mut self,
-        calls: &[Call<'_>],
-        results: &mut [Result<u64, XenError>],
-    ) -> Result<(), XenError> {
-        self.0.borrow_mut().multicall(calls, results)
-    }
-    fn stats(&self) -> HypercallStats {
-        self.0.borrow().stats()
-    }
-}
-
-// SAFETY: forwards to the model, whose frame pointers are stable for its
-// lifetime; the model outlives every clone of this handle (Rc).
-unsafe impl PhysMem for Shared {
-    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        self.0.borrow().frame_ptr(pfn)
-    }
-}
-
-impl FrameMap for Shared {
-    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
-        self.0.borrow().to_mfn(pfn)
-    }
-    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
-        self.0.borrow().to_pfn(mfn)
-    }
+/// A fresh unprivileged domain of `nr_pages` behind a shared handle.
+pub fn shared(nr_pages: u64) -> Shared {
+    Shared::new(XenModel::new(nr_pages))
 }
 
 /// The model's page types and pins as the invariant walker's oracle (the
