@@ -32,7 +32,7 @@ use x86_64::{PhysAddr, VirtAddr};
 use crate::directmap::{DirectMem, KernelAliases, DIRECT_MAP_BASE};
 use crate::frames::Frames;
 use crate::selftest::{check, check_eq, Failure, Only, SelfTest, TestResult};
-use crate::traps::{probe_read, probe_write, Fault};
+use crate::traps::{probe_exec, probe_read, probe_write, Fault};
 use crate::xen_pv::PvBoot;
 use crate::Kernel;
 
@@ -721,6 +721,11 @@ fn execute_mapped_code<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     let code = u64::from_le_bytes([0xb8, m[0], m[1], m[2], m[3], 0xc3, 0xcc, 0xcc]);
     // SAFETY: the direct-map page of the borrowed `pfn`.
     unsafe { write("code store", DirectMem::va(pfn), code) }?;
+    // A second copy of `ret` at offset 8, for the NX probes.
+    // SAFETY: as above.
+    unsafe { write("ret store", DirectMem::va(pfn) + 8, 0xc3) }?;
+    // The direct map is NX: fetching from it faults (instruction fetch).
+    expect_fetch_fault("fetch through the direct map", DirectMem::va(pfn) + 8)?;
     expect_error(
         "writable executable map without consent",
         cx.space.map(va, pfn, PAGE, P | RW),
@@ -738,8 +743,32 @@ fn execute_mapped_code<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         u64::from(run()),
         u64::from(magic),
     )?;
+    // SAFETY: `va + 8` holds `ret` and is executable here.
+    unsafe { probe_exec(va + 8) }.map_err(|f| Failure::Fault {
+        what: "fetch from the executable mapping",
+        vector: f.vector,
+        error_code: f.error_code,
+    })?;
+    // Made NX, the same page no longer runs.
+    protect(cx, va, 1, P | NX)?;
+    expect_fetch_fault("fetch after protect to NX", va + 8)?;
     unmap(cx, va, 1)?;
     give(cx, pfn)
+}
+
+/// A call to `va` must fault with a #PF whose error code says instruction
+/// fetch (bit 4).
+fn expect_fetch_fault(what: &'static str, va: u64) -> TestResult {
+    // SAFETY: `va` holds `ret`; if it is (wrongly) executable, `ret` runs.
+    match unsafe { probe_exec(va) } {
+        Err(f) if f.vector == 14 && f.error_code & (1 << 4) != 0 && f.cr2 == va => Ok(()),
+        Err(f) => Err(Failure::Fault {
+            what,
+            vector: f.vector,
+            error_code: f.error_code,
+        }),
+        Ok(()) => Err(Failure::Check("an NX page executed")),
+    }
 }
 
 /// The invariant walker is not blind: a W+X page mapped with consent is

@@ -170,6 +170,18 @@ probe_write_insn:
 probe_write_fixup:
     ret
 
+    # Calls the code at rdi (which must be a plain `ret` if it runs); an
+    # instruction-fetch fault there resumes at the fixup with the return
+    # address popped (see `trap_dispatch`).
+    .globl probe_exec_u64
+probe_exec_u64:
+    xor %eax, %eax
+    xor %edx, %edx
+    call *%rdi
+    .globl probe_exec_fixup
+probe_exec_fixup:
+    ret
+
     .globl probe_ud2
 probe_ud2:
     xor %eax, %eax
@@ -198,12 +210,14 @@ extern "C" {
     fn probe_read_u64(addr: u64) -> ProbeResult;
     fn probe_write_u64(addr: u64, value: u64) -> ProbeResult;
     fn probe_ud2() -> ProbeResult;
+    fn probe_exec_u64(target: u64) -> ProbeResult;
     static probe_read_insn: u8;
     static probe_read_fixup: u8;
     static probe_write_insn: u8;
     static probe_write_fixup: u8;
     static probe_ud2_insn: u8;
     static probe_ud2_fixup: u8;
+    static probe_exec_fixup: u8;
 }
 
 /// The saved state of an interrupted context, as the stubs build it.
@@ -270,6 +284,8 @@ pub struct Fault {
 static FAULT_VECTOR: AtomicU64 = AtomicU64::new(0);
 static FAULT_ERROR: AtomicU64 = AtomicU64::new(0);
 static FAULT_CR2: AtomicU64 = AtomicU64::new(0);
+/// The address `probe_exec` is calling (0 when no exec probe runs).
+static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
 /// Exceptions taken (expected and fatal).
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -342,6 +358,19 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     } else {
         0
     };
+    let exec_target = EXEC_PROBE_TARGET.load(Ordering::Relaxed);
+    if exec_target != 0 && frame.vector == u64::from(vector::PF) && frame.rip == exec_target {
+        // An instruction fetch from the probed page faulted: return to the
+        // probe as if the `ret` there had run, with the fault recorded.
+        FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
+        FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
+        FAULT_CR2.store(cr2, Ordering::Relaxed);
+        // SAFETY: only the address of the asm label is taken.
+        frame.rip = addr(unsafe { &probe_exec_fixup });
+        frame.rsp += 8;
+        frame.rdx = 1;
+        return;
+    }
     if let Some(fixup) = fixup_for(frame.rip) {
         FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
         FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
@@ -400,6 +429,21 @@ pub unsafe fn probe_read(va: u64) -> Result<u64, Fault> {
 pub unsafe fn probe_write(va: u64, value: u64) -> Result<(), Fault> {
     // SAFETY: as for `probe_read`; the caller owns the target if mapped.
     probe_outcome(unsafe { probe_write_u64(va, value) }).map(|_| ())
+}
+
+/// Calls the code at `va`, or reports the fault the instruction fetch
+/// raised (for NX checks).
+///
+/// # Safety
+/// If `va` is executable, the byte there must be `ret` (0xc3): nothing else
+/// runs.
+pub unsafe fn probe_exec(va: u64) -> Result<(), Fault> {
+    EXEC_PROBE_TARGET.store(va, Ordering::Relaxed);
+    // SAFETY: a fetch fault at `va` is caught by `trap_dispatch` (handlers
+    // installed by `init`); otherwise the caller vouches `va` holds `ret`.
+    let r = unsafe { probe_exec_u64(va) };
+    EXEC_PROBE_TARGET.store(0, Ordering::Relaxed);
+    probe_outcome(r).map(|_| ())
 }
 
 /// Executes `ud2`; returns the fault it raised (`Ok` would mean the
