@@ -728,12 +728,13 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let Some(lower) = level.lower().filter(|_| level != op.leaf) else {
             return self.map_leaves(table, level, private, start, last, op);
         };
-        let span = level.entry_span();
-        let base = start & !(span * ENTRIES as u64 - 1);
-        for i in level.index(start)..=level.index(last) {
-            let e_base = base | (i as u64 * span);
-            let s = start.max(e_base);
-            let l = last.min(e_base | (span - 1));
+        for Slot {
+            index: i,
+            first: s,
+            last: l,
+            ..
+        } in slots(level, start, last)
+        {
             let e = if private {
                 Entry::EMPTY
             } else {
@@ -971,10 +972,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let span = level.entry_span();
         let base = start & !(span * ENTRIES as u64 - 1);
         let reserved = self.backend.reserved();
-        for i in level.index(start)..=level.index(last) {
-            let e_base = base | (i as u64 * span);
-            let s = start.max(e_base);
-            let l = last.min(e_base | (span - 1));
+        for Slot {
+            index: i,
+            base: e_base,
+            first: s,
+            last: l,
+            ..
+        } in slots(level, start, last)
+        {
             if let Some((rs, re)) = reserved {
                 if s < re && l >= rs {
                     continue;
@@ -1081,12 +1086,13 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if level == Level::L1 {
             return self.protect_l1(table, start, last, flags);
         }
-        let span = level.entry_span();
-        let base = start & !(span * ENTRIES as u64 - 1);
-        for i in level.index(start)..=level.index(last) {
-            let e_base = base | (i as u64 * span);
-            let s = start.max(e_base);
-            let l = last.min(e_base | (span - 1));
+        for Slot {
+            index: i,
+            first: s,
+            last: l,
+            ..
+        } in slots(level, start, last)
+        {
             let e = self.backend.read(table, i);
             if !e.is_present() {
                 continue;
@@ -1149,11 +1155,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         visit: &mut LeafVisit<'_, Self>,
     ) -> Result<(), Error> {
         let span = level.entry_span();
-        let base = start & !(span * ENTRIES as u64 - 1);
-        for i in level.index(start)..=level.index(last) {
-            let e_base = base | (i as u64 * span);
-            let s = start.max(e_base);
-            let l = last.min(e_base | (span - 1));
+        for Slot {
+            index: i,
+            base: e_base,
+            first: s,
+            last: l,
+            ..
+        } in slots(level, start, last)
+        {
             let e = self.backend.read(table, i);
             if !e.is_present() {
                 continue;
@@ -1375,13 +1384,45 @@ fn for_each_entry(
     last: u64,
     mut f: impl FnMut(usize, u64, u64, bool) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let span = level.entry_span();
-    let base = start & !(span * ENTRIES as u64 - 1);
-    for i in level.index(start)..=level.index(last) {
-        let e_base = base | (i as u64 * span);
-        let s = start.max(e_base);
-        let l = last.min(e_base | (span - 1));
-        f(i, s, l, s == e_base && l == e_base | (span - 1))?;
+    for slot in slots(level, start, last) {
+        f(slot.index, slot.first, slot.last, slot.is_whole(level))?;
     }
     Ok(())
+}
+
+/// The part of a range `[start, last]` that one entry of a `level` table
+/// covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// Index of the entry in its table.
+    index: usize,
+    /// First address the entry maps.
+    base: u64,
+    /// First address of the range inside the entry's span.
+    first: u64,
+    /// Last address of the range inside the entry's span.
+    last: u64,
+}
+
+impl Slot {
+    /// Whether the range covers the entry's whole span.
+    fn is_whole(&self, level: Level) -> bool {
+        self.first == self.base && self.last == self.base | (level.entry_span() - 1)
+    }
+}
+
+/// The entries of a `level` table that `[start, last]` touches (both inside
+/// one table's span), in order.
+fn slots(level: Level, start: u64, last: u64) -> impl Iterator<Item = Slot> {
+    let span = level.entry_span();
+    let base = start & !(span * ENTRIES as u64 - 1);
+    (level.index(start)..=level.index(last)).map(move |index| {
+        let e_base = base | (index as u64 * span);
+        Slot {
+            index,
+            base: e_base,
+            first: start.max(e_base),
+            last: last.min(e_base | (span - 1)),
+        }
+    })
 }
