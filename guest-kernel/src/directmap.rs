@@ -23,6 +23,7 @@ use pvmmu::{Pfn, PhysMem};
 
 use crate::boot::KERNEL_VMA;
 use crate::physmem::BootMem;
+use crate::xen_pv::PvBoot;
 use crate::Kernel;
 
 /// Virtual base of the direct map (L4 slot 273, clear of Xen's hole).
@@ -324,5 +325,3 @@ pub fn build(kernel: &mut Kernel) -> Result<DirectMap, DirectMapError> {
         cycles,
     })
 }
-
-use crate::xen_pv::PvBoot;

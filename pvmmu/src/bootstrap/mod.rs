@@ -488,16 +488,7 @@ impl<'a, 's> Boot<'a, 's> {
     /// referenced, so Xen drops its type; make its aliases writable and stop
     /// counting it as a table (the frame is free for the caller again).
     fn retire_replaced(&mut self, old: Pfn) -> Result<(), BootError> {
-        let root = self.root();
-        let dm = self.layout.direct_map_base + old.0 * PAGE_SIZE;
-        self.set_alias_rw(root, dm, true)?;
-        for i in 0..self.layout.regions.len() {
-            let r = self.layout.regions[i];
-            if r.pfns.contains(old) && r.access == Access::Data {
-                let va = r.va + (old.0 - r.pfns.start.0) * PAGE_SIZE;
-                self.set_alias_rw(root, va, true)?;
-            }
-        }
+        self.set_new_tree_aliases(old, true)?;
         self.report.tables.remove(PfnRange::new(old.0, old.0 + 1))?;
         Ok(())
     }
@@ -520,14 +511,21 @@ impl<'a, 's> Boot<'a, 's> {
             }
             return Ok(());
         }
-        let live_root = self.root();
+        self.set_new_tree_aliases(pfn, false)
+    }
+
+    /// Queues the RW bit of every mapping the new tree has of `pfn`: its
+    /// direct-map page, and its page in each region (only in `Data` regions
+    /// when making it writable again, so text and rodata stay read-only).
+    fn set_new_tree_aliases(&mut self, pfn: Pfn, rw: bool) -> Result<(), BootError> {
+        let root = self.root();
         let dm = self.layout.direct_map_base + pfn.0 * PAGE_SIZE;
-        self.set_alias_rw(live_root, dm, false)?;
-        for i in 0..self.layout.regions.len() {
-            let r = self.layout.regions[i];
-            if r.pfns.contains(pfn) {
+        self.set_alias_rw(root, dm, rw)?;
+        let regions = self.layout.regions;
+        for r in regions {
+            if r.pfns.contains(pfn) && (!rw || r.access == Access::Data) {
                 let va = r.va + (pfn.0 - r.pfns.start.0) * PAGE_SIZE;
-                self.set_alias_rw(live_root, va, false)?;
+                self.set_alias_rw(root, va, rw)?;
             }
         }
         Ok(())
@@ -607,17 +605,18 @@ impl<'a, 's> Boot<'a, 's> {
                         return Err(BootError::AlreadyMapped(va));
                     }
                     let child = self.entry_pfn(e)?;
-                    if matches!(parent, Table::Fresh(_)) {
-                        // Hooked earlier this round (cannot happen with
-                        // monotonic traversal, but keep it correct).
-                        Table::Fresh(child)
-                    } else if level == 2 && self.is_pv() {
+                    if level == 2 && self.is_pv() && matches!(parent, Table::Live(_)) {
                         // A live L2 about to receive this round's L1s:
                         // replace it by a fresh copy hooked with one entry,
                         // instead of one mmu_update per new L1.
                         replaces = Some(child);
                         self.copy_table(child)?
                     } else {
+                        // A present entry names a table already in the tree
+                        // (a copied L2's entries point at live L1s); a table
+                        // created this round is never revisited, because the
+                        // traversal is monotonic in va. Writes to it go
+                        // through the queue, never by store.
                         Table::Live(child)
                     }
                 } else {
@@ -1052,16 +1051,7 @@ impl<'a, 's> Boot<'a, 's> {
         // in the new tree and give them back.
         for r in old_tables.ranges() {
             for p in r.start.0..r.end.0 {
-                let pfn = Pfn(p);
-                let dm = self.layout.direct_map_base + p * PAGE_SIZE;
-                self.set_alias_rw(root, dm, true)?;
-                for i in 0..self.layout.regions.len() {
-                    let reg = self.layout.regions[i];
-                    if reg.pfns.contains(pfn) && reg.access == Access::Data {
-                        let va = reg.va + (p - reg.pfns.start.0) * PAGE_SIZE;
-                        self.set_alias_rw(root, va, true)?;
-                    }
-                }
+                self.set_new_tree_aliases(Pfn(p), true)?;
             }
             self.report.tables.remove(*r)?;
             self.report.freed.insert(*r)?;
