@@ -10,6 +10,7 @@ use super::*;
 use crate::model::XenModel;
 use alloc::rc::Rc;
 use alloc::vec;
+use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::ptr::NonNull;
 
@@ -20,17 +21,22 @@ pub const DM: u64 = 0xffff_8880_0000_0000;
 
 pub use crate::model::SharedModel as Shared;
 
-/// The model's memory, reaching only `reach`.
-struct Reach {
-    model: Shared,
-    reach: PfnRange,
+/// A view of another [`PhysMem`] that reaches only the frames in `ranges`:
+/// what an entry environment maps, so a test can prove the bootstrap never
+/// touches a frame it cannot reach yet.
+pub struct Reach<'a, M: PhysMem> {
+    /// The memory behind the view.
+    pub mem: &'a M,
+    /// The frames the view reaches.
+    pub ranges: Vec<PfnRange>,
 }
 
-// SAFETY: as for `Shared`.
-unsafe impl PhysMem for Reach {
+// SAFETY: forwards to `mem` for frames in `ranges`, so the pointers are
+// `mem`'s, valid and stable for as long as `mem` (which outlives the view).
+unsafe impl<M: PhysMem> PhysMem for Reach<'_, M> {
     fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        if self.reach.contains(pfn) {
-            self.model.frame_ptr(pfn)
+        if self.ranges.iter().any(|r| r.contains(pfn)) {
+            self.mem.frame_ptr(pfn)
         } else {
             None
         }
@@ -96,12 +102,12 @@ pub fn run_pv(nr_pages: u64, image: u64, batch: usize) -> Result<PvRun, BootErro
         page_sizes: PageSizes::Up1G,
     };
     let boot = Reach {
-        model: shared.clone(),
-        reach: PfnRange::new(0, mapped),
+        mem: &shared,
+        ranges: vec![PfnRange::new(0, mapped)],
     };
     let direct = Reach {
-        model: shared.clone(),
-        reach: PfnRange::new(0, nr_pages),
+        mem: &shared,
+        ranges: vec![PfnRange::new(0, nr_pages)],
     };
     let mut hyp = shared.clone();
     let p2m = shared.clone();

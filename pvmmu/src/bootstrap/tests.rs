@@ -1,6 +1,7 @@
 //! Host tests of the bootstrap over an in-memory arena (native) — the PV
 //! path is tested against the Xen model in `tests_pv`.
 
+use super::sim::Reach;
 use super::*;
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -29,20 +30,11 @@ impl LazyArena {
     }
 }
 
-/// A view of the arena that reaches only some frames.
-pub(crate) struct Reach<'a> {
-    arena: &'a LazyArena,
-    ranges: Vec<PfnRange>,
-}
-
 // SAFETY: frames are boxed and never freed while the arena lives, so the
 // pointer for a pfn is stable and valid for reads and writes of 4 KiB.
-unsafe impl PhysMem for Reach<'_> {
+unsafe impl PhysMem for LazyArena {
     fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
-        self.ranges
-            .iter()
-            .any(|r| r.contains(pfn))
-            .then(|| self.arena.ptr(pfn))
+        Some(self.ptr(pfn))
     }
 }
 
@@ -113,11 +105,11 @@ fn run_native(
         page_sizes: sizes,
     };
     let boot = Reach {
-        arena,
+        mem: arena,
         ranges: alloc::vec![first],
     };
     let direct = Reach {
-        arena,
+        mem: arena,
         ranges: ram.to_vec(),
     };
     let mut loaded = Vec::new();
@@ -137,7 +129,7 @@ fn run_native(
 
 fn check_direct_map(arena: &LazyArena, ram: &[PfnRange], report: &BootReport, stride: u64) {
     let all = Reach {
-        arena,
+        mem: arena,
         ranges: ram.to_vec(),
     };
     let mut mapped = 0;
@@ -200,7 +192,7 @@ fn native_4k_one_gib_grows_geometrically() {
     check_direct_map(&arena, &ram, r, 1);
     // Kernel regions with their permissions.
     let all = Reach {
-        arena: &arena,
+        mem: &arena,
         ranges: ram.to_vec(),
     };
     let (p, f, _) = translate(&all, r.root, KVA + 0x105 * PAGE_SIZE, &Identity).unwrap();
@@ -241,7 +233,7 @@ fn native_large_pages_with_high_memory() {
         assert_eq!(r.pages_mapped, 0x9f + (0x7ffe0 - 0x100) + 0x40000);
         check_direct_map(&arena2, &ram, r, 97);
         let all = Reach {
-            arena: &arena2,
+            mem: &arena2,
             ranges: ram.to_vec(),
         };
         let (_, _, level) = translate(&all, r.root, DM + 0x100000 * PAGE_SIZE, &Identity).unwrap();
@@ -278,25 +270,13 @@ fn refuses_bad_layouts() {
     let arena = LazyArena::new();
     let ram = [PfnRange::new(0x100, 0x1000)];
     let boot = Reach {
-        arena: &arena,
+        mem: &arena,
         ranges: ram.to_vec(),
     };
-    let mut scratch = [mmu_update { ptr: 0, val: 0 }; 0];
-    for (base, regions) in [
-        (XEN_HOLE_START, &[][..]),
-        (DM + 4096, &[][..]),
-        (
-            DM,
-            &[Region {
-                va: DM + 0x200 * PAGE_SIZE,
-                pfns: PfnRange::new(0x100, 0x101),
-                access: Access::Data,
-            }][..],
-        ),
-    ] {
+    let try_boot = |reserved: &[PfnRange], base: u64, regions: &[Region]| {
         let layout = Layout {
             ram: &ram,
-            reserved: &[],
+            reserved,
             first_chunk: PfnRange::new(0x100, 0x200),
             entry_alias_base: 0,
             direct_map_base: base,
@@ -304,7 +284,8 @@ fn refuses_bad_layouts() {
             page_sizes: PageSizes::Only4K,
         };
         let mut load = |_p: Pfn| panic!("must not switch");
-        let e = bootstrap(
+        let mut scratch = [mmu_update { ptr: 0, val: 0 }; 0];
+        bootstrap(
             &layout,
             Platform::Native {
                 load_root: &mut load,
@@ -312,29 +293,23 @@ fn refuses_bad_layouts() {
             &boot,
             &boot,
             &mut scratch,
-        );
-        assert_eq!(e.err(), Some(BootError::BadLayout));
+        )
+        .map(|r| r.root)
+    };
+    let outside_dm = [Region {
+        va: DM + 0x200 * PAGE_SIZE,
+        pfns: PfnRange::new(0x100, 0x101),
+        access: Access::Data,
+    }];
+    for (base, regions) in [
+        (XEN_HOLE_START, &[][..]),
+        (DM + 4096, &[][..]),
+        (DM, &outside_dm[..]),
+    ] {
+        assert_eq!(try_boot(&[], base, regions), Err(BootError::BadLayout));
     }
     // No free frame in the boot-mapped chunk.
-    let layout = Layout {
-        ram: &ram,
-        reserved: &[PfnRange::new(0x100, 0x200)],
-        first_chunk: PfnRange::new(0x100, 0x200),
-        entry_alias_base: 0,
-        direct_map_base: DM,
-        regions: &[],
-        page_sizes: PageSizes::Only4K,
-    };
-    let mut load = |_p: Pfn| panic!("must not switch");
-    let e = bootstrap(
-        &layout,
-        Platform::Native {
-            load_root: &mut load,
-        },
-        &boot,
-        &boot,
-        &mut scratch,
-    );
+    let e = try_boot(&[PfnRange::new(0x100, 0x200)], DM, &[]);
     assert!(
         matches!(e, Err(BootError::OutOfFrames { round: 0, .. })),
         "{e:?}"
