@@ -242,6 +242,20 @@ pub enum Call<'a> {
 /// Most calls one `multicall` may carry in this crate.
 pub const MAX_MULTICALL: usize = 32;
 
+/// The checks every [`MmuHypercalls::multicall`] implementation makes
+/// before it issues anything: `Err(TooBig)` for more than [`MAX_MULTICALL`]
+/// calls or fewer result slots than calls, `Ok(false)` for an empty list
+/// (nothing to do, no hypercall), `Ok(true)` otherwise.
+pub fn multicall_needed(
+    calls: &[Call<'_>],
+    results: &[Result<u64, XenError>],
+) -> Result<bool, XenError> {
+    if calls.len() > MAX_MULTICALL || results.len() < calls.len() {
+        return Err(XenError::TooBig);
+    }
+    Ok(!calls.is_empty())
+}
+
 /// Counters every implementation keeps, for reports and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HypercallStats {
@@ -363,10 +377,7 @@ impl MmuHypercalls for Xen {
         calls: &[Call<'_>],
         results: &mut [Result<u64, XenError>],
     ) -> Result<(), XenError> {
-        if calls.len() > MAX_MULTICALL || results.len() < calls.len() {
-            return Err(XenError::TooBig);
-        }
-        if calls.is_empty() {
+        if !multicall_needed(calls, results)? {
             return Ok(());
         }
         let mut entries = [multicall_entry {

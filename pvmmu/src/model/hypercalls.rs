@@ -9,7 +9,6 @@
 //! do.
 
 use hypercall::abi::{mmu_update, mmuext_op};
-use hypercall::mmu::MAX_MULTICALL;
 use hypercall::{BatchError, Call, HypercallStats, MmuExt, MmuHypercalls, PinLevel, XenError};
 
 use super::rules::{entry_mfn, is_xen_l4_slot};
@@ -265,10 +264,7 @@ impl MmuHypercalls for XenModel {
         calls: &[Call<'_>],
         results: &mut [Result<u64, XenError>],
     ) -> Result<(), XenError> {
-        if calls.len() > MAX_MULTICALL || results.len() < calls.len() {
-            return Err(XenError::TooBig);
-        }
-        if calls.is_empty() {
+        if !hypercall::mmu::multicall_needed(calls, results)? {
             return Ok(());
         }
         self.stats.hypercalls += 1;
