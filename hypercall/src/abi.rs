@@ -145,3 +145,176 @@ const_assert_eq!(size_of::<XenMemoryMap>(), 16);
 const_assert_eq!(offset_of!(XenMemoryMap, buffer), 8);
 const_assert_eq!(size_of::<EvtchnSend>(), 4);
 const_assert_eq!(size_of::<SchedShutdown>(), 4);
+
+// ---- events, callbacks, time (xen.h, event_channel.h, callback.h, vcpu.h) ----
+
+/// `__HYPERVISOR_iret` (the PV guest's return from an exception or event).
+pub const HYPERVISOR_IRET: u32 = 23;
+/// `__HYPERVISOR_callback_op`.
+pub const HYPERVISOR_CALLBACK_OP: u32 = 30;
+
+/// `callback_op` sub-command: register a callback.
+pub const CALLBACKOP_REGISTER: u32 = 0;
+/// Callback type: the event-channel upcall.
+pub const CALLBACKTYPE_EVENT: u16 = 0;
+/// Callback type: the failsafe callback (a segment reload on iret failed).
+pub const CALLBACKTYPE_FAILSAFE: u16 = 1;
+/// Callback flag: mask events (`evtchn_upcall_mask`) when entering.
+pub const CALLBACKF_MASK_EVENTS: u16 = 1;
+
+/// Argument of `CALLBACKOP_register` (`struct callback_register`, x86_64:
+/// `xen_callback_t` is a plain address).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CallbackRegister {
+    /// `CALLBACKTYPE_*`.
+    pub kind: u16,
+    /// `CALLBACKF_*`.
+    pub flags: u16,
+    /// Padding (the address is 8-byte aligned).
+    pub pad: u32,
+    /// Entry point.
+    pub address: u64,
+}
+
+/// `event_channel_op` sub-command: bind a virtual IRQ to a new port.
+pub const EVTCHNOP_BIND_VIRQ: u32 = 1;
+/// `event_channel_op` sub-command: close a port.
+pub const EVTCHNOP_CLOSE: u32 = 3;
+/// `event_channel_op` sub-command: bind an inter-vCPU port.
+pub const EVTCHNOP_BIND_IPI: u32 = 7;
+/// `event_channel_op` sub-command: unmask a port (Xen re-raises a pending
+/// event).
+pub const EVTCHNOP_UNMASK: u32 = 9;
+/// Virtual IRQ: the per-vCPU timer.
+pub const VIRQ_TIMER: u32 = 0;
+/// Virtual IRQ that does not exist (for the bind refusal test).
+pub const NR_VIRQS: u32 = 24;
+
+/// Argument of `EVTCHNOP_bind_virq`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvtchnBindVirq {
+    /// In: the virtual IRQ.
+    pub virq: u32,
+    /// In: the vCPU to deliver to.
+    pub vcpu: u32,
+    /// Out: the new local port.
+    pub port: u32,
+}
+
+/// Argument of `EVTCHNOP_bind_ipi`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvtchnBindIpi {
+    /// In: the vCPU to deliver to.
+    pub vcpu: u32,
+    /// Out: the new local port.
+    pub port: u32,
+}
+
+/// Argument of `EVTCHNOP_unmask` and `EVTCHNOP_close`: one port.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvtchnPort {
+    /// The port.
+    pub port: u32,
+}
+
+/// `vcpu_op` sub-command: arm the one-shot timer.
+pub const VCPUOP_SET_SINGLESHOT_TIMER: u32 = 8;
+/// `vcpu_op` sub-command: disarm the one-shot timer.
+pub const VCPUOP_STOP_SINGLESHOT_TIMER: u32 = 9;
+/// One-shot timer flag: fail with `-ETIME` if the deadline already passed.
+pub const VCPU_SSHOTTMR_FUTURE: u32 = 1;
+
+/// Argument of `VCPUOP_set_singleshot_timer`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VcpuSetSingleshotTimer {
+    /// Absolute Xen system time of the deadline, in nanoseconds.
+    pub timeout_abs_ns: u64,
+    /// `VCPU_SSHOTTMR_*`.
+    pub flags: u32,
+    /// Padding to the C size.
+    pub pad: u32,
+}
+
+/// `sched_op` sub-command: block until an event is pending (events are
+/// unmasked atomically with the block).
+pub const SCHEDOP_BLOCK: u32 = 1;
+
+/// Per-vCPU time information (`struct vcpu_time_info`). Xen system time
+/// is `system_time` plus the TSC delta since `tsc_timestamp`, shifted by
+/// `tsc_shift` (right if negative), times `tsc_to_system_mul` in 32.32 fixed
+/// point; valid while `version` is even and unchanged across the read.
+#[repr(C)]
+#[derive(Debug)]
+pub struct VcpuTimeInfo {
+    /// Odd while Xen updates the record.
+    pub version: u32,
+    /// Padding.
+    pub pad0: u32,
+    /// TSC at the last update.
+    pub tsc_timestamp: u64,
+    /// System time (ns since Xen booted) at the last update.
+    pub system_time: u64,
+    /// TSC-to-ns multiplier (32.32 fixed point).
+    pub tsc_to_system_mul: u32,
+    /// Shift applied to the TSC delta first.
+    pub tsc_shift: i8,
+    /// `XEN_PVCLOCK_*` flags.
+    pub flags: u8,
+    /// Padding.
+    pub pad1: [u8; 2],
+}
+
+/// One vCPU's slot in the shared-info page (`struct vcpu_info`, x86_64).
+#[repr(C)]
+#[derive(Debug)]
+pub struct VcpuInfo {
+    /// Set by Xen when an event is pending for this vCPU.
+    pub evtchn_upcall_pending: u8,
+    /// Non-zero: Xen does not deliver the event upcall (the PV "cli").
+    pub evtchn_upcall_mask: u8,
+    /// Padding.
+    pub pad0: [u8; 6],
+    /// One bit per word of `evtchn_pending` that has a pending port.
+    pub evtchn_pending_sel: u64,
+    /// `arch_vcpu_info`: cr2 and padding.
+    pub arch: [u64; 2],
+    /// The vCPU's clock.
+    pub time: VcpuTimeInfo,
+}
+
+/// vCPU slots in the shared-info page (`XEN_LEGACY_MAX_VCPUS`).
+pub const LEGACY_MAX_VCPUS: usize = 32;
+
+/// The shared-info page, as far as the kernel reads it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SharedInfo {
+    /// Per-vCPU state.
+    pub vcpu_info: [VcpuInfo; LEGACY_MAX_VCPUS],
+    /// 2-level event channels: one pending bit per port.
+    pub evtchn_pending: [u64; 64],
+    /// 2-level event channels: one mask bit per port.
+    pub evtchn_mask: [u64; 64],
+}
+
+const_assert_eq!(size_of::<CallbackRegister>(), 16);
+const_assert_eq!(offset_of!(CallbackRegister, address), 8);
+const_assert_eq!(size_of::<EvtchnBindVirq>(), 12);
+const_assert_eq!(size_of::<EvtchnBindIpi>(), 8);
+const_assert_eq!(size_of::<VcpuSetSingleshotTimer>(), 16);
+const_assert_eq!(size_of::<VcpuTimeInfo>(), 32);
+const_assert_eq!(offset_of!(VcpuTimeInfo, tsc_timestamp), 8);
+const_assert_eq!(offset_of!(VcpuTimeInfo, system_time), 16);
+const_assert_eq!(offset_of!(VcpuTimeInfo, tsc_to_system_mul), 24);
+const_assert_eq!(offset_of!(VcpuTimeInfo, tsc_shift), 28);
+const_assert_eq!(size_of::<VcpuInfo>(), 64);
+const_assert_eq!(offset_of!(VcpuInfo, evtchn_upcall_mask), 1);
+const_assert_eq!(offset_of!(VcpuInfo, evtchn_pending_sel), 8);
+const_assert_eq!(offset_of!(VcpuInfo, time), 32);
+const_assert_eq!(offset_of!(SharedInfo, evtchn_pending), 2048);
+const_assert_eq!(offset_of!(SharedInfo, evtchn_mask), 2560);

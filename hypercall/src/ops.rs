@@ -211,3 +211,142 @@ pub unsafe fn sched_yield() -> Result<(), XenError> {
     let ret = unsafe { call2(nr::SCHED_OP, u64::from(xen_sys::SCHEDOP_yield), 0) };
     XenError::check(ret).map(|_| ())
 }
+
+/// `callback_op(CALLBACKOP_register)`: registers the entry point Xen bounces
+/// the event upcall (or the failsafe callback) to.
+///
+/// # Safety
+/// Only as a Xen PV guest; `address` must be an entry stub that expects
+/// Xen's 64-bit PV bounce frame (`rcx`, `r11`, then the hardware frame) and
+/// returns with `HYPERVISOR_iret`.
+pub unsafe fn callback_register(kind: u16, address: u64, flags: u16) -> Result<(), XenError> {
+    let arg = abi::CallbackRegister {
+        kind,
+        flags,
+        pad: 0,
+        address,
+    };
+    // SAFETY: `arg` lives across the call; the caller vouches for `address`.
+    let ret = unsafe {
+        call2(
+            abi::HYPERVISOR_CALLBACK_OP,
+            u64::from(abi::CALLBACKOP_REGISTER),
+            &arg as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `event_channel_op(EVTCHNOP_bind_virq)`: binds `virq` on `vcpu` to a new
+/// port and returns it (the port starts masked only if the guest masked it).
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn evtchn_bind_virq(virq: u32, vcpu: u32) -> Result<u32, XenError> {
+    let mut arg = abi::EvtchnBindVirq {
+        virq,
+        vcpu,
+        port: 0,
+    };
+    // SAFETY: `arg` lives across the call; Xen writes only `port`.
+    let ret = unsafe {
+        call2(
+            nr::EVENT_CHANNEL_OP,
+            u64::from(abi::EVTCHNOP_BIND_VIRQ),
+            &mut arg as *mut _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| arg.port)
+}
+
+/// `event_channel_op(EVTCHNOP_bind_ipi)`: a new port that notifies `vcpu`.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn evtchn_bind_ipi(vcpu: u32) -> Result<u32, XenError> {
+    let mut arg = abi::EvtchnBindIpi { vcpu, port: 0 };
+    // SAFETY: `arg` lives across the call; Xen writes only `port`.
+    let ret = unsafe {
+        call2(
+            nr::EVENT_CHANNEL_OP,
+            u64::from(abi::EVTCHNOP_BIND_IPI),
+            &mut arg as *mut _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| arg.port)
+}
+
+/// `event_channel_op(EVTCHNOP_unmask)`: clears the port's mask bit; Xen
+/// raises the upcall again if the port is pending.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn evtchn_unmask(port: u32) -> Result<(), XenError> {
+    let arg = abi::EvtchnPort { port };
+    // SAFETY: `arg` lives across the call.
+    let ret = unsafe {
+        call2(
+            nr::EVENT_CHANNEL_OP,
+            u64::from(abi::EVTCHNOP_UNMASK),
+            &arg as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `event_channel_op(EVTCHNOP_close)`.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn evtchn_close(port: u32) -> Result<(), XenError> {
+    let arg = abi::EvtchnPort { port };
+    // SAFETY: `arg` lives across the call.
+    let ret = unsafe {
+        call2(
+            nr::EVENT_CHANNEL_OP,
+            u64::from(abi::EVTCHNOP_CLOSE),
+            &arg as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `vcpu_op(VCPUOP_set_singleshot_timer, vcpu)`: `VIRQ_TIMER` fires once at
+/// Xen system time `deadline_ns`. With `future`, a deadline already past
+/// fails with `-ETIME` instead of firing at once.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn vcpu_set_singleshot_timer(
+    vcpu: u32,
+    deadline_ns: u64,
+    future: bool,
+) -> Result<(), XenError> {
+    let arg = abi::VcpuSetSingleshotTimer {
+        timeout_abs_ns: deadline_ns,
+        flags: if future { abi::VCPU_SSHOTTMR_FUTURE } else { 0 },
+        pad: 0,
+    };
+    // SAFETY: `arg` lives across the call.
+    let ret = unsafe {
+        call3(
+            nr::VCPU_OP,
+            u64::from(abi::VCPUOP_SET_SINGLESHOT_TIMER),
+            u64::from(vcpu),
+            &arg as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `sched_op(SCHEDOP_block)`: sleeps until an event is pending. Called with
+/// events masked, Xen unmasks them atomically with the block, so an event
+/// that arrives between the caller's check and the block is not lost.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn sched_block() -> Result<(), XenError> {
+    // SAFETY: SCHEDOP_block takes no argument buffer.
+    let ret = unsafe { call2(nr::SCHED_OP, u64::from(abi::SCHEDOP_BLOCK), 0) };
+    XenError::check(ret).map(|_| ())
+}
