@@ -80,7 +80,7 @@ pub struct BootOptions {
     /// `pvmmu.4k`: natively, build the direct map from 4 KiB pages only, to
     /// compare table counts with Xen PV.
     pub only_4k: bool,
-    /// `pvmmu.crash=panic|ud|pf|stack`: crash on purpose after the self-tests,
+    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
 }
@@ -98,6 +98,10 @@ pub enum CrashKind {
     /// #DF on the IST stack; under PV Xen cannot deliver the #PF and crashes
     /// the domain).
     StackOverflow,
+    /// A spawned thread overflows its stack into its guard page (natively
+    /// reported with the thread's name from the #DF handler; under PV Xen
+    /// cannot deliver the #PF and crashes the domain).
+    ThreadStackOverflow,
 }
 
 impl BootOptions {
@@ -111,6 +115,7 @@ impl BootOptions {
                 Some("ud") => Some(CrashKind::InvalidOpcode),
                 Some("pf") => Some(CrashKind::PageFault),
                 Some("stack") => Some(CrashKind::StackOverflow),
+                Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
                 _ => None,
             },
         }

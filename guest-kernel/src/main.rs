@@ -10,13 +10,18 @@
 #![no_main]
 #![deny(missing_docs)]
 
+mod apic;
 mod boot;
 mod boot_tests;
+mod clock;
 mod cmdline;
 mod console;
 mod directmap;
 mod dm_tests;
+mod events;
 mod frames;
+mod irq;
+mod kspace;
 mod memmap;
 mod negative_env;
 mod physmem;
@@ -24,8 +29,12 @@ mod platform;
 mod pvh;
 mod pvmmu_tests;
 mod report;
+mod rk_tests;
+mod running;
+mod sched;
 mod selftest;
 mod shutdown;
+mod timer;
 mod traps;
 mod xen_pv;
 
@@ -51,6 +60,9 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 /// Self-test suites run on the direct map pvmmu built. Adding a suite is one
 /// line.
 const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE];
+
+/// Self-test suites run once interrupts, the tick and threads are up.
+const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE];
 
 /// Most reservations remembered (for the self-tests).
 pub const MAX_RESERVATIONS: usize = 16;
@@ -402,10 +414,34 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }
+
+    // The running kernel: interrupts, the tick, threads. The suites above
+    // count hypercalls exactly and run before it.
+    match running::start(&mut kernel) {
+        Ok(r) => log::info!(
+            "running kernel: tick every {} us from the {}",
+            timer::TICK_NS / 1000,
+            r.timer
+        ),
+        Err(e) => panic!("cannot start the running kernel: {e:?}"),
+    }
+    for suite in RUNNING_SUITES {
+        selftest::run_suite(&mut kernel, suite, &mut tally);
+    }
+    if kernel.pv.is_some() {
+        let (upcalls, events, stray) = events::counts();
+        log::info!("events: {upcalls} upcalls, {events} port events, {stray} on unbound ports");
+    }
     negative_env::run(&mut kernel);
     if let Some(kind) = kernel.options.crash {
         crash(kind);
     }
+    let st = sched::stats();
+    kernel.report.timer_irqs = timer::ticks();
+    kernel.report.context_switches = st.context_switches;
+    kernel.report.threads = st.threads;
+    kernel.report.preemptions = st.preemptions;
+    kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
@@ -440,6 +476,13 @@ fn crash(kind: cmdline::CrashKind) {
         cmdline::CrashKind::StackOverflow => {
             let depth = recurse(0);
             log::error!("recursion returned at depth {depth}");
+        }
+        cmdline::CrashKind::ThreadStackOverflow => {
+            let overflow = |_: u64| recurse(0);
+            match sched::spawn("overflow", overflow, 0).and_then(sched::join) {
+                Ok(depth) => log::error!("thread recursion returned at depth {depth}"),
+                Err(e) => log::error!("cannot run the overflowing thread: {e:?}"),
+            }
         }
     }
 }

@@ -39,6 +39,18 @@ pub struct Report {
     pub xen_domain: Option<XenDomain>,
     /// Hypervisor CPUID signature seen (PVH entry only).
     pub hypervisor: Option<HypervisorSignature>,
+    /// CPUs running the kernel.
+    pub cpus: u64,
+    /// Timer interrupts taken.
+    pub timer_irqs: u64,
+    /// Thread switches.
+    pub context_switches: u64,
+    /// Threads created (main and idle included).
+    pub threads: u64,
+    /// Switches forced at interrupt return.
+    pub preemptions: u64,
+    /// Interrupts taken (native IRQs, PV event upcalls).
+    pub interrupts: u64,
 }
 
 impl Report {
@@ -59,6 +71,12 @@ impl Report {
             selftests_failed: 0,
             xen_domain: None,
             hypervisor: None,
+            cpus: 1,
+            timer_irqs: 0,
+            context_switches: 0,
+            threads: 0,
+            preemptions: 0,
+            interrupts: 0,
         }
     }
 }
@@ -95,7 +113,7 @@ impl fmt::Display for Report {
             ",\"mem_mib\":{},\"pages_mapped\":{},\"tables_created\":{},\"hypercalls\":{},\
              \"mmu_update_entries\":{},\"map_cycles\":{},\"bootstrap_rounds\":{},\
              \"bootstrap_hypercalls\":{},\"bootstrap_entries\":{},\"selftests_passed\":{},\
-             \"selftests_failed\":{}}}",
+             \"selftests_failed\":{}",
             self.mem_mib,
             self.pages_mapped,
             self.tables_created,
@@ -107,6 +125,17 @@ impl fmt::Display for Report {
             self.bootstrap_entries,
             self.selftests_passed,
             self.selftests_failed
+        )?;
+        write!(
+            f,
+            ",\"cpus\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
+             \"preemptions\":{},\"threads\":{}}}",
+            self.cpus,
+            self.timer_irqs,
+            self.interrupts,
+            self.context_switches,
+            self.preemptions,
+            self.threads
         )
     }
 }

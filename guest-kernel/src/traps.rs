@@ -81,6 +81,42 @@ trap_pv_\vec:
     pv_stub \v, 1
     .endr
 
+    # Native interrupt vectors 32..255: one 16-byte stub each, in order,
+    # so vector v's stub is at trap_native_irq_stubs + 16 * (v - 32).
+    .balign 16
+    .globl trap_native_irq_stubs
+trap_native_irq_stubs:
+    .set irqvec, 32
+    .rept 224
+    .balign 16
+    push $0
+    push $irqvec
+    jmp trap_common_native
+    .set irqvec, irqvec + 1
+    .endr
+
+    # Xen PV event upcall: the same bounce frame as an exception without
+    # an error code; dispatched as pseudo-vector 256.
+    .balign 16
+    .globl event_upcall_pv
+event_upcall_pv:
+    mov (%rsp), %rcx
+    mov 8(%rsp), %r11
+    add $16, %rsp
+    push $0
+    push $256
+    jmp trap_common_pv
+
+    # Xen PV failsafe callback: rcx, r11, ds, es, fs, gs, then the iret
+    # frame. Nothing loads user segments, so it only reports.
+    .balign 16
+    .globl failsafe_callback_pv
+failsafe_callback_pv:
+    mov 48(%rsp), %rdi
+    and $-16, %rsp
+    call failsafe_callback
+    ud2
+
     .macro save_and_dispatch
     cld
     push %rax
@@ -206,6 +242,7 @@ struct ProbeResult {
 
 extern "C" {
     static trap_native_stubs: [u64; 32];
+    static trap_native_irq_stubs: u8;
     static trap_pv_stubs: [u64; 32];
     fn probe_read_u64(addr: u64) -> ProbeResult;
     fn probe_write_u64(addr: u64, value: u64) -> ProbeResult;
@@ -349,11 +386,70 @@ pub fn vector_name(vector: u64) -> &'static str {
     }
 }
 
-/// Called by the stubs with the saved frame.
+/// First vector of a device or timer interrupt (natively).
+pub const FIRST_IRQ_VECTOR: u64 = 32;
+/// The pseudo-vector the PV event upcall stub dispatches as.
+pub const EVENT_VECTOR: u64 = 256;
+
+/// Exceptions taken while another handler was running (nested).
+static NESTED_EXCEPTIONS: AtomicU64 = AtomicU64::new(0);
+/// Interrupts (native IRQs and PV upcalls) taken.
+static INTERRUPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Exceptions taken inside another handler since boot.
+pub fn nested_exceptions() -> u64 {
+    NESTED_EXCEPTIONS.load(Ordering::Relaxed)
+}
+
+/// Interrupts taken since boot.
+pub fn interrupts() -> u64 {
+    INTERRUPTS.load(Ordering::Relaxed)
+}
+
+/// Called by the stubs with the saved frame: interrupts (native vectors
+/// 32..=255, the PV event upcall) go to their handlers, exceptions to
+/// [`exception`]. The handler depth is tracked around both; when the
+/// outermost interrupt handler is done the scheduler may switch threads
+/// (the only preemption point), still with interrupts off.
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    crate::irq::enter();
+    let is_irq = frame.vector >= FIRST_IRQ_VECTOR;
+    if is_irq {
+        INTERRUPTS.fetch_add(1, Ordering::Relaxed);
+        interrupt(frame.vector);
+    } else {
+        if crate::irq::depth() > 1 {
+            NESTED_EXCEPTIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        exception(frame);
+    }
+    let depth = crate::irq::exit();
+    if is_irq && depth == 0 {
+        crate::sched::irq_return();
+    }
+}
+
+/// One interrupt.
+fn interrupt(vector: u64) {
+    match vector {
+        EVENT_VECTOR => crate::events::upcall(),
+        v if v == u64::from(crate::apic::TIMER_VECTOR) => {
+            crate::apic::eoi();
+            crate::timer::on_tick();
+        }
+        v if v == u64::from(crate::apic::SPURIOUS_VECTOR) => {}
+        v => {
+            crate::apic::eoi();
+            log::warn!("unexpected interrupt vector {v}");
+        }
+    }
+}
+
+/// One exception: a probe's expected fault, or fatal.
+fn exception(frame: &mut TrapFrame) {
     TRAPS_TAKEN.fetch_add(1, Ordering::Relaxed);
-    let cr2 = if frame.vector == u64::from(vector::PF) {
+    let cr2 = if frame.vector == u64::from(vector::PF) || frame.vector == DOUBLE_FAULT as u64 {
         read_cr2()
     } else {
         0
@@ -381,6 +477,17 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     }
     // SAFETY: one CPU; this path never returns to the interrupted code.
     unsafe { crate::console::break_lock() };
+    // SAFETY: this path never returns to the interrupted code.
+    if let Some(name) = unsafe { crate::sched::guard_owner(cr2) } {
+        crate::kprintln!(
+            "STACK OVERFLOW: thread '{name}' hit its stack guard page at {cr2:#x} ({})",
+            vector_name(frame.vector)
+        );
+        panic!(
+            "stack overflow in thread '{name}' (guard page {:#x})",
+            cr2 & !0xfff
+        );
+    }
     crate::kprintln!(
         "TRAP vector {} ({}) error_code {:#x} rip {:#x} cr2 {:#x} rsp {:#x} cs {:#x} rflags {:#x}",
         frame.vector,
@@ -466,9 +573,9 @@ struct IdtGate {
     reserved: u32,
 }
 
-/// The native IDT.
+/// The native IDT: exceptions and every interrupt vector.
 #[repr(C, align(16))]
-struct Idt([IdtGate; 32]);
+struct Idt([IdtGate; 256]);
 
 static IDT: spin::Once<Idt> = spin::Once::new();
 
@@ -536,8 +643,14 @@ fn init_native() {
             offset_mid: 0,
             offset_high: 0,
             reserved: 0,
-        }; 32];
-        for (gate, &handler) in gates.iter_mut().zip(stubs.iter()) {
+        }; 256];
+        // SAFETY: only the address of the asm label is taken.
+        let irq_base = addr(unsafe { &trap_native_irq_stubs });
+        let handlers = stubs
+            .iter()
+            .copied()
+            .chain((0..224u64).map(|i| irq_base + 16 * i));
+        for (gate, handler) in gates.iter_mut().zip(handlers) {
             *gate = IdtGate {
                 offset_low: handler as u16,
                 selector: KERNEL_CS,
@@ -573,7 +686,9 @@ fn init_pv() -> Result<(), TrapError> {
     for (i, (slot, &handler)) in table.iter_mut().zip(stubs.iter()).enumerate() {
         *slot = TrapInfo {
             vector: i as u8,
-            flags: 0, // DPL 0: `int n` from user space may not raise it
+            // DPL 0 (`int n` from user space may not raise it); bit 2: Xen
+            // masks events on entry, as an interrupt gate clears IF.
+            flags: 4,
             cs: FLAT_KERNEL_CS64,
             address: handler,
         };

@@ -49,7 +49,14 @@ pub enum Check {
     /// The kernel's `NEGATIVE` lines under real Xen must equal the Xen
     /// model's (the `negative-model` binary of the tests crate).
     NegativeSuite,
+    /// Some console line must contain this text (e.g. the kernel's own
+    /// description of a deliberate crash).
+    Console(&'static str),
 }
+
+/// Report counters every passing boot must show above zero: the running
+/// kernel (interrupts, the tick, threads) is part of every boot.
+pub const RUNNING_KERNEL_COUNTERS: &[&str] = &["timer_irqs", "context_switches"];
 
 /// One row of the boot table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +115,15 @@ pub const BOOTS: &[Boot] = &[
     // A crash only Xen can report (a stack overflow: Xen cannot deliver the
     // #PF and kills the domain): the harness catches what the kernel cannot print.
     boot(Mode::Xen,    512, "pvmmu.crash=stack",  Expect::XenCrash, Check::Nothing),
+    // Issue 9: a kernel thread overflows its stack into its guard page.
+    // Natively the #DF handler names the thread; under PV Xen cannot
+    // deliver the #PF on the overflowed stack and kills the domain; its
+    // dump must show the guest on a thread stack (kernel stack area, L4
+    // slot 403 at 0xffffc98000000000), not the boot stack.
+    boot(Mode::Native, 512, "pvmmu.crash=thread-stack", Expect::Fail,
+         Check::Console("STACK OVERFLOW: thread 'overflow' hit its stack guard page")),
+    boot(Mode::Xen,    512, "pvmmu.crash=thread-stack", Expect::XenCrash,
+         Check::Console("Guest stack trace from rsp=ffffc980")),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
@@ -192,13 +208,18 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
     match (row.expect, verdict) {
         (Expect::Pass, Verdict::Pass(report)) => {
             let want = expected_platform(row.mode);
-            if report.platform == want {
-                Ok(())
-            } else {
-                Err(format!(
+            if report.platform != want {
+                return Err(format!(
                     "platform is {:?}, expected {want:?}",
                     report.platform
-                ))
+                ));
+            }
+            match RUNNING_KERNEL_COUNTERS
+                .iter()
+                .find(|key| report.counter(key).unwrap_or(0) == 0)
+            {
+                Some(key) => Err(format!("report counter {key} is 0 or missing")),
+                None => Ok(()),
             }
         }
         (Expect::Pass, Verdict::Fail(failure)) => Err(failure.to_string()),
@@ -411,6 +432,13 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
                 }
             }
         }
+        if let (true, Check::Console(text), Ok(outcome)) = (line.ok, row.check, &outcome) {
+            if !outcome.transcript.iter().any(|l| l.contains(text)) {
+                line.ok = false;
+                line.got = "NO-LINE".into();
+                line.detail = format!("no console line contains {text:?}");
+            }
+        }
         if !line.ok {
             if let Ok(outcome) = &outcome {
                 print_tail(outcome);
@@ -453,7 +481,7 @@ mod tests {
 
     fn report(platform: &str, failed: u64) -> crate::report::Report {
         parse_report(&format!(
-            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed}}}"#
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"timer_irqs":7,"context_switches":5}}"#
         ))
         .unwrap()
     }
@@ -501,6 +529,14 @@ mod tests {
         assert!(judge(&pass_xen, &Verdict::Pass(report("native", 0)))
             .unwrap_err()
             .contains("platform"));
+        // A kernel that never took a tick or switched threads does not pass.
+        let still = parse_report(
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":0,"context_switches":5}"#,
+        )
+        .unwrap();
+        assert!(judge(&pass_xen, &Verdict::Pass(still))
+            .unwrap_err()
+            .contains("timer_irqs"));
         let timeout = Verdict::Fail(Failure::Timeout {
             after: Duration::from_secs(60),
             saw_report: false,

@@ -109,13 +109,17 @@ pub fn name() -> &'static str {
     CONSOLE.lock().name()
 }
 
-/// Writes formatted output (used by the print macros).
+/// Writes formatted output (used by the print macros). The lock is held
+/// with interrupts off, so an interrupt handler that prints never spins on
+/// a lock its own CPU holds, and a thread is never preempted mid-line.
 pub fn print(args: fmt::Arguments<'_>) {
+    let _irq = crate::irq::save();
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
 /// Waits until all output has left the guest.
 pub fn flush() {
+    let _irq = crate::irq::save();
     CONSOLE.lock().flush();
 }
 

@@ -1,0 +1,182 @@
+//! The interrupt flag, one abstraction over both platforms, and the
+//! interrupt-context bookkeeping the scheduler and later kmap/lazy code read.
+//!
+//! Natively the flag is `RFLAGS.IF` (`cli`/`sti`). A Xen PV kernel runs in
+//! ring 3 and cannot `cli`: its flag is `evtchn_upcall_mask` in its
+//! `vcpu_info` (shared-info page). Unmasking under PV must deliver what
+//! became pending meanwhile: Xen only checks for pending events when it
+//! returns to the guest, so after clearing the mask the kernel looks at
+//! `evtchn_upcall_pending` and, if set, makes any hypercall (Linux's
+//! `xen_force_evtchn_callback`): the upcall is delivered on its return.
+//!
+//! Before [`init_pv`] has mapped the shared-info page the PV flag reads as
+//! "disabled" (Xen starts a vCPU with its events masked) and the guards do
+//! nothing.
+//!
+//! Invariant: an [`IrqGuard`] restores exactly the state it found, so
+//! guards nest; interrupt and exception handlers run with the flag off
+//! (IDT interrupt gates natively; under PV the event callback is registered
+//! with `CALLBACKF_mask_events` and every trap-table entry asks Xen to mask
+//! events on entry), and [`depth`] counts the handlers running on this CPU.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{compiler_fence, fence, AtomicPtr, AtomicU32, Ordering};
+
+use hypercall::abi::VcpuInfo;
+
+use crate::platform;
+
+/// This CPU's `vcpu_info` under PV (null until the shared-info page is
+/// mapped, and natively).
+static VCPU_INFO: AtomicPtr<VcpuInfo> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Handlers (interrupts and exceptions) currently running on this CPU.
+static DEPTH: AtomicU32 = AtomicU32::new(0);
+/// Events forced after an unmask found one pending (PV).
+static FORCED: AtomicU32 = AtomicU32::new(0);
+
+/// Records where this vCPU's `vcpu_info` is mapped; from now on the guards
+/// drive its upcall mask.
+///
+/// # Safety
+/// `vcpu_info` must be this vCPU's slot in the mapped shared-info page and
+/// stay mapped for the life of the kernel.
+pub unsafe fn init_pv(vcpu_info: *mut VcpuInfo) {
+    VCPU_INFO.store(vcpu_info, Ordering::Release);
+}
+
+fn vcpu_info() -> Option<&'static VcpuInfo> {
+    let p = VCPU_INFO.load(Ordering::Acquire);
+    // SAFETY: set once by `init_pv` to the mapped shared-info slot, which
+    // stays mapped (its contract); Xen writes the fields concurrently, so
+    // they are only accessed with volatile reads and writes below.
+    unsafe { p.as_ref() }
+}
+
+fn mask_ptr(vi: &VcpuInfo) -> *mut u8 {
+    core::ptr::addr_of!(vi.evtchn_upcall_mask) as *mut u8
+}
+
+/// Whether interrupts (events) are delivered right now.
+pub fn enabled() -> bool {
+    if platform::is_xen_pv() {
+        match vcpu_info() {
+            // SAFETY: a byte of the mapped vcpu_info (see `vcpu_info`).
+            Some(vi) => unsafe { core::ptr::read_volatile(mask_ptr(vi)) == 0 },
+            None => false,
+        }
+    } else {
+        x86_64::instructions::interrupts::are_enabled()
+    }
+}
+
+/// Turns interrupts off.
+pub fn disable() {
+    if platform::is_xen_pv() {
+        if let Some(vi) = vcpu_info() {
+            // SAFETY: a byte of the mapped vcpu_info that the guest owns.
+            unsafe { core::ptr::write_volatile(mask_ptr(vi), 1) };
+            compiler_fence(Ordering::SeqCst);
+        }
+    } else {
+        x86_64::instructions::interrupts::disable();
+    }
+}
+
+/// Turns interrupts on, delivering anything that became pending while they
+/// were off.
+pub fn enable() {
+    if platform::is_xen_pv() {
+        let Some(vi) = vcpu_info() else { return };
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: a byte of the mapped vcpu_info that the guest owns.
+        unsafe { core::ptr::write_volatile(mask_ptr(vi), 0) };
+        // The mask store must be visible before the pending load.
+        fence(Ordering::SeqCst);
+        // SAFETY: Xen sets this byte; a volatile read of the mapped page.
+        let pending = unsafe { core::ptr::read_volatile(&vi.evtchn_upcall_pending) };
+        if pending != 0 {
+            FORCED.fetch_add(1, Ordering::Relaxed);
+            force_callback();
+        }
+    } else {
+        x86_64::instructions::interrupts::enable();
+    }
+}
+
+/// Makes Xen deliver a pending upcall now: any hypercall returns through
+/// Xen's event check.
+fn force_callback() {
+    // SAFETY: PV (only called under PV); XENVER_version has no buffer.
+    let _ = unsafe { hypercall::ops::xen_version() };
+}
+
+/// Unmasks after a pending check was forced (PV): how often that happened.
+pub fn forced_deliveries() -> u32 {
+    FORCED.load(Ordering::Relaxed)
+}
+
+/// Interrupts off until the guard drops, then back to what they were.
+/// Not `Send`: it restores the flag of the CPU it was taken on.
+#[must_use = "interrupts come back on when the guard drops"]
+pub struct IrqGuard {
+    was_enabled: bool,
+    _cpu_bound: PhantomData<*const ()>,
+}
+
+/// Saves the interrupt flag and turns interrupts off.
+pub fn save() -> IrqGuard {
+    let was_enabled = enabled();
+    if was_enabled {
+        disable();
+    }
+    IrqGuard {
+        was_enabled,
+        _cpu_bound: PhantomData,
+    }
+}
+
+impl Drop for IrqGuard {
+    fn drop(&mut self) {
+        if self.was_enabled {
+            enable();
+        }
+    }
+}
+
+/// Called by the trap dispatcher when a handler starts.
+pub fn enter() {
+    DEPTH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Called by the trap dispatcher when a handler ends; returns the depth left.
+pub fn exit() -> u32 {
+    DEPTH.fetch_sub(1, Ordering::Relaxed) - 1
+}
+
+/// Handlers running on this CPU (0 in thread context).
+pub fn depth() -> u32 {
+    DEPTH.load(Ordering::Relaxed)
+}
+
+/// Whether the caller runs inside an interrupt or exception handler.
+pub fn in_interrupt() -> bool {
+    depth() != 0
+}
+
+/// Waits for the next interrupt with interrupts off on entry, atomically
+/// enabling them (so a wake-up between the caller's check and the wait is
+/// not lost). Interrupts are on when it returns.
+pub fn wait_for_interrupt() {
+    if platform::is_xen_pv() {
+        // SAFETY: PV. SCHEDOP_block unmasks events atomically with the
+        // block and returns once one is pending; it is delivered on return.
+        if let Err(e) = unsafe { hypercall::ops::sched_block() } {
+            panic!("SCHEDOP_block failed: {e}");
+        }
+        // Xen cleared the mask; make sure the guest's view agrees.
+        enable();
+    } else {
+        x86_64::instructions::interrupts::enable_and_hlt();
+    }
+}

@@ -1,0 +1,413 @@
+//! The running kernel's own dynamic mappings, made through pvmmu on the live
+//! tree: thread stacks (each with an unmapped guard page below it) and a
+//! small fixmap (the Xen shared-info page under PV, the local APIC's
+//! registers natively).
+//!
+//! Everything lives in L4 slot [`KSPACE_SLOT`] (clear of the direct map, the
+//! self-tests' area, the kernel image and Xen's hole). One pvmmu
+//! `AddressSpace` over the live root edits it, behind a lock taken with
+//! interrupts off. Its frames come from a pool carved out of the boot frame
+//! allocator when the running kernel starts ([`init`]): stack pages and the
+//! page tables of this slot are taken from it and given back to it, so
+//! running out is a typed error ([`KspaceError::OutOfFrames`]) and a leak
+//! shows as a pool count that does not come back.
+//!
+//! Invariant: every stack slot is `[guard page][stack pages]`, and the guard
+//! page of a slot is never mapped; fixmap pages are mapped once at init and
+//! never unmapped.
+
+use hypercall::MmuHypercalls;
+use pvmmu::backend::{CpuTlb, LargePages, Native, XenPv};
+use pvmmu::entry::Flags;
+use pvmmu::{AddressSpace, Error, FrameAllocator, Mfn, Pfn, Translation};
+
+use crate::directmap::{DirectMem, KernelAliases};
+use crate::frames::Frames;
+use crate::irq;
+use crate::xen_pv::PvBoot;
+use crate::Kernel;
+
+/// L4 slot of the kernel's dynamic area.
+pub const KSPACE_SLOT: usize = 403;
+/// First address of the stack area (the start of [`KSPACE_SLOT`]).
+pub const STACK_AREA: u64 = 0xffff_0000_0000_0000 | ((KSPACE_SLOT as u64) << 39);
+/// Bytes of address space per stack slot (guard page included).
+pub const STACK_SLOT_BYTES: u64 = 64 << 10;
+/// Stack slots.
+pub const MAX_STACKS: usize = 128;
+/// Most pages a stack may have (the rest of its slot).
+pub const MAX_STACK_PAGES: usize = (STACK_SLOT_BYTES / 4096) as usize - 1;
+/// First address of the fixmap (1 GiB above the stack area).
+pub const FIXMAP_AREA: u64 = STACK_AREA + (1 << 30);
+/// Frames in the pool.
+pub const POOL_FRAMES: usize = 1024;
+
+/// Fixed mappings, one page each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixmap {
+    /// Xen's shared-info page (PV).
+    SharedInfo = 0,
+    /// The local APIC's MMIO page (native xAPIC).
+    LocalApic = 1,
+}
+
+impl Fixmap {
+    /// Virtual address of the page.
+    pub const fn va(self) -> u64 {
+        FIXMAP_AREA + (self as u64) * 4096
+    }
+}
+
+/// Why a kernel mapping could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KspaceError {
+    /// [`init`] has not run.
+    NotReady,
+    /// The pool has too few frames for the request.
+    OutOfFrames,
+    /// Every stack slot is in use.
+    NoStackSlot,
+    /// A stack of more than [`MAX_STACK_PAGES`] pages (or none).
+    BadStackSize(usize),
+    /// pvmmu refused the change.
+    Map(Error),
+    /// Xen refused a direct `update_va_mapping` (fixmap of a foreign frame).
+    Xen(hypercall::XenError),
+    /// The boot allocator could not give the pool its frames.
+    PoolFill,
+}
+
+impl From<Error> for KspaceError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::OutOfFrames => KspaceError::OutOfFrames,
+            e => KspaceError::Map(e),
+        }
+    }
+}
+
+/// The frames of the running kernel's mappings: a LIFO pool.
+pub struct Pool {
+    frames: [Pfn; POOL_FRAMES],
+    len: usize,
+    /// Frames handed out and not yet returned.
+    out: usize,
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Pool {
+            frames: [Pfn(0); POOL_FRAMES],
+            len: 0,
+            out: 0,
+        }
+    }
+
+    /// Free frames in the pool.
+    pub fn free_count(&self) -> usize {
+        self.len
+    }
+
+    fn take(&mut self) -> Option<Pfn> {
+        self.len = self.len.checked_sub(1)?;
+        self.out += 1;
+        Some(self.frames[self.len])
+    }
+
+    fn give(&mut self, pfn: Pfn) {
+        if self.len == POOL_FRAMES {
+            log::error!("kspace pool overflow: {pfn:?} dropped");
+            return;
+        }
+        self.frames[self.len] = pfn;
+        self.len += 1;
+        self.out = self.out.saturating_sub(1);
+    }
+}
+
+impl FrameAllocator for Pool {
+    fn allocate(&mut self) -> Option<Pfn> {
+        self.take()
+    }
+    fn free(&mut self, pfn: Pfn) {
+        self.give(pfn)
+    }
+}
+
+type PvSpace = AddressSpace<XenPv<hypercall::Xen, DirectMem, PvBoot, KernelAliases>, Pool>;
+type NativeSpace = AddressSpace<Native<DirectMem, CpuTlb>, Pool>;
+
+/// The live tree as the running kernel edits it. It lives once, in a
+/// static (no heap to box the larger variant into).
+#[allow(clippy::large_enum_variant)]
+enum Space {
+    Pv(PvSpace),
+    Native(NativeSpace),
+}
+
+/// Dispatches one expression over both backends.
+macro_rules! on_space {
+    ($space:expr, $s:ident => $body:expr) => {
+        match $space {
+            Space::Pv($s) => $body,
+            Space::Native($s) => $body,
+        }
+    };
+}
+
+struct Kspace {
+    space: Space,
+    /// Which stack slots are in use.
+    stacks: [bool; MAX_STACKS],
+    /// Xen PV start-of-day facts (for the p2m).
+    pv: Option<PvBoot>,
+}
+
+static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
+
+fn with<T>(f: impl FnOnce(&mut Kspace) -> Result<T, KspaceError>) -> Result<T, KspaceError> {
+    let _irq = irq::save();
+    let mut guard = KSPACE.lock();
+    let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    f(ks)
+}
+
+/// Moves [`POOL_FRAMES`] frames from the boot allocator into the pool and
+/// opens the address space over the live tree.
+pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
+    let dm = kernel.direct_map.clone().ok_or(KspaceError::NotReady)?;
+    let mut pool = Pool::new();
+    fill_pool(&mut pool, &mut kernel.frames)?;
+    let space = match kernel.pv.clone() {
+        Some(pv) => {
+            let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
+            // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
+            let xen = unsafe { hypercall::Xen::new() };
+            let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn);
+            // SAFETY: `dm.root` is the live, pinned L4 the bootstrap built;
+            // this space edits only slot KSPACE_SLOT, whose tables come from
+            // and go back to its own pool.
+            Space::Pv(unsafe { AddressSpace::from_root(backend, pool, dm.root, true) })
+        }
+        None => {
+            // SAFETY: ring 0 with paging on; `dm.root` is in CR3.
+            let backend = Native::with_tlb(dm.mem, unsafe { CpuTlb::new() })
+                .with_large_pages(LargePages::None);
+            // SAFETY: as above: the live root, only this slot is edited.
+            Space::Native(unsafe { AddressSpace::from_root(backend, pool, dm.root, false) })
+        }
+    };
+    let _irq = irq::save();
+    *KSPACE.lock() = Some(Kspace {
+        space,
+        stacks: [false; MAX_STACKS],
+        pv: kernel.pv.clone(),
+    });
+    Ok(())
+}
+
+fn fill_pool(pool: &mut Pool, frames: &mut Frames) -> Result<(), KspaceError> {
+    while pool.len < POOL_FRAMES {
+        let pfn = frames.allocate_lowest().ok_or(KspaceError::PoolFill)?;
+        pool.give(pfn);
+        pool.out = 0;
+    }
+    Ok(())
+}
+
+/// Free frames left in the pool (`None` before [`init`]).
+pub fn pool_free() -> Option<usize> {
+    with(|ks| Ok(on_space!(&ks.space, s => s.allocator().free_count()))).ok()
+}
+
+/// A mapped thread stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stack {
+    /// Slot index.
+    pub slot: usize,
+    /// The unmapped guard page.
+    pub guard: u64,
+    /// Lowest mapped address.
+    pub bottom: u64,
+    /// One past the highest mapped address (initial stack pointer).
+    pub top: u64,
+}
+
+impl Stack {
+    /// Whether `va` lies in this stack's guard page.
+    pub fn guard_contains(&self, va: u64) -> bool {
+        (self.guard..self.guard + 4096).contains(&va)
+    }
+}
+
+/// Maps a stack of `pages` pages from the pool in a free slot, with the
+/// slot's first page left unmapped as its guard.
+pub fn alloc_stack(pages: usize) -> Result<Stack, KspaceError> {
+    if pages == 0 || pages > MAX_STACK_PAGES {
+        return Err(KspaceError::BadStackSize(pages));
+    }
+    with(|ks| {
+        let slot = ks
+            .stacks
+            .iter()
+            .position(|used| !used)
+            .ok_or(KspaceError::NoStackSlot)?;
+        let guard = STACK_AREA + slot as u64 * STACK_SLOT_BYTES;
+        let bottom = guard + 4096;
+        let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
+        let result = on_space!(&mut ks.space, s => map_stack(s, bottom, pages, flags));
+        result?;
+        ks.stacks[slot] = true;
+        Ok(Stack {
+            slot,
+            guard,
+            bottom,
+            top: bottom + pages as u64 * 4096,
+        })
+    })
+}
+
+/// Maps `pages` pool frames at `bottom..`, undoing everything on failure.
+fn map_stack<B: pvmmu::Backend>(
+    s: &mut AddressSpace<B, Pool>,
+    bottom: u64,
+    pages: usize,
+    flags: Flags,
+) -> Result<(), KspaceError> {
+    if s.allocator().free_count() < pages {
+        return Err(KspaceError::OutOfFrames);
+    }
+    for i in 0..pages {
+        let va = bottom + i as u64 * 4096;
+        let Some(pfn) = s.allocator_mut().take() else {
+            unmap_stack(s, bottom, i);
+            return Err(KspaceError::OutOfFrames);
+        };
+        match s.map(va, pfn, 4096, flags) {
+            Ok(flush) => s.flush(flush)?,
+            Err(e) => {
+                s.allocator_mut().give(pfn);
+                unmap_stack(s, bottom, i);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unmaps `pages` stack pages at `bottom` and returns their frames.
+fn unmap_stack<B: pvmmu::Backend>(s: &mut AddressSpace<B, Pool>, bottom: u64, pages: usize) {
+    for i in 0..pages {
+        let va = bottom + i as u64 * 4096;
+        let pfn = match s.translate(va) {
+            Ok(t) => t.pfn,
+            Err(e) => {
+                log::error!("stack page {va:#x} not mapped at free: {e:?}");
+                continue;
+            }
+        };
+        match s.unmap(va, 4096).and_then(|f| s.flush(f)) {
+            Ok(()) => s.allocator_mut().give(pfn),
+            Err(e) => log::error!("cannot unmap stack page {va:#x}: {e:?}"),
+        }
+    }
+}
+
+/// Unmaps a stack and gives its frames back.
+///
+/// The caller guarantees nothing runs on it any more.
+pub fn free_stack(stack: Stack) -> Result<(), KspaceError> {
+    with(|ks| {
+        let pages = ((stack.top - stack.bottom) / 4096) as usize;
+        on_space!(&mut ks.space, s => unmap_stack(s, stack.bottom, pages));
+        ks.stacks[stack.slot] = false;
+        Ok(())
+    })
+}
+
+/// What pvmmu's tree says about `va`.
+pub fn translate(va: u64) -> Result<Translation, KspaceError> {
+    with(|ks| Ok(on_space!(&ks.space, s => s.translate(va))?))
+}
+
+/// Maps a non-RAM physical page (native MMIO) at `fix`, uncached.
+pub fn map_mmio(fix: Fixmap, phys: u64) -> Result<u64, KspaceError> {
+    let flags = Flags::PRESENT
+        | Flags::WRITABLE
+        | Flags::NO_EXECUTE
+        | Flags::NO_CACHE
+        | Flags::WRITE_THROUGH;
+    with(|ks| {
+        let va = fix.va();
+        on_space!(&mut ks.space, s => {
+            let flush = s.map(va, Pfn(phys >> 12), 4096, flags)?;
+            s.flush(flush)?;
+        });
+        Ok(va)
+    })
+}
+
+/// Maps the machine frame `mfn` (not one of the guest's own pseudo-physical
+/// frames, e.g. Xen's shared-info page) writable at `fix`, under PV.
+///
+/// pvmmu maps guest frames only, so this builds the page's tables through
+/// pvmmu (by mapping a pool frame there) and then replaces that leaf with
+/// one `update_va_mapping`, which Xen validates like any PV update.
+pub fn map_foreign_pv(fix: Fixmap, mfn: u64) -> Result<u64, KspaceError> {
+    with(|ks| {
+        let va = fix.va();
+        let Space::Pv(s) = &mut ks.space else {
+            return Err(KspaceError::NotReady);
+        };
+        let placeholder = s.allocator_mut().take().ok_or(KspaceError::OutOfFrames)?;
+        let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
+        let flush = s.map(va, placeholder, 4096, flags)?;
+        s.flush(flush)?;
+        let pte = (mfn << 12) | flags.bits();
+        let result = s.backend_mut().hypercalls_mut().update_va_mapping(
+            va,
+            pte,
+            hypercall::abi::UVMF_INVLPG,
+        );
+        match result {
+            Ok(()) => {
+                s.allocator_mut().give(placeholder);
+                let _ = &ks.pv;
+                Ok(va)
+            }
+            Err(e) => {
+                let undo = s.unmap(va, 4096).and_then(|f| s.flush(f));
+                if let Err(u) = undo {
+                    log::error!("fixmap {va:#x}: undo failed: {u:?}");
+                }
+                s.allocator_mut().give(placeholder);
+                Err(KspaceError::Xen(e))
+            }
+        }
+    })
+}
+
+/// Takes every free frame out of the pool (for the out-of-frames test);
+/// [`restore_pool`] puts them back.
+pub fn drain_pool(into: &mut [Pfn; POOL_FRAMES]) -> Result<usize, KspaceError> {
+    with(|ks| {
+        let pool = on_space!(&mut ks.space, s => s.allocator_mut());
+        let mut n = 0;
+        while let Some(p) = pool.take() {
+            into[n] = p;
+            n += 1;
+        }
+        Ok(n)
+    })
+}
+
+/// Gives back what [`drain_pool`] took.
+pub fn restore_pool(frames: &[Pfn]) -> Result<(), KspaceError> {
+    with(|ks| {
+        let pool = on_space!(&mut ks.space, s => s.allocator_mut());
+        for &p in frames {
+            pool.give(p);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,43 @@
+//! Starts the running kernel once the direct map is live: the kernel's own
+//! address space and frame pool, the scheduler (the boot code becomes
+//! thread "main", plus an idle thread), the tick (Xen events and
+//! `VIRQ_TIMER` under PV, the local APIC natively), then interrupts on.
+//!
+//! Invariant: after [`start`] returns `Ok`, interrupts are enabled, the
+//! timer is armed, and the caller runs as thread "main".
+
+use crate::kspace::{self, KspaceError};
+use crate::sched::{self, SchedError};
+use crate::timer::{self, TimerError, TimerSource};
+use crate::{irq, Kernel};
+
+/// Why the running kernel could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartError {
+    /// The kernel address space or its pool.
+    Kspace(KspaceError),
+    /// The scheduler.
+    Sched(SchedError),
+    /// The timer or its interrupt source.
+    Timer(TimerError),
+}
+
+/// What [`start`] set up.
+#[derive(Debug, Clone, Copy)]
+pub struct Running {
+    /// The tick's source.
+    pub timer: TimerSource,
+}
+
+/// See the module docs.
+pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
+    kspace::init(kernel).map_err(StartError::Kspace)?;
+    sched::init().map_err(StartError::Sched)?;
+    let source = match kernel.pv.as_ref() {
+        Some(pv) => timer::init_pv(pv),
+        None => timer::init_native(),
+    }
+    .map_err(StartError::Timer)?;
+    irq::enable();
+    Ok(Running { timer: source })
+}

@@ -1,0 +1,190 @@
+//! The tick: a one-shot timer re-armed at absolute deadlines
+//! [`TICK_NS`] apart, so the rate does not drift with handler latency.
+//!
+//! Under Xen PV it is `VIRQ_TIMER`, bound to an event channel, armed with
+//! `VCPUOP_set_singleshot_timer` in Xen system time (the periodic timer is
+//! stopped). Natively it is the local APIC timer in one-shot mode on
+//! [`apic::TIMER_VECTOR`]. Each tick counts, runs the test hook, wakes
+//! sleepers and may ask the scheduler for a switch, which happens when the
+//! dispatcher leaves the outermost handler.
+//!
+//! Invariant: exactly one deadline is armed while the timer runs; a deadline
+//! found in the past is moved to one tick from now (the missed ticks are
+//! counted, not replayed).
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hypercall::XenError;
+
+use crate::apic::{self, ApicError, ApicInfo};
+use crate::events::{self, EventError};
+use crate::xen_pv::PvBoot;
+use crate::{clock, sched};
+
+/// Tick period.
+pub const TICK_NS: u64 = 1_000_000;
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static MISSED: AtomicU64 = AtomicU64::new(0);
+/// Ticks that ran before their deadline (beyond [`EARLY_SLACK_NS`]).
+static EARLY: AtomicU64 = AtomicU64::new(0);
+/// Sum and maximum of how late ticks ran after their deadline.
+static LATE_SUM_NS: AtomicU64 = AtomicU64::new(0);
+static LATE_MAX_NS: AtomicU64 = AtomicU64::new(0);
+
+/// How early a tick may look (clock read vs. the timer's own time base,
+/// APIC calibration error) before it counts as early.
+pub const EARLY_SLACK_NS: u64 = 50_000;
+static DEADLINE: AtomicU64 = AtomicU64::new(0);
+static RUNNING: AtomicBool = AtomicBool::new(false);
+static PV: AtomicBool = AtomicBool::new(false);
+static PORT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// A hook run by every tick (tests: faults inside the handler).
+static HOOK: spin::Mutex<Option<fn()>> = spin::Mutex::new(None);
+
+/// Why the timer could not be started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerError {
+    /// Event-channel setup (PV).
+    Events(EventError),
+    /// The APIC (native).
+    Apic(ApicError),
+    /// Xen refused the one-shot timer.
+    Arm(XenError),
+}
+
+/// What drives the tick.
+#[derive(Debug, Clone, Copy)]
+pub enum TimerSource {
+    /// `VIRQ_TIMER` on this event-channel port.
+    XenVirq {
+        /// The port.
+        port: u32,
+    },
+    /// The local APIC timer.
+    Apic(ApicInfo),
+}
+
+impl core::fmt::Display for TimerSource {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TimerSource::XenVirq { port } => write!(f, "Xen VIRQ_TIMER on event channel {port}"),
+            TimerSource::Apic(a) => write!(
+                f,
+                "local APIC {} (id {}), timer {} Hz",
+                if a.x2apic { "x2APIC" } else { "xAPIC MMIO" },
+                a.id,
+                a.timer_hz
+            ),
+        }
+    }
+}
+
+/// Starts the tick under Xen PV: events, the timer VIRQ, the first deadline.
+pub fn init_pv(pv: &PvBoot) -> Result<TimerSource, TimerError> {
+    events::init(pv).map_err(TimerError::Events)?;
+    PV.store(true, Ordering::Relaxed);
+    let port =
+        events::bind_virq(hypercall::abi::VIRQ_TIMER, |_| on_tick()).map_err(TimerError::Events)?;
+    PORT.store(u64::from(port), Ordering::Relaxed);
+    start()?;
+    Ok(TimerSource::XenVirq { port })
+}
+
+/// Starts the tick natively: TSC calibration, the APIC, the first deadline.
+pub fn init_native() -> Result<TimerSource, TimerError> {
+    let (hz, source) = clock::init_native();
+    log::info!("TSC {hz} Hz ({source:?})");
+    let info = apic::init().map_err(TimerError::Apic)?;
+    start()?;
+    Ok(TimerSource::Apic(info))
+}
+
+fn start() -> Result<(), TimerError> {
+    let first = clock::now_ns() + TICK_NS;
+    DEADLINE.store(first, Ordering::Relaxed);
+    RUNNING.store(true, Ordering::Relaxed);
+    arm(first)
+}
+
+fn arm(deadline: u64) -> Result<(), TimerError> {
+    if PV.load(Ordering::Relaxed) {
+        // SAFETY: PV; vCPU 0 is ours. Not `future`: a deadline that passed
+        // while we computed it fires at once rather than failing.
+        unsafe { hypercall::ops::vcpu_set_singleshot_timer(0, deadline, false) }
+            .map_err(TimerError::Arm)
+    } else {
+        apic::arm_oneshot(deadline.saturating_sub(clock::now_ns()));
+        Ok(())
+    }
+}
+
+/// The timer interrupt (interrupts off, inside the dispatcher).
+pub fn on_tick() {
+    if !RUNNING.load(Ordering::Relaxed) {
+        return;
+    }
+    TICKS.fetch_add(1, Ordering::Relaxed);
+    let hook = *HOOK.lock();
+    if let Some(h) = hook {
+        h();
+    }
+    let now = clock::now_ns();
+    let due = DEADLINE.load(Ordering::Relaxed);
+    if now + EARLY_SLACK_NS < due {
+        EARLY.fetch_add(1, Ordering::Relaxed);
+    }
+    let late = now.saturating_sub(due);
+    LATE_SUM_NS.fetch_add(late, Ordering::Relaxed);
+    LATE_MAX_NS.fetch_max(late, Ordering::Relaxed);
+    let mut next = due + TICK_NS;
+    if next <= now {
+        MISSED.fetch_add((now - next) / TICK_NS + 1, Ordering::Relaxed);
+        next = now + TICK_NS;
+    }
+    DEADLINE.store(next, Ordering::Relaxed);
+    if let Err(e) = arm(next) {
+        panic!("cannot re-arm the timer: {e:?}");
+    }
+    sched::tick(now);
+}
+
+/// Ticks taken since start.
+pub fn ticks() -> u64 {
+    TICKS.load(Ordering::Relaxed)
+}
+
+/// Deadlines that had already passed when the tick re-armed.
+pub fn missed() -> u64 {
+    MISSED.load(Ordering::Relaxed)
+}
+
+/// Deadlines consumed: ticks taken plus deadlines skipped because the
+/// CPU (or, under TCG, the emulator) was too slow to take them.
+pub fn deadlines() -> u64 {
+    ticks() + missed()
+}
+
+/// Ticks that ran before their deadline.
+pub fn early() -> u64 {
+    EARLY.load(Ordering::Relaxed)
+}
+
+/// Total and maximum lateness of ticks, ns.
+pub fn lateness_ns() -> (u64, u64) {
+    (
+        LATE_SUM_NS.load(Ordering::Relaxed),
+        LATE_MAX_NS.load(Ordering::Relaxed),
+    )
+}
+
+/// The timer's event-channel port under PV.
+pub fn pv_port() -> Option<u32> {
+    u32::try_from(PORT.load(Ordering::Relaxed)).ok()
+}
+
+/// Installs (or clears) the per-tick hook.
+pub fn set_hook(hook: Option<fn()>) {
+    let _g = crate::irq::save();
+    *HOOK.lock() = hook;
+}
