@@ -30,6 +30,8 @@ const APIC_BASE_X2APIC: u64 = 1 << 10;
 mod reg {
     pub const ID: u32 = 0x20;
     pub const EOI: u32 = 0xb0;
+    pub const ICR_LOW: u32 = 0x300;
+    pub const ICR_HIGH: u32 = 0x310;
     pub const SVR: u32 = 0xf0;
     pub const LVT_TIMER: u32 = 0x320;
     pub const TIMER_INITIAL: u32 = 0x380;
@@ -101,8 +103,78 @@ fn mask_pics() {
     }
 }
 
-/// Enables this CPU's APIC, masks its timer and calibrates it.
+/// Enables this CPU's APIC, masks its timer and calibrates it (the boot
+/// CPU; others call [`init_ap`]).
 pub fn init() -> Result<ApicInfo, ApicError> {
+    let info = enable()?;
+    let hz = calibrate()?;
+    TIMER_HZ.store(hz, Ordering::Relaxed);
+    Ok(ApicInfo {
+        timer_hz: hz,
+        ..info
+    })
+}
+
+/// Enables an application processor's APIC with the boot CPU's mode and
+/// timer calibration.
+pub fn init_ap() -> Result<ApicInfo, ApicError> {
+    let info = enable()?;
+    Ok(ApicInfo {
+        timer_hz: TIMER_HZ.load(Ordering::Relaxed),
+        ..info
+    })
+}
+
+/// This CPU's APIC id, read from the APIC.
+pub fn id() -> u32 {
+    if X2APIC.load(Ordering::Relaxed) {
+        read(reg::ID)
+    } else {
+        read(reg::ID) >> 24
+    }
+}
+
+/// Sends a fixed interrupt with `vector` to the CPU whose APIC id is
+/// `apic_id`, and waits until the APIC accepted it (xAPIC delivery status).
+pub fn send_ipi(apic_id: u32, vector: u8) {
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: x2APIC mode; the ICR is one 64-bit MSR (0x830).
+        unsafe { Msr::new(0x830).write((u64::from(apic_id) << 32) | u64::from(vector)) };
+        return;
+    }
+    write(reg::ICR_HIGH, apic_id << 24);
+    write(reg::ICR_LOW, u32::from(vector));
+    wait_icr_idle();
+}
+
+/// Sends INIT, or a startup IPI for the page `vector` (xAPIC or x2APIC).
+pub fn send_init_sipi(apic_id: u32, sipi_page: Option<u8>) {
+    // INIT: delivery mode 101, level assert; SIPI: delivery mode 110.
+    let low = match sipi_page {
+        None => 0x0000_4500,
+        Some(page) => 0x0000_4600 | u32::from(page),
+    };
+    if X2APIC.load(Ordering::Relaxed) {
+        // SAFETY: as in `send_ipi`.
+        unsafe { Msr::new(0x830).write((u64::from(apic_id) << 32) | u64::from(low)) };
+        return;
+    }
+    write(reg::ICR_HIGH, apic_id << 24);
+    write(reg::ICR_LOW, low);
+    wait_icr_idle();
+}
+
+fn wait_icr_idle() {
+    for _ in 0..1_000_000 {
+        if read(reg::ICR_LOW) & (1 << 12) == 0 {
+            return;
+        }
+        core::hint::spin_loop();
+    }
+    log::warn!("APIC ICR still busy after 1,000,000 reads");
+}
+
+fn enable() -> Result<ApicInfo, ApicError> {
     let leaf1 = platform::cpuid(1);
     if leaf1.edx & (1 << 9) == 0 {
         return Err(ApicError::NoApic);
@@ -120,24 +192,21 @@ pub fn init() -> Result<ApicInfo, ApicError> {
     } else {
         // SAFETY: setting the global enable bit keeps the base address.
         unsafe { base_msr.write(base | APIC_BASE_ENABLE) };
-        let phys = base & 0x000f_ffff_ffff_f000;
-        let va = kspace::map_mmio(Fixmap::LocalApic, phys).map_err(ApicError::Map)?;
-        MMIO.store(va, Ordering::Relaxed);
+        if MMIO.load(Ordering::Relaxed) == 0 {
+            // Every CPU sees its own APIC at the same physical address: one
+            // mapping serves them all.
+            let phys = base & 0x000f_ffff_ffff_f000;
+            let va = kspace::map_mmio(Fixmap::LocalApic, phys).map_err(ApicError::Map)?;
+            MMIO.store(va, Ordering::Relaxed);
+        }
     }
     write(reg::SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
     write(reg::LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
     write(reg::TIMER_DIVIDE, DIVIDE_16);
-    let id = if x2 {
-        read(reg::ID)
-    } else {
-        read(reg::ID) >> 24
-    };
-    let hz = calibrate()?;
-    TIMER_HZ.store(hz, Ordering::Relaxed);
     Ok(ApicInfo {
         x2apic: x2,
-        id,
-        timer_hz: hz,
+        id: id(),
+        timer_hz: 0,
     })
 }
 
@@ -165,6 +234,13 @@ pub fn arm_oneshot(delta_ns: u64) {
         .clamp(1, u128::from(u32::MAX)) as u32;
     write(reg::LVT_TIMER, u32::from(TIMER_VECTOR)); // one-shot, unmasked
     write(reg::TIMER_INITIAL, count);
+}
+
+/// Whether `vector` is pending in this CPU's interrupt request register
+/// (raised, not yet delivered: interrupts are off).
+pub fn is_pending(vector: u8) -> bool {
+    let reg = 0x200 + 0x10 * u32::from(vector / 32);
+    read(reg) & (1 << (vector % 32)) != 0
 }
 
 /// Acknowledges the interrupt being handled.

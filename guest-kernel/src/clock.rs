@@ -23,7 +23,7 @@ use crate::platform::{self, rdtsc};
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 /// TSC at calibration (native): time 0.
 static TSC_ZERO: AtomicU64 = AtomicU64::new(0);
-/// This vCPU's pvclock record (PV).
+/// The boot vCPU's pvclock record (PV), used until a CPU has its own.
 static PVCLOCK: AtomicPtr<VcpuTimeInfo> = AtomicPtr::new(core::ptr::null_mut());
 /// The last value returned, so that the clock never goes backwards.
 static LAST: AtomicU64 = AtomicU64::new(0);
@@ -157,10 +157,24 @@ fn pvclock_ns(t: &VcpuTimeInfo) -> u64 {
 /// calibration natively); 0 before initialisation.
 pub fn now_ns() -> u64 {
     let raw = if platform::is_xen_pv() {
-        let p = PVCLOCK.load(Ordering::Acquire);
-        // SAFETY: set by `init_pv` to the mapped record (its contract).
-        match unsafe { p.as_ref() } {
-            Some(t) => pvclock_ns(t),
+        // This vCPU's record, read without migrating in between (the TSC
+        // read must be of the CPU whose record scales it).
+        crate::percpu::preempt_inc();
+        let own = crate::percpu::CPUS[crate::percpu::cpu_id()]
+            .vcpu_info
+            .load(Ordering::Acquire);
+        let p = if own.is_null() {
+            PVCLOCK.load(Ordering::Acquire)
+        } else {
+            // SAFETY: a vcpu_info in the mapped shared-info page.
+            unsafe { core::ptr::addr_of_mut!((*own).time) }
+        };
+        // SAFETY: set by `init_pv` to the mapped record (its contract), or
+        // this vCPU's record in the same page.
+        let t = unsafe { p.as_ref() }.map(pvclock_ns);
+        crate::percpu::preempt_dec();
+        match t {
+            Some(t) => t,
             None => return 0,
         }
     } else {

@@ -18,7 +18,7 @@
 
 use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
-use hypercall::abi::{self, SharedInfo, VcpuInfo};
+use hypercall::abi::{self, SharedInfo, VcpuInfo, LEGACY_MAX_VCPUS};
 use hypercall::XenError;
 
 use crate::kspace::{self, Fixmap, KspaceError};
@@ -33,6 +33,12 @@ pub type Handler = fn(port: u32);
 
 static SHARED: AtomicPtr<SharedInfo> = AtomicPtr::new(core::ptr::null_mut());
 static HANDLERS: spin::Mutex<[Option<Handler>; MAX_PORTS]> = spin::Mutex::new([None; MAX_PORTS]);
+/// Ports (bit n = port n) each vCPU handles: the ports bound to it. Xen
+/// flags a port in the selector of the vCPU it is bound to, but the
+/// pending bitmap is shared: a vCPU scanning a word must skip the other
+/// vCPUs' ports in it (Linux keeps the same per-CPU mask).
+static OWNED: [AtomicU64; crate::percpu::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
 /// Upcalls taken.
 static UPCALLS: AtomicU64 = AtomicU64::new(0);
 /// Port events handled.
@@ -58,6 +64,16 @@ extern "C" {
     fn failsafe_callback_pv();
 }
 
+/// Address of the event upcall entry (for a new vCPU's context).
+pub fn upcall_entry() -> u64 {
+    event_upcall_pv as *const () as u64
+}
+
+/// Address of the failsafe entry (for a new vCPU's context).
+pub fn failsafe_entry() -> u64 {
+    failsafe_callback_pv as *const () as u64
+}
+
 /// The mapped shared-info page.
 pub fn shared_info() -> Option<&'static SharedInfo> {
     let p = SHARED.load(Ordering::Acquire);
@@ -66,8 +82,9 @@ pub fn shared_info() -> Option<&'static SharedInfo> {
     unsafe { p.as_ref() }
 }
 
-fn vcpu0() -> Option<&'static VcpuInfo> {
-    shared_info().map(|s| &s.vcpu_info[0])
+/// This CPU's `vcpu_info` (interrupts off: no migration).
+fn this_vcpu() -> Option<&'static VcpuInfo> {
+    shared_info().and_then(|s| s.vcpu_info.get(crate::percpu::cpu_id()))
 }
 
 /// Maps shared info, registers the callbacks, stops the periodic timer and
@@ -84,6 +101,14 @@ pub fn init(pv: &PvBoot) -> Result<(), EventError> {
         core::ptr::write_volatile(core::ptr::addr_of_mut!((*vi).evtchn_upcall_mask), 1);
         irq::init_pv(vi);
         clock::init_pv(core::ptr::addr_of_mut!((*vi).time));
+    }
+    // The other vCPUs' slots start masked too, before they come up.
+    for n in 1..LEGACY_MAX_VCPUS {
+        // SAFETY: as above; slot n of the mapped page.
+        unsafe {
+            let vi = core::ptr::addr_of_mut!((*shared).vcpu_info[n]);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*vi).evtchn_upcall_mask), 1);
+        }
     }
     // Every port starts masked; bound ports are unmasked one by one.
     // SAFETY: the guest owns the mask bitmap of its shared-info page.
@@ -113,17 +138,38 @@ pub fn init(pv: &PvBoot) -> Result<(), EventError> {
     Ok(())
 }
 
-/// Binds `virq` on vCPU 0 to a new port with `handler`, and unmasks it.
-pub fn bind_virq(virq: u32, handler: Handler) -> Result<u32, EventError> {
+/// Binds `virq` on `vcpu` to a new port with `handler`, and unmasks it.
+pub fn bind_virq(virq: u32, vcpu: u32, handler: Handler) -> Result<u32, EventError> {
     // SAFETY: PV (only the PV path calls this).
-    let port = unsafe { hypercall::ops::evtchn_bind_virq(virq, 0) }.map_err(EventError::Bind)?;
-    install(port, handler)?;
+    let port = unsafe { hypercall::ops::evtchn_bind_virq(virq, vcpu) }.map_err(EventError::Bind)?;
+    install(port, vcpu, handler)?;
     Ok(port)
 }
 
-fn install(port: u32, handler: Handler) -> Result<(), EventError> {
+/// Binds a new inter-vCPU port notifying `vcpu` with `handler`, unmasked.
+pub fn bind_ipi(vcpu: u32, handler: Handler) -> Result<u32, EventError> {
+    // SAFETY: PV (only the PV path calls this).
+    let port = unsafe { hypercall::ops::evtchn_bind_ipi(vcpu) }.map_err(EventError::Bind)?;
+    install(port, vcpu, handler)?;
+    Ok(port)
+}
+
+/// An application processor's part: its `vcpu_info` for the interrupt flag
+/// and the clock, and its periodic timer stopped. Runs on that vCPU.
+pub fn init_ap(cpu: usize) -> Result<(), EventError> {
+    let shared = SHARED.load(Ordering::Acquire);
+    if shared.is_null() || cpu >= LEGACY_MAX_VCPUS {
+        return Err(EventError::PortTooHigh(cpu as u32));
+    }
+    // SAFETY: slot `cpu` of the mapped shared-info page; we run on it.
+    unsafe { irq::init_pv(core::ptr::addr_of_mut!((*shared).vcpu_info[cpu])) };
+    // SAFETY: PV; our own vCPU.
+    unsafe { hypercall::ops::vcpu_stop_periodic_timer(cpu as u32) }.map_err(EventError::Callback)
+}
+
+fn install(port: u32, vcpu: u32, handler: Handler) -> Result<(), EventError> {
     let slot = port as usize;
-    if slot >= MAX_PORTS {
+    if slot >= MAX_PORTS || vcpu as usize >= crate::percpu::MAX_CPUS {
         // SAFETY: PV; closing the port we were just given.
         let _ = unsafe { hypercall::ops::evtchn_close(port) };
         return Err(EventError::PortTooHigh(port));
@@ -132,6 +178,7 @@ fn install(port: u32, handler: Handler) -> Result<(), EventError> {
         let _irq = irq::save();
         HANDLERS.lock()[slot] = Some(handler);
     }
+    OWNED[vcpu as usize].fetch_or(1 << slot, Ordering::SeqCst);
     // SAFETY: PV; the port is ours.
     unsafe { hypercall::ops::evtchn_unmask(port) }.map_err(EventError::Bind)
 }
@@ -155,11 +202,12 @@ fn atomic_u64(p: &u64) -> &AtomicU64 {
 /// events masked.
 pub fn upcall() {
     UPCALLS.fetch_add(1, Ordering::Relaxed);
-    let (Some(s), Some(vi)) = (shared_info(), vcpu0()) else {
+    let (Some(s), Some(vi)) = (shared_info(), this_vcpu()) else {
         return;
     };
     // SAFETY: a byte of the mapped page that Xen sets; the guest clears it.
     let pending_flag = unsafe { &*(&vi.evtchn_upcall_pending as *const u8 as *const AtomicU8) };
+    let owned = OWNED[crate::percpu::cpu_id()].load(Ordering::SeqCst);
     loop {
         pending_flag.store(0, Ordering::SeqCst);
         let mut sel = atomic_u64(&vi.evtchn_pending_sel).swap(0, Ordering::SeqCst);
@@ -169,7 +217,8 @@ pub fn upcall() {
             let pending = atomic_u64(&s.evtchn_pending[w]);
             let mask = atomic_u64(&s.evtchn_mask[w]);
             loop {
-                let ready = pending.load(Ordering::SeqCst) & !mask.load(Ordering::SeqCst);
+                let mine = if w == 0 { owned } else { 0 };
+                let ready = pending.load(Ordering::SeqCst) & !mask.load(Ordering::SeqCst) & mine;
                 if ready == 0 {
                     break;
                 }

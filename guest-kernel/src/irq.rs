@@ -20,18 +20,12 @@
 //! events on entry), and [`depth`] counts the handlers running on this CPU.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{compiler_fence, fence, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{compiler_fence, fence, AtomicU32, Ordering};
 
 use hypercall::abi::VcpuInfo;
 
-use crate::platform;
+use crate::{percpu, platform};
 
-/// This CPU's `vcpu_info` under PV (null until the shared-info page is
-/// mapped, and natively).
-static VCPU_INFO: AtomicPtr<VcpuInfo> = AtomicPtr::new(core::ptr::null_mut());
-
-/// Handlers (interrupts and exceptions) currently running on this CPU.
-static DEPTH: AtomicU32 = AtomicU32::new(0);
 /// Events forced after an unmask found one pending (PV).
 static FORCED: AtomicU32 = AtomicU32::new(0);
 
@@ -40,16 +34,20 @@ static FORCED: AtomicU32 = AtomicU32::new(0);
 ///
 /// # Safety
 /// `vcpu_info` must be this vCPU's slot in the mapped shared-info page and
-/// stay mapped for the life of the kernel.
+/// stay mapped for the life of the kernel; called on the vCPU it describes.
 pub unsafe fn init_pv(vcpu_info: *mut VcpuInfo) {
-    VCPU_INFO.store(vcpu_info, Ordering::Release);
+    percpu::with_irqs_off(|cpu| cpu.vcpu_info.store(vcpu_info, Ordering::Release));
 }
 
+/// This CPU's `vcpu_info`. The caller keeps preemption off while it uses
+/// it (a migration in between would touch another vCPU's mask).
 fn vcpu_info() -> Option<&'static VcpuInfo> {
-    let p = VCPU_INFO.load(Ordering::Acquire);
-    // SAFETY: set once by `init_pv` to the mapped shared-info slot, which
-    // stays mapped (its contract); Xen writes the fields concurrently, so
-    // they are only accessed with volatile reads and writes below.
+    let p = percpu::CPUS[percpu::cpu_id()]
+        .vcpu_info
+        .load(Ordering::Acquire);
+    // SAFETY: set by `init_pv` to the mapped shared-info slot, which stays
+    // mapped (its contract); Xen writes the fields concurrently, so they
+    // are only accessed with volatile reads and writes below.
     unsafe { p.as_ref() }
 }
 
@@ -60,11 +58,14 @@ fn mask_ptr(vi: &VcpuInfo) -> *mut u8 {
 /// Whether interrupts (events) are delivered right now.
 pub fn enabled() -> bool {
     if platform::is_xen_pv() {
-        match vcpu_info() {
+        percpu::preempt_inc();
+        let on = match vcpu_info() {
             // SAFETY: a byte of the mapped vcpu_info (see `vcpu_info`).
             Some(vi) => unsafe { core::ptr::read_volatile(mask_ptr(vi)) == 0 },
             None => false,
-        }
+        };
+        percpu::preempt_dec();
+        on
     } else {
         x86_64::instructions::interrupts::are_enabled()
     }
@@ -73,11 +74,15 @@ pub fn enabled() -> bool {
 /// Turns interrupts off.
 pub fn disable() {
     if platform::is_xen_pv() {
+        // Preemption off between finding this vCPU's slot and the store
+        // (Linux's xen_irq_disable does the same).
+        percpu::preempt_inc();
         if let Some(vi) = vcpu_info() {
             // SAFETY: a byte of the mapped vcpu_info that the guest owns.
             unsafe { core::ptr::write_volatile(mask_ptr(vi), 1) };
             compiler_fence(Ordering::SeqCst);
         }
+        percpu::preempt_dec();
     } else {
         x86_64::instructions::interrupts::disable();
     }
@@ -87,18 +92,24 @@ pub fn disable() {
 /// were off.
 pub fn enable() {
     if platform::is_xen_pv() {
-        let Some(vi) = vcpu_info() else { return };
-        compiler_fence(Ordering::SeqCst);
-        // SAFETY: a byte of the mapped vcpu_info that the guest owns.
-        unsafe { core::ptr::write_volatile(mask_ptr(vi), 0) };
-        // The mask store must be visible before the pending load.
-        fence(Ordering::SeqCst);
-        // SAFETY: Xen sets this byte; a volatile read of the mapped page.
-        let pending = unsafe { core::ptr::read_volatile(&vi.evtchn_upcall_pending) };
-        if pending != 0 {
-            FORCED.fetch_add(1, Ordering::Relaxed);
-            force_callback();
+        percpu::preempt_inc();
+        if let Some(vi) = vcpu_info() {
+            compiler_fence(Ordering::SeqCst);
+            // SAFETY: a byte of the mapped vcpu_info that the guest owns.
+            unsafe { core::ptr::write_volatile(mask_ptr(vi), 0) };
+            // The mask store must be visible before the pending load.
+            fence(Ordering::SeqCst);
+            // SAFETY: Xen sets this byte; a volatile read of the mapped page.
+            let pending = unsafe { core::ptr::read_volatile(&vi.evtchn_upcall_pending) };
+            if pending != 0 {
+                FORCED.fetch_add(1, Ordering::Relaxed);
+                force_callback();
+            }
         }
+        // No resched check here: the caller (a guard's drop) does not expect
+        // a switch inside it; a pending one is taken at the next interrupt
+        // return or preemption point.
+        percpu::preempt_dec();
     } else {
         x86_64::instructions::interrupts::enable();
     }
@@ -144,19 +155,19 @@ impl Drop for IrqGuard {
     }
 }
 
-/// Called by the trap dispatcher when a handler starts.
-pub fn enter() {
-    DEPTH.fetch_add(1, Ordering::Relaxed);
+/// Called by the trap dispatcher when a handler starts; returns the depth.
+pub fn enter() -> u32 {
+    percpu::depth_inc()
 }
 
 /// Called by the trap dispatcher when a handler ends; returns the depth left.
 pub fn exit() -> u32 {
-    DEPTH.fetch_sub(1, Ordering::Relaxed) - 1
+    percpu::depth_dec()
 }
 
 /// Handlers running on this CPU (0 in thread context).
 pub fn depth() -> u32 {
-    DEPTH.load(Ordering::Relaxed)
+    percpu::depth()
 }
 
 /// Whether the caller runs inside an interrupt or exception handler.

@@ -17,13 +17,13 @@
 //! never unmapped.
 
 use hypercall::MmuHypercalls;
-use pvmmu::backend::{CpuTlb, LargePages, Native, XenPv};
+use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
-use pvmmu::{AddressSpace, Error, FrameAllocator, Mfn, Pfn, Translation};
+use pvmmu::{AddressSpace, Backend, Error, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases};
 use crate::frames::Frames;
-use crate::irq;
+use crate::shootdown::ShootdownTlb;
 use crate::xen_pv::PvBoot;
 use crate::Kernel;
 
@@ -49,7 +49,12 @@ pub enum Fixmap {
     SharedInfo = 0,
     /// The local APIC's MMIO page (native xAPIC).
     LocalApic = 1,
+    /// First of [`PHYS_WINDOW_PAGES`] pages for reading firmware tables.
+    PhysWindow = 16,
 }
+
+/// Pages of the window [`with_phys`] maps.
+pub const PHYS_WINDOW_PAGES: u64 = 16;
 
 impl Fixmap {
     /// Virtual address of the page.
@@ -69,6 +74,8 @@ pub enum KspaceError {
     NoStackSlot,
     /// A stack of more than [`MAX_STACK_PAGES`] pages (or none).
     BadStackSize(usize),
+    /// A physical window of 0 bytes or more than [`PHYS_WINDOW_PAGES`].
+    BadLength(usize),
     /// pvmmu refused the change.
     Map(Error),
     /// Xen refused a direct `update_va_mapping` (fixmap of a foreign frame).
@@ -135,7 +142,7 @@ impl FrameAllocator for Pool {
 }
 
 type PvSpace = AddressSpace<XenPv<hypercall::Xen, DirectMem, PvBoot, KernelAliases>, Pool>;
-type NativeSpace = AddressSpace<Native<DirectMem, CpuTlb>, Pool>;
+type NativeSpace = AddressSpace<Native<DirectMem, ShootdownTlb>, Pool>;
 
 /// The live tree as the running kernel edits it. It lives once, in a
 /// static (no heap to box the larger variant into).
@@ -165,8 +172,11 @@ struct Kspace {
 
 static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
 
+/// Runs `f` under the lock, with preemption off but interrupts on: a
+/// change here may wait for other CPUs to acknowledge a TLB shootdown,
+/// and a CPU spinning for this lock must still answer one.
 fn with<T>(f: impl FnOnce(&mut Kspace) -> Result<T, KspaceError>) -> Result<T, KspaceError> {
-    let _irq = irq::save();
+    let _p = crate::sched::preempt_disable();
     let mut guard = KSPACE.lock();
     let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
     f(ks)
@@ -183,21 +193,22 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
             let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
             // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
             let xen = unsafe { hypercall::Xen::new() };
-            let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn);
+            // Every flush reaches all vCPUs: the tree is live on all of them.
+            let backend =
+                XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn).with_flush_all_vcpus(true);
             // SAFETY: `dm.root` is the live, pinned L4 the bootstrap built;
             // this space edits only slot KSPACE_SLOT, whose tables come from
             // and go back to its own pool.
             Space::Pv(unsafe { AddressSpace::from_root(backend, pool, dm.root, true) })
         }
         None => {
-            // SAFETY: ring 0 with paging on; `dm.root` is in CR3.
-            let backend = Native::with_tlb(dm.mem, unsafe { CpuTlb::new() })
-                .with_large_pages(LargePages::None);
+            // Ring 0 with paging on; `dm.root` is in CR3 of every CPU.
+            let backend = Native::with_tlb(dm.mem, ShootdownTlb).with_large_pages(LargePages::None);
             // SAFETY: as above: the live root, only this slot is edited.
             Space::Native(unsafe { AddressSpace::from_root(backend, pool, dm.root, false) })
         }
     };
-    let _irq = irq::save();
+    let _p = crate::sched::preempt_disable();
     *KSPACE.lock() = Some(Kspace {
         space,
         stacks: [false; MAX_STACKS],
@@ -387,6 +398,67 @@ pub fn map_foreign_pv(fix: Fixmap, mfn: u64) -> Result<u64, KspaceError> {
     })
 }
 
+/// Maps the physical bytes `[phys, phys + len)` read-only (firmware tables
+/// outside the direct map, e.g. ACPI), runs `f` on them, unmaps them.
+pub fn with_phys<T>(phys: u64, len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, KspaceError> {
+    let first = phys & !0xfff;
+    let end = phys
+        .checked_add(len as u64)
+        .ok_or(KspaceError::Map(Error::RangeOverflow))?;
+    let pages = (end - first).div_ceil(4096);
+    if len == 0 || pages > PHYS_WINDOW_PAGES {
+        return Err(KspaceError::BadLength(len));
+    }
+    let va = Fixmap::PhysWindow.va();
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            for i in 0..pages {
+                let flags = Flags::PRESENT | Flags::NO_EXECUTE;
+                let r = s
+                    .map(va + i * 4096, Pfn((first >> 12) + i), 4096, flags)
+                    .and_then(|fl| s.flush(fl));
+                if let Err(e) = r {
+                    if i > 0 {
+                        let _ = s.unmap(va, i * 4096).and_then(|fl| s.flush(fl));
+                    }
+                    return Err(e.into());
+                }
+            }
+            // SAFETY: the pages were just mapped readable at `va`; the slice
+            // covers exactly the requested bytes and lives only during `f`.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((va + (phys - first)) as *const u8, len)
+            };
+            let out = f(bytes);
+            s.unmap(va, pages * 4096).and_then(|fl| s.flush(fl))?;
+            Ok(out)
+        })
+    })
+}
+
+/// Maps `va` (a low identity address for the AP trampoline) to `pfn`,
+/// read-only and executable.
+pub fn map_exec(va: u64, pfn: Pfn) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = s.map(va, pfn, 4096, Flags::PRESENT)?;
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
+/// Unmaps one page mapped by [`map_exec`].
+pub fn unmap_page(va: u64) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = s.unmap(va, 4096)?;
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
 /// Takes every free frame out of the pool (for the out-of-frames test);
 /// [`restore_pool`] puts them back.
 pub fn drain_pool(into: &mut [Pfn; POOL_FRAMES]) -> Result<usize, KspaceError> {
@@ -409,5 +481,32 @@ pub fn restore_pool(frames: &[Pfn]) -> Result<(), KspaceError> {
             pool.give(p);
         }
         Ok(())
+    })
+}
+
+/// A frame from the pool, zeroed, and read-only in its only mapping (the
+/// direct map), with its machine frame: what Xen requires of a frame it
+/// takes as a descriptor table (a vCPU's GDT) or a page table.
+pub fn alloc_readonly_frame() -> Result<(Pfn, Mfn), KspaceError> {
+    with(|ks| {
+        let Space::Pv(s) = &mut ks.space else {
+            return Err(KspaceError::NotReady);
+        };
+        let pfn = s.allocator_mut().take().ok_or(KspaceError::OutOfFrames)?;
+        let va = DirectMem::va(pfn);
+        // SAFETY: a pool frame: ours, mapped writable in the direct map, and
+        // mapped nowhere else.
+        unsafe { core::ptr::write_bytes(va as *mut u8, 0, 4096) };
+        let ro = Flags::PRESENT | Flags::NO_EXECUTE;
+        let result = s.protect(va, 4096, ro, false).and_then(|f| s.flush(f));
+        if let Err(e) = result {
+            s.allocator_mut().give(pfn);
+            return Err(e.into());
+        }
+        let mfn = s
+            .backend()
+            .to_mfn(pfn)
+            .ok_or(KspaceError::Map(Error::BadFrame(pfn)))?;
+        Ok((pfn, mfn))
     })
 }

@@ -20,10 +20,12 @@ mod directmap;
 mod dm_tests;
 mod events;
 mod frames;
+mod ipi;
 mod irq;
 mod kspace;
 mod memmap;
 mod negative_env;
+mod percpu;
 mod physmem;
 mod platform;
 mod pvh;
@@ -33,8 +35,11 @@ mod rk_tests;
 mod running;
 mod sched;
 mod selftest;
+mod shootdown;
 mod shutdown;
+mod smp;
 mod timer;
+mod trampoline;
 mod traps;
 mod xen_pv;
 
@@ -94,6 +99,8 @@ pub struct Kernel {
     pub pv: Option<PvBoot>,
     /// Physical address of `hvm_start_info` (PVH entry; 0 under PV).
     pub hvm_start_info: u64,
+    /// Physical address of the ACPI RSDP from `hvm_start_info` (0 if none).
+    pub rsdp: u64,
     /// Boot modules of the PVH entry (physical byte ranges).
     pub pvh_modules: [pvh::Module; pvh::MAX_MODULES],
     /// The kernel image's sections.
@@ -115,6 +122,7 @@ impl Kernel {
             reservations: [None; MAX_RESERVATIONS],
             pv: None,
             hvm_start_info: 0,
+            rsdp: 0,
             pvh_modules: [pvh::Module::default(); pvh::MAX_MODULES],
             image: boot::image_layout(),
             report: Report::new(platform),
@@ -197,6 +205,11 @@ impl Kernel {
 #[no_mangle]
 extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
     platform::set(Platform::XenPv);
+    // Per-CPU data before anything can trap (the trap path counts its depth
+    // there). A failure cannot be printed yet: stop.
+    if percpu::install(0).is_err() {
+        shutdown::power_off(Verdict::Fail);
+    }
     // SAFETY: `pv_entry` passes Xen's start_info pointer unchanged.
     let pv = unsafe { PvBoot::from_start_info(start_info) };
     console::init(pv_console(&pv));
@@ -285,6 +298,9 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         _ => Platform::Native,
     };
     platform::set(platform);
+    if percpu::install(0).is_err() {
+        shutdown::power_off(Verdict::Fail);
+    }
     // Ring 0 honours read-only mappings only with CR0.WP set; the kernel's
     // W^X (text read-only) depends on it.
     // SAFETY: setting WP only makes more writes fault; nothing relies on
@@ -304,6 +320,7 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
     };
     let mut kernel = Kernel::new(platform, boot.cmdline.clone(), boot.memmap.clone());
     kernel.hvm_start_info = hvm_start_info;
+    kernel.rsdp = boot.rsdp_paddr;
     kernel.pvh_modules = boot.modules;
     log::info!(
         "hvm_start_info at {:#x}: version {}, rsdp {:#x}, {} modules",
@@ -425,6 +442,12 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         ),
         Err(e) => panic!("cannot start the running kernel: {e:?}"),
     }
+    let smp = smp::start_aps(&kernel);
+    log::info!("cpus: {} offered, {} online", smp.offered, smp.online);
+    if let Some((cpu, e)) = smp.failed {
+        log::error!("cpu {cpu} failed to come up: {e:?}");
+    }
+    kernel.report.cpus_offered = smp.offered as u64;
     for suite in RUNNING_SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }
@@ -440,6 +463,15 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.timer_irqs = timer::ticks();
     kernel.report.context_switches = st.context_switches;
     kernel.report.threads = st.threads;
+    kernel.report.cpus = percpu::online_count() as u64;
+    kernel.report.migrations = st.migrations;
+    let (shootdowns, shootdown_ipis, _, timeouts) = shootdown::counts();
+    kernel.report.ipis = ipi::counts().0 + shootdown_ipis;
+    kernel.report.shootdowns = shootdowns;
+    if timeouts != 0 {
+        log::error!("{timeouts} TLB shootdown acknowledgements timed out");
+        tally.failed += 1;
+    }
     kernel.report.preemptions = st.preemptions;
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;

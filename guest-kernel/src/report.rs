@@ -41,6 +41,8 @@ pub struct Report {
     pub hypervisor: Option<HypervisorSignature>,
     /// CPUs running the kernel.
     pub cpus: u64,
+    /// CPUs the platform offered (vCPUs, or enabled MADT entries).
+    pub cpus_offered: u64,
     /// Timer interrupts taken.
     pub timer_irqs: u64,
     /// Thread switches.
@@ -51,6 +53,12 @@ pub struct Report {
     pub preemptions: u64,
     /// Interrupts taken (native IRQs, PV event upcalls).
     pub interrupts: u64,
+    /// Thread switches that moved a thread to another CPU.
+    pub migrations: u64,
+    /// Inter-processor interrupts sent (reschedule and shootdown).
+    pub ipis: u64,
+    /// Native TLB shootdowns initiated (under PV Xen does them: 0).
+    pub shootdowns: u64,
 }
 
 impl Report {
@@ -72,11 +80,15 @@ impl Report {
             xen_domain: None,
             hypervisor: None,
             cpus: 1,
+            cpus_offered: 1,
             timer_irqs: 0,
             context_switches: 0,
             threads: 0,
             preemptions: 0,
             interrupts: 0,
+            migrations: 0,
+            ipis: 0,
+            shootdowns: 0,
         }
     }
 }
@@ -128,14 +140,18 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            ",\"cpus\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
-             \"preemptions\":{},\"threads\":{}}}",
+            ",\"cpus\":{},\"cpus_offered\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
+             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{}}}",
             self.cpus,
+            self.cpus_offered,
             self.timer_irqs,
             self.interrupts,
             self.context_switches,
             self.preemptions,
-            self.threads
+            self.threads,
+            self.migrations,
+            self.ipis,
+            self.shootdowns
         )
     }
 }

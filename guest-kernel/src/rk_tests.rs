@@ -53,12 +53,14 @@ fn wait_until(timeout_ns: u64, cond: impl Fn() -> bool) -> bool {
 /// replayed) match the clock within 10 %. How many were taken in time
 /// depends on the host's load under TCG and is logged, not asserted.
 fn timer_rate(_: &mut Kernel) -> TestResult {
-    const N: u64 = 1000;
+    // 1,000 deadlines per CPU: every online CPU runs its own tick.
+    let cpus = crate::percpu::online_count().max(1) as u64;
+    let n = 1000 * cpus;
     let (d0, k0, e0) = (timer::deadlines(), timer::ticks(), timer::early());
     let (late0, _) = timer::lateness_ns();
     let t0 = clock::now_ns();
     check(
-        wait_until(10_000 * MS, || timer::deadlines() >= d0 + N),
+        wait_until(10_000 * MS, || timer::deadlines() >= d0 + n),
         "1,000 deadlines within 10 s",
     )?;
     let elapsed = clock::now_ns() - t0;
@@ -67,36 +69,50 @@ fn timer_rate(_: &mut Kernel) -> TestResult {
     let early = timer::early() - e0;
     let (late, late_max) = timer::lateness_ns();
     log::info!(
-        "rk: {consumed} deadlines in {} us: {taken} ticks taken, {} skipped, {early} early; \
-         mean lateness {} us, max {} us",
+        "rk: {consumed} deadlines on {cpus} CPU(s) in {} us: {taken} ticks taken, {} skipped, \
+         {early} early (most early {} us); mean lateness {} us, max {} us",
         elapsed / 1000,
         consumed - taken,
+        timer::early_max_ns() / 1000,
         (late - late0) / taken.max(1) / 1000,
         late_max / 1000
     );
     check_eq("ticks before their deadline", early, 0)?;
     check(taken > 0, "ticks were taken")?;
-    let expected = consumed * timer::TICK_NS;
+    let expected = consumed * timer::TICK_NS / cpus;
     check(
         elapsed >= expected * 9 / 10 && elapsed <= expected * 11 / 10,
         "1 ms deadlines match the clock within 10 %",
     )
 }
 
+/// Most spinning threads.
+const MAX_SPINNERS: usize = 16;
 /// Progress and first-run times of the spinning threads.
-static SPIN_PROGRESS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
-static SPIN_FIRST_NS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
-static SPIN_LAST_NS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static SPIN_PROGRESS: [AtomicU64; MAX_SPINNERS] = [const { AtomicU64::new(0) }; MAX_SPINNERS];
+static SPIN_FIRST_NS: [AtomicU64; MAX_SPINNERS] = [const { AtomicU64::new(0) }; MAX_SPINNERS];
+static SPIN_LAST_NS: [AtomicU64; MAX_SPINNERS] = [const { AtomicU64::new(0) }; MAX_SPINNERS];
 static SPIN_UNTIL: AtomicU64 = AtomicU64::new(0);
 
-/// Spins (never yields) until the shared deadline, counting.
+/// Spinners that have started.
+static SPIN_STARTED: AtomicU64 = AtomicU64::new(0);
+/// How many must start before they stop (0: stop at the deadline only).
+static SPIN_QUORUM: AtomicU64 = AtomicU64::new(0);
+
+/// Spins (never yields) until every spinner of its group has started and
+/// its own time is up, or the deadline passes; counts its progress.
 fn spinner(i: u64) -> u64 {
     let i = i as usize;
     SPIN_FIRST_NS[i].store(clock::now_ns(), Ordering::Relaxed);
-    let until = SPIN_UNTIL.load(Ordering::Relaxed);
+    SPIN_STARTED.fetch_add(1, Ordering::SeqCst);
+    let min_end = clock::now_ns() + 20 * MS;
     loop {
+        // The quorum first, then the clock: a time read before the last
+        // spinner started must not be stored as this one's end.
+        let q = SPIN_QUORUM.load(Ordering::SeqCst);
+        let quorum = q > 0 && SPIN_STARTED.load(Ordering::SeqCst) >= q;
         let now = clock::now_ns();
-        if now >= until {
+        if now >= SPIN_UNTIL.load(Ordering::Relaxed) || (quorum && now >= min_end) {
             SPIN_LAST_NS[i].store(now, Ordering::Relaxed);
             break;
         }
@@ -105,44 +121,63 @@ fn spinner(i: u64) -> u64 {
     sched::preemptions_of(sched::current())
 }
 
-/// Four threads that never yield all make progress: each is preempted at
-/// least once, and all of them started before any of them finished.
+/// More threads than CPUs (at least 4, twice the CPUs), none of which
+/// ever yields, all make progress. Each spins until all of them have
+/// started (bounded by 10 s): without preemption the ones beyond the CPU
+/// count could never start, so "every spinner started before the first one
+/// finished" is the proof; together they were preempted at least once per
+/// thread beyond the CPU count.
 fn threads_preempted(_: &mut Kernel) -> TestResult {
+    let cpus = crate::percpu::online_count().max(1);
+    let n = (2 * cpus).clamp(4, MAX_SPINNERS);
     let switches0 = sched::stats().context_switches;
-    for i in 0..4 {
+    for i in 0..n {
         SPIN_PROGRESS[i].store(0, Ordering::Relaxed);
         SPIN_FIRST_NS[i].store(0, Ordering::Relaxed);
+        SPIN_LAST_NS[i].store(0, Ordering::Relaxed);
     }
-    SPIN_UNTIL.store(clock::now_ns() + 60 * MS, Ordering::Relaxed);
-    let mut ids = [ThreadId(0); 4];
-    for (i, id) in ids.iter_mut().enumerate() {
+    SPIN_STARTED.store(0, Ordering::SeqCst);
+    SPIN_QUORUM.store(n as u64, Ordering::SeqCst);
+    SPIN_UNTIL.store(clock::now_ns() + 10_000 * MS, Ordering::Relaxed);
+    let mut ids = [ThreadId(0); MAX_SPINNERS];
+    for (i, id) in ids[..n].iter_mut().enumerate() {
         *id = sched::spawn("spinner", spinner, i as u64).map_err(spawn_failure)?;
     }
-    let mut preempted = [0u64; 4];
-    for (i, id) in ids.iter().enumerate() {
+    let mut preempted = [0u64; MAX_SPINNERS];
+    for (i, id) in ids[..n].iter().enumerate() {
         preempted[i] = sched::join(*id).map_err(spawn_failure)?;
     }
-    let first_end = (0..4)
+    let first_end = (0..n)
         .map(|i| SPIN_LAST_NS[i].load(Ordering::Relaxed))
         .min()
         .unwrap_or(0);
+    let total: u64 = preempted[..n].iter().sum();
     log::info!(
-        "rk: spinners progress {:?}, preempted {preempted:?} times, {} switches",
-        SPIN_PROGRESS.each_ref().map(|p| p.load(Ordering::Relaxed)),
+        "rk: {n} spinners on {cpus} CPU(s): progress {:?}, preempted {:?} times, {} switches",
+        &SPIN_PROGRESS.each_ref().map(|p| p.load(Ordering::Relaxed))[..n],
+        &preempted[..n],
         sched::stats().context_switches - switches0
     );
-    for i in 0..4 {
+    for i in 0..n {
         check(
             SPIN_PROGRESS[i].load(Ordering::Relaxed) > 0,
             "every spinner made progress",
         )?;
-        check(preempted[i] >= 1, "every spinner was preempted")?;
+        // (`<=`: the clock is made monotonic across CPUs by clamping, so two
+        // CPUs can read the same nanosecond.)
         check(
-            SPIN_FIRST_NS[i].load(Ordering::Relaxed) < first_end,
+            SPIN_FIRST_NS[i].load(Ordering::Relaxed) <= first_end,
             "every spinner started before the first one finished",
         )?;
+        check(
+            SPIN_LAST_NS[i].load(Ordering::Relaxed) < SPIN_UNTIL.load(Ordering::Relaxed),
+            "no spinner waited for the others until the 10 s bound",
+        )?;
     }
-    Ok(())
+    check(
+        total >= (n - cpus) as u64,
+        "at least one preemption per spinner beyond the CPU count",
+    )
 }
 
 fn spawn_failure(e: SchedError) -> Failure {
@@ -154,28 +189,51 @@ fn spawn_failure(e: SchedError) -> Failure {
 /// with another thread ready and the tick firing; the deferred switch
 /// happens when the guard drops.
 fn preempt_disable_holds(_: &mut Kernel) -> TestResult {
-    SPIN_UNTIL.store(clock::now_ns() + 80 * MS, Ordering::Relaxed);
-    let other = sched::spawn("spinner", spinner, 0).map_err(spawn_failure)?;
-    let (switches_in, ticks_in, deferred_in, switches_end) = {
+    // One spinner per CPU: with this thread too, one more runnable thread
+    // than CPUs, so this CPU's tick always has someone to switch to.
+    let cpus = crate::percpu::online_count().clamp(1, MAX_SPINNERS);
+    SPIN_UNTIL.store(clock::now_ns() + 3_500 * MS, Ordering::Relaxed);
+    SPIN_QUORUM.store(0, Ordering::SeqCst);
+    let mut others = [ThreadId(0); MAX_SPINNERS];
+    for (i, id) in others[..cpus].iter_mut().enumerate() {
+        *id = sched::spawn("spinner", spinner, i as u64).map_err(spawn_failure)?;
+    }
+    let (switches_in, ticks_in, deferred_in, cpu, switches_end) = {
         let _p = sched::preempt_disable();
-        let s0 = sched::stats();
-        let k0 = timer::ticks();
-        clock::spin_ns(20 * MS);
-        let s1 = sched::stats();
+        // With preemption off this thread stays on this CPU: its counters
+        // are this section's.
+        let pc = &crate::percpu::CPUS[crate::percpu::cpu_id()];
+        let sw0 = pc.switches.load(Ordering::Relaxed);
+        let k0 = pc.ticks.load(Ordering::Relaxed);
+        let d0 = sched::stats().deferred;
+        // Until this CPU took 3 ticks (a few ms natively; under Xen in TCG
+        // with 4 vCPUs ticks come tens of ms late), at most 3 s.
+        let end = clock::now_ns() + 3_000 * MS;
+        while pc.ticks.load(Ordering::Relaxed) < k0 + 3 && clock::now_ns() < end {
+            core::hint::spin_loop();
+        }
+        let sw1 = pc.switches.load(Ordering::Relaxed);
         (
-            s1.context_switches - s0.context_switches,
-            timer::ticks() - k0,
-            s1.deferred - s0.deferred,
-            s1.context_switches,
+            sw1 - sw0,
+            pc.ticks.load(Ordering::Relaxed) - k0,
+            sched::stats().deferred - d0,
+            crate::percpu::cpu_id(),
+            sw1,
         )
     };
-    // The guard dropped with a switch pending: it happens here.
-    let switched_after = sched::stats().context_switches > switches_end;
-    sched::join(other).map_err(spawn_failure)?;
+    // The guard dropped with a switch pending: it happens here, on the CPU
+    // the section ran on.
+    let switched_after = crate::percpu::CPUS[cpu].switches.load(Ordering::Relaxed) > switches_end;
+    // Let the spinners finish.
+    SPIN_UNTIL.store(0, Ordering::SeqCst);
+    for id in &others[..cpus] {
+        sched::join(*id).map_err(spawn_failure)?;
+    }
     log::info!(
-        "rk: 20 ms without preemption: {ticks_in} ticks, {switches_in} switches, {deferred_in} deferred"
+        "rk: without preemption on cpu {cpu}: {ticks_in} ticks, {switches_in} switches, \
+         {deferred_in} deferred"
     );
-    check(ticks_in >= 5, "the tick fired during the section")?;
+    check(ticks_in >= 3, "the tick fired during the section")?;
     check_eq("switches during the section", switches_in, 0)?;
     check(deferred_in > 0, "the tick asked to preempt")?;
     check(
@@ -220,9 +278,15 @@ fn fault_in_interrupt(_: &mut Kernel) -> TestResult {
         "rk: {runs} ticks probed, {faults} #PF caught inside the handler, {nested} nested exceptions, depth {}",
         HOOK_DEPTH.load(Ordering::Relaxed)
     );
+    // With several CPUs a hook may still be running on another CPU when
+    // the counters are read: allow one run in flight per CPU.
+    let in_flight = crate::percpu::online_count() as u64;
     check(ok, "the hook ran 10 times")?;
-    check_eq("faults caught in the handler", faults, runs)?;
-    check(nested >= runs, "each fault counted as nested")?;
+    check(
+        faults + in_flight >= runs && faults >= 10,
+        "every probe in the handler faulted",
+    )?;
+    check(nested >= faults, "each fault counted as nested")?;
     check(
         HOOK_DEPTH.load(Ordering::Relaxed) >= 1,
         "the hook ran in interrupt context",
@@ -233,20 +297,34 @@ fn fault_in_interrupt(_: &mut Kernel) -> TestResult {
 /// (under PV the port is pending in shared info); it runs as soon as they
 /// are back on.
 fn masked_then_delivered(_: &mut Kernel) -> TestResult {
-    let (during, pending, k0) = {
-        let _g = irq::save();
-        let k0 = timer::ticks();
-        clock::spin_ns(5 * MS);
-        let pending = match timer::pv_port() {
+    let (during, pending, k0, cpu) = {
+        let g = irq::save();
+        // With interrupts off the thread stays on this CPU: its own ticks.
+        let pc = crate::percpu::this_cpu(&g);
+        let k0 = pc.ticks.load(Ordering::Relaxed);
+        // Until the timer's interrupt is pending (its event-channel bit under
+        // PV, the APIC's request register natively): at least 5 ms, at most
+        // 2 s (under TCG with more vCPUs than host cores the timer itself
+        // may be late).
+        let start = clock::now_ns();
+        let is_pending = || match timer::pv_port() {
             Some(port) => crate::events::is_pending(port),
-            None => true,
+            None => crate::apic::is_pending(crate::apic::TIMER_VECTOR),
         };
-        (timer::ticks() - k0, pending, k0)
+        while clock::now_ns() < start + 5 * MS
+            || (!is_pending() && clock::now_ns() < start + 2_000 * MS)
+        {
+            core::hint::spin_loop();
+        }
+        let pending = is_pending();
+        let cpu = crate::percpu::cpu_id();
+        (pc.ticks.load(Ordering::Relaxed) - k0, pending, k0, cpu)
     };
-    // The guard dropped: delivery must happen now, not at the next tick.
-    let right_after = timer::ticks() - k0;
+    // The guard dropped: delivery must happen now, not at the next tick
+    // (and before this thread can be switched to another CPU).
+    let right_after = crate::percpu::CPUS[cpu].ticks.load(Ordering::Relaxed) - k0;
     log::info!(
-        "rk: masked 5 ms: {during} ticks while masked, {right_after} right after unmask, {} forced upcalls",
+        "rk: masked until the tick was pending: {during} ticks while masked, {right_after} right after unmask, {} forced upcalls",
         irq::forced_deliveries()
     );
     check_eq("ticks while masked", during, 0)?;
@@ -318,13 +396,14 @@ fn sleep_and_join(_: &mut Kernel) -> TestResult {
 }
 
 static HOOK_SWITCHES: AtomicU64 = AtomicU64::new(0);
-static HOOK_LAST_TO: AtomicU64 = AtomicU64::new(u64::MAX);
+static HOOK_LAST_TO: [AtomicU64; crate::percpu::MAX_CPUS] =
+    [const { AtomicU64::new(u64::MAX) }; crate::percpu::MAX_CPUS];
 static YIELDER_STEPS: AtomicU64 = AtomicU64::new(0);
 static YIELDER_NAME_OK: AtomicU64 = AtomicU64::new(0);
 
 fn count_switch(_from: ThreadId, to: ThreadId) {
     HOOK_SWITCHES.fetch_add(1, Ordering::Relaxed);
-    HOOK_LAST_TO.store(to.0 as u64, Ordering::Relaxed);
+    HOOK_LAST_TO[crate::percpu::cpu_id()].store(to.0 as u64, Ordering::Relaxed);
 }
 
 fn yielder(n: u64) -> u64 {
@@ -351,23 +430,35 @@ fn yield_and_hooks(_: &mut Kernel) -> TestResult {
     check_eq("preempt count after", u64::from(sched::preempt_count()), 0)?;
     sched::register_switch_hook(count_switch).map_err(spawn_failure)?;
     YIELDER_STEPS.store(0, Ordering::Relaxed);
+    // Both threads on this CPU, so that a yield has exactly one other
+    // thread to go to (the other CPUs, if any, stay out of it).
+    let cpu = crate::percpu::cpu_id();
+    sched::pin_current(Some(cpu));
+    let pc = &crate::percpu::CPUS[cpu];
     let h0 = HOOK_SWITCHES.load(Ordering::Relaxed);
-    let s0 = sched::stats().context_switches;
-    let id = sched::spawn("yielder", yielder, N).map_err(spawn_failure)?;
+    let s0 = pc.switches.load(Ordering::Relaxed);
+    let id = sched::spawn_on(cpu, "yielder", yielder, N).map_err(spawn_failure)?;
     let mut lockstep = 0;
-    for i in 0..N {
+    let mut seen = 0;
+    for _ in 0..N {
         sched::yield_now();
-        // Between two of our yields the yielder ran (at least) once.
-        if YIELDER_STEPS.load(Ordering::Relaxed) > i {
+        // Between two of our yields the yielder ran (a preemption can move
+        // one of its steps to the next round).
+        let steps = YIELDER_STEPS.load(Ordering::Relaxed);
+        if steps > seen {
             lockstep += 1;
         }
-        if HOOK_LAST_TO.load(Ordering::Relaxed) != sched::current().0 as u64 {
+        seen = steps;
+        if HOOK_LAST_TO[cpu].load(Ordering::Relaxed) != sched::current().0 as u64 {
+            sched::pin_current(None);
             return Err(Failure::Check("the hook saw another incoming thread"));
         }
     }
-    check_eq("yielder result", sched::join(id).map_err(spawn_failure)?, N)?;
+    let result = sched::join(id).map_err(spawn_failure);
+    let switches = pc.switches.load(Ordering::Relaxed) - s0;
     let hooks = HOOK_SWITCHES.load(Ordering::Relaxed) - h0;
-    let switches = sched::stats().context_switches - s0;
+    sched::pin_current(None);
+    check_eq("yielder result", result?, N)?;
     log::info!(
         "rk: {N} yields each way: {switches} switches, {hooks} hook calls, {lockstep} in lockstep"
     );
@@ -376,9 +467,10 @@ fn yield_and_hooks(_: &mut Kernel) -> TestResult {
         YIELDER_NAME_OK.load(Ordering::Relaxed),
         1,
     )?;
-    check(lockstep >= N - 2, "the two threads alternated")?;
+    check(lockstep >= N * 9 / 10, "the two threads alternated")?;
     check(switches >= 2 * N, "at least two switches per round")?;
-    check_eq("hook calls", hooks, switches)
+    // The hook runs on every CPU's switches: at least this CPU's.
+    check(hooks >= switches, "the hook ran at every switch")
 }
 
 /// With the pool empty, spawn returns `OutOfFrames` and leaks nothing.
@@ -405,7 +497,7 @@ fn spawn_out_of_frames(_: &mut Kernel) -> TestResult {
 
 /// Xen refuses a VIRQ that does not exist with EINVAL, and we report it.
 fn bad_virq(_: &mut Kernel) -> TestResult {
-    let r = crate::events::bind_virq(1000, |_| {});
+    let r = crate::events::bind_virq(1000, 0, |_| {});
     match r {
         Err(crate::events::EventError::Bind(e)) => {
             check_eq("errno of a bad VIRQ bind", e.errno() as u64, 22)

@@ -31,6 +31,9 @@ pub struct Running {
 
 /// See the module docs.
 pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
+    crate::percpu::CPUS[0]
+        .online
+        .store(true, core::sync::atomic::Ordering::Release);
     kspace::init(kernel).map_err(StartError::Kspace)?;
     sched::init().map_err(StartError::Sched)?;
     let source = match kernel.pv.as_ref() {

@@ -24,10 +24,13 @@ use crate::{clock, sched};
 /// Tick period.
 pub const TICK_NS: u64 = 1_000_000;
 
+/// Ticks on all CPUs.
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static MISSED: AtomicU64 = AtomicU64::new(0);
 /// Ticks that ran before their deadline (beyond [`EARLY_SLACK_NS`]).
 static EARLY: AtomicU64 = AtomicU64::new(0);
+/// The most a tick ran before its deadline, ns.
+static EARLY_MAX_NS: AtomicU64 = AtomicU64::new(0);
 /// Sum and maximum of how late ticks ran after their deadline.
 static LATE_SUM_NS: AtomicU64 = AtomicU64::new(0);
 static LATE_MAX_NS: AtomicU64 = AtomicU64::new(0);
@@ -35,10 +38,8 @@ static LATE_MAX_NS: AtomicU64 = AtomicU64::new(0);
 /// How early a tick may look (clock read vs. the timer's own time base,
 /// APIC calibration error) before it counts as early.
 pub const EARLY_SLACK_NS: u64 = 50_000;
-static DEADLINE: AtomicU64 = AtomicU64::new(0);
 static RUNNING: AtomicBool = AtomicBool::new(false);
 static PV: AtomicBool = AtomicBool::new(false);
-static PORT: AtomicU64 = AtomicU64::new(u64::MAX);
 /// A hook run by every tick (tests: faults inside the handler).
 static HOOK: spin::Mutex<Option<fn()>> = spin::Mutex::new(None);
 
@@ -84,11 +85,29 @@ impl core::fmt::Display for TimerSource {
 pub fn init_pv(pv: &PvBoot) -> Result<TimerSource, TimerError> {
     events::init(pv).map_err(TimerError::Events)?;
     PV.store(true, Ordering::Relaxed);
-    let port =
-        events::bind_virq(hypercall::abi::VIRQ_TIMER, |_| on_tick()).map_err(TimerError::Events)?;
-    PORT.store(u64::from(port), Ordering::Relaxed);
+    start_pv_cpu(0)
+}
+
+/// Binds this vCPU's `VIRQ_TIMER` and reschedule IPI and arms its first
+/// deadline (every vCPU, on itself).
+pub fn start_pv_cpu(cpu: usize) -> Result<TimerSource, TimerError> {
+    let vcpu = cpu as u32;
+    let port = events::bind_virq(hypercall::abi::VIRQ_TIMER, vcpu, |_| on_tick())
+        .map_err(TimerError::Events)?;
+    let ipi = events::bind_ipi(vcpu, |_| crate::ipi::on_resched()).map_err(TimerError::Events)?;
+    let pc = &crate::percpu::CPUS[cpu];
+    pc.timer_port.store(port, Ordering::Release);
+    pc.ipi_port.store(ipi, Ordering::Release);
     start()?;
     Ok(TimerSource::XenVirq { port })
+}
+
+/// Starts this application processor's APIC timer.
+pub fn start_native_cpu() -> Result<TimerSource, TimerError> {
+    let info = apic::init_ap().map_err(TimerError::Apic)?;
+    crate::percpu::with_irqs_off(|pc| pc.apic_id.store(info.id, Ordering::Release));
+    start()?;
+    Ok(TimerSource::Apic(info))
 }
 
 /// Starts the tick natively: TSC calibration, the APIC, the first deadline.
@@ -96,22 +115,24 @@ pub fn init_native() -> Result<TimerSource, TimerError> {
     let (hz, source) = clock::init_native();
     log::info!("TSC {hz} Hz ({source:?})");
     let info = apic::init().map_err(TimerError::Apic)?;
+    crate::percpu::with_irqs_off(|pc| pc.apic_id.store(info.id, Ordering::Release));
     start()?;
     Ok(TimerSource::Apic(info))
 }
 
 fn start() -> Result<(), TimerError> {
     let first = clock::now_ns() + TICK_NS;
-    DEADLINE.store(first, Ordering::Relaxed);
+    crate::percpu::with_irqs_off(|pc| pc.deadline.store(first, Ordering::Relaxed));
     RUNNING.store(true, Ordering::Relaxed);
     arm(first)
 }
 
 fn arm(deadline: u64) -> Result<(), TimerError> {
     if PV.load(Ordering::Relaxed) {
-        // SAFETY: PV; vCPU 0 is ours. Not `future`: a deadline that passed
-        // while we computed it fires at once rather than failing.
-        unsafe { hypercall::ops::vcpu_set_singleshot_timer(0, deadline, false) }
+        let vcpu = crate::percpu::cpu_id() as u32;
+        // SAFETY: PV; a vCPU arms its own timer. Not `future`: a deadline
+        // that passed while we computed it fires at once rather than failing.
+        unsafe { hypercall::ops::vcpu_set_singleshot_timer(vcpu, deadline, false) }
             .map_err(TimerError::Arm)
     } else {
         apic::arm_oneshot(deadline.saturating_sub(clock::now_ns()));
@@ -125,15 +146,19 @@ pub fn on_tick() {
         return;
     }
     TICKS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the tick runs in the interrupt handler, interrupts off.
+    let pc = unsafe { crate::percpu::this_cpu_irqs_off() };
+    pc.ticks.fetch_add(1, Ordering::Relaxed);
     let hook = *HOOK.lock();
     if let Some(h) = hook {
         h();
     }
     let now = clock::now_ns();
-    let due = DEADLINE.load(Ordering::Relaxed);
+    let due = pc.deadline.load(Ordering::Relaxed);
     if now + EARLY_SLACK_NS < due {
         EARLY.fetch_add(1, Ordering::Relaxed);
     }
+    EARLY_MAX_NS.fetch_max(due.saturating_sub(now), Ordering::Relaxed);
     let late = now.saturating_sub(due);
     LATE_SUM_NS.fetch_add(late, Ordering::Relaxed);
     LATE_MAX_NS.fetch_max(late, Ordering::Relaxed);
@@ -142,7 +167,7 @@ pub fn on_tick() {
         MISSED.fetch_add((now - next) / TICK_NS + 1, Ordering::Relaxed);
         next = now + TICK_NS;
     }
-    DEADLINE.store(next, Ordering::Relaxed);
+    pc.deadline.store(next, Ordering::Relaxed);
     if let Err(e) = arm(next) {
         panic!("cannot re-arm the timer: {e:?}");
     }
@@ -170,6 +195,11 @@ pub fn early() -> u64 {
     EARLY.load(Ordering::Relaxed)
 }
 
+/// The most any tick ran before its deadline, ns.
+pub fn early_max_ns() -> u64 {
+    EARLY_MAX_NS.load(Ordering::Relaxed)
+}
+
 /// Total and maximum lateness of ticks, ns.
 pub fn lateness_ns() -> (u64, u64) {
     (
@@ -178,9 +208,12 @@ pub fn lateness_ns() -> (u64, u64) {
     )
 }
 
-/// The timer's event-channel port under PV.
+/// This CPU's timer event-channel port under PV (a snapshot).
 pub fn pv_port() -> Option<u32> {
-    u32::try_from(PORT.load(Ordering::Relaxed)).ok()
+    let port = crate::percpu::CPUS[crate::percpu::cpu_id()]
+        .timer_port
+        .load(Ordering::Relaxed);
+    (PV.load(Ordering::Relaxed) && port != u32::MAX).then_some(port)
 }
 
 /// Installs (or clears) the per-tick hook.

@@ -439,6 +439,14 @@ fn interrupt(vector: u64) {
             crate::timer::on_tick();
         }
         v if v == u64::from(crate::apic::SPURIOUS_VECTOR) => {}
+        v if v == u64::from(crate::shootdown::SHOOTDOWN_VECTOR) => {
+            crate::apic::eoi();
+            crate::shootdown::on_ipi();
+        }
+        v if v == u64::from(crate::ipi::RESCHED_VECTOR) => {
+            crate::apic::eoi();
+            crate::ipi::on_resched();
+        }
         v => {
             crate::apic::eoi();
             log::warn!("unexpected interrupt vector {v}");
@@ -489,7 +497,8 @@ fn exception(frame: &mut TrapFrame) {
         );
     }
     crate::kprintln!(
-        "TRAP vector {} ({}) error_code {:#x} rip {:#x} cr2 {:#x} rsp {:#x} cs {:#x} rflags {:#x}",
+        "TRAP vector {} ({}) error_code {:#x} rip {:#x} cr2 {:#x} rsp {:#x} cs {:#x} rflags {:#x} \
+         on cpu {} thread {}",
         frame.vector,
         vector_name(frame.vector),
         frame.error_code,
@@ -497,7 +506,11 @@ fn exception(frame: &mut TrapFrame) {
         cr2,
         frame.rsp,
         frame.cs & 0xffff, // Xen PV keeps the saved upcall mask in bits 32..40
-        frame.rflags
+        frame.rflags,
+        crate::percpu::cpu_id(),
+        crate::percpu::CPUS[crate::percpu::cpu_id()]
+            .current
+            .load(Ordering::Relaxed)
     );
     panic!(
         "unexpected exception {} ({}) at rip {:#x}",
@@ -630,9 +643,58 @@ fn init_native_tss() {
     unsafe { x86_64::instructions::tables::load_tss(*tss_selector) };
 }
 
+/// Per-CPU TSS and GDT of the application processors (the boot CPU uses
+/// [`TSS`] and [`GDT`]).
+static AP_TSS: [spin::Once<x86_64::structures::tss::TaskStateSegment>; crate::percpu::MAX_CPUS] =
+    [const { spin::Once::new() }; crate::percpu::MAX_CPUS];
+#[allow(clippy::type_complexity)]
+static AP_GDT: [spin::Once<(
+    x86_64::structures::gdt::GlobalDescriptorTable,
+    x86_64::structures::gdt::SegmentSelector,
+)>; crate::percpu::MAX_CPUS] = [const { spin::Once::new() }; crate::percpu::MAX_CPUS];
+
+/// An application processor's descriptor tables: its own GDT (same code and
+/// data selectors as the boot CPU's) and TSS, whose IST 1 is a double-fault
+/// stack of its own (mapped through pvmmu with a guard page), and the
+/// shared IDT.
+pub fn init_native_ap(cpu: usize) {
+    use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+    let df_top = match crate::kspace::alloc_stack(2) {
+        Ok(st) => st.top,
+        Err(e) => panic!("cpu {cpu}: no double-fault stack: {e:?}"),
+    };
+    let tss = AP_TSS[cpu].call_once(|| {
+        let mut tss = x86_64::structures::tss::TaskStateSegment::new();
+        tss.interrupt_stack_table[0] = x86_64::VirtAddr::new(df_top);
+        tss
+    });
+    let (gdt, tss_selector) = AP_GDT[cpu].call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
+        gdt.append(Descriptor::kernel_code_segment());
+        gdt.append(Descriptor::kernel_data_segment());
+        let sel = gdt.append(Descriptor::tss_segment(tss));
+        (gdt, sel)
+    });
+    gdt.load();
+    // SAFETY: CS 0x08 is the 64-bit code segment of the GDT just loaded
+    // (the trampoline's own GDT had the same layout); data selectors 0x10.
+    unsafe {
+        use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+        use x86_64::structures::gdt::SegmentSelector;
+        use x86_64::PrivilegeLevel;
+        CS::set_reg(SegmentSelector::new(1, PrivilegeLevel::Ring0));
+        let data = SegmentSelector::new(2, PrivilegeLevel::Ring0);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        SS::set_reg(data);
+        x86_64::instructions::tables::load_tss(*tss_selector);
+    }
+    load_idt();
+}
+
 fn init_native() {
     init_native_tss();
-    let idt = IDT.call_once(|| {
+    IDT.call_once(|| {
         // SAFETY: `trap_native_stubs` is a constant table in .text.
         let stubs = unsafe { &trap_native_stubs };
         let mut gates = [IdtGate {
@@ -664,16 +726,26 @@ fn init_native() {
         gates[DOUBLE_FAULT].ist = 1;
         Idt(gates)
     });
+    load_idt();
+}
+
+/// Loads the shared IDT on this CPU (built by the boot CPU's `init`).
+fn load_idt() {
+    let Some(idt) = IDT.get() else {
+        panic!("IDT not built");
+    };
     let ptr = x86_64::structures::DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: x86_64::VirtAddr::new(idt as *const Idt as u64),
     };
     // SAFETY: the IDT is in a static that lives forever, its gates point at
-    // the stubs above with the boot GDT's code selector.
+    // the stubs above with the code selector every CPU's GDT has.
     unsafe { x86_64::instructions::tables::lidt(&ptr) };
 }
 
-fn init_pv() -> Result<(), TrapError> {
+/// The PV trap table: one entry per exception vector plus the zero
+/// terminator, every entry masking events on entry (flag bit 2).
+pub fn pv_trap_table() -> [hypercall::ops::TrapInfo; 33] {
     use hypercall::ops::{TrapInfo, FLAT_KERNEL_CS64};
     // SAFETY: `trap_pv_stubs` is a constant table in .text.
     let stubs = unsafe { &trap_pv_stubs };
@@ -693,6 +765,11 @@ fn init_pv() -> Result<(), TrapError> {
             address: handler,
         };
     }
+    table
+}
+
+fn init_pv() -> Result<(), TrapError> {
+    let table = pv_trap_table();
     // SAFETY: we are PV (checked by `init`); every handler is a PV stub
     // expecting Xen's 64-bit bounce frame; the table ends with a zero entry.
     unsafe { hypercall::ops::set_trap_table(&table) }.map_err(TrapError::SetTrapTable)

@@ -350,3 +350,75 @@ pub unsafe fn sched_block() -> Result<(), XenError> {
     let ret = unsafe { call2(nr::SCHED_OP, u64::from(abi::SCHEDOP_BLOCK), 0) };
     XenError::check(ret).map(|_| ())
 }
+
+/// `__HYPERVISOR_set_segment_base`.
+pub const HYPERVISOR_SET_SEGMENT_BASE: u32 = 25;
+/// `set_segment_base` selector: the guest kernel's GS base.
+pub const SEGBASE_GS_KERNEL: u64 = 2;
+
+/// `set_segment_base(SEGBASE_GS_KERNEL, base)`: the GS base the vCPU uses
+/// in guest kernel mode (a PV kernel cannot write the MSR).
+///
+/// # Safety
+/// Only as a Xen PV guest; code that reads `%gs:` must find what it
+/// expects at `base`.
+pub unsafe fn set_gs_base_kernel(base: u64) -> Result<(), XenError> {
+    // SAFETY: no pointer is passed to Xen.
+    let ret = unsafe { call2(HYPERVISOR_SET_SEGMENT_BASE, SEGBASE_GS_KERNEL, base) };
+    XenError::check(ret).map(|_| ())
+}
+
+/// The initial state of a vCPU (`struct vcpu_guest_context`, x86_64).
+pub use xen_sys::vcpu_guest_context as VcpuGuestContext;
+
+/// `vcpu_op` sub-command: set a vCPU's initial state.
+pub const VCPUOP_INITIALISE: u32 = 0;
+/// `vcpu_op` sub-command: bring a vCPU online.
+pub const VCPUOP_UP: u32 = 1;
+/// `vcpu_op` sub-command: is the vCPU online (1) or not (0).
+pub const VCPUOP_IS_UP: u32 = 3;
+/// `vcpu_guest_context.flags`: the vCPU starts in guest kernel mode.
+pub const VGCF_IN_KERNEL: u64 = 1 << 2;
+/// `vcpu_guest_context.flags`: the failsafe callback masks events.
+pub const VGCF_FAILSAFE_DISABLES_EVENTS: u64 = 1 << 3;
+
+/// `vcpu_op(VCPUOP_initialise, vcpu, ctxt)`: Xen validates the context
+/// (GDT frames read-only, `ctrlreg[3]` a pinned L4, selectors) and keeps a
+/// copy; the vCPU starts from it at `VCPUOP_up`.
+///
+/// # Safety
+/// Only as a Xen PV guest; `ctxt` must describe a stack, page tables and
+/// entry points that are valid for the new vCPU.
+pub unsafe fn vcpu_initialise(vcpu: u32, ctxt: &VcpuGuestContext) -> Result<(), XenError> {
+    // SAFETY: `ctxt` lives across the call; Xen only reads it.
+    let ret = unsafe {
+        call3(
+            nr::VCPU_OP,
+            u64::from(VCPUOP_INITIALISE),
+            u64::from(vcpu),
+            ctxt as *const _ as u64,
+        )
+    };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `vcpu_op(VCPUOP_up, vcpu)`.
+///
+/// # Safety
+/// Only as a Xen PV guest, after `vcpu_initialise` of that vCPU.
+pub unsafe fn vcpu_up(vcpu: u32) -> Result<(), XenError> {
+    // SAFETY: no buffer.
+    let ret = unsafe { call3(nr::VCPU_OP, u64::from(VCPUOP_UP), u64::from(vcpu), 0) };
+    XenError::check(ret).map(|_| ())
+}
+
+/// `vcpu_op(VCPUOP_is_up, vcpu)`: `Ok(true)` if online, `Err(NoEnt)` if
+/// the domain has no such vCPU.
+///
+/// # Safety
+/// Only as a Xen PV guest.
+pub unsafe fn vcpu_is_up(vcpu: u32) -> Result<bool, XenError> {
+    // SAFETY: no buffer.
+    let ret = unsafe { call3(nr::VCPU_OP, u64::from(VCPUOP_IS_UP), u64::from(vcpu), 0) };
+    XenError::check(ret).map(|v| v != 0)
+}

@@ -30,10 +30,11 @@
 
 mod switch;
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::irq;
 use crate::kspace::{self, KspaceError, Stack};
+use crate::percpu::{self, MAX_CPUS};
+use crate::{ipi, irq};
 
 /// Most threads alive at once (including main and idle).
 pub const MAX_THREADS: usize = 64;
@@ -92,6 +93,8 @@ struct Thread {
     result: u64,
     /// Times the timer took the CPU away from it.
     preemptions: u64,
+    /// The only CPU it may run on, if pinned.
+    affinity: Option<usize>,
 }
 
 const FREE: Thread = Thread {
@@ -103,34 +106,73 @@ const FREE: Thread = Thread {
     arg: 0,
     result: 0,
     preemptions: 0,
+    affinity: None,
 };
 
+/// The thread table (one lock for all CPUs: threads migrate freely; each
+/// CPU keeps its running thread and its idle thread in its `PerCpu`).
 struct Sched {
     threads: [Thread; MAX_THREADS],
-    current: usize,
-    idle: usize,
+    /// Idle thread of each CPU (`NO_THREAD` until started).
+    idle: [usize; MAX_CPUS],
     hooks: [Option<SwitchHook>; MAX_HOOKS],
+    /// Where each thread last ran.
+    last_cpu: [usize; MAX_THREADS],
+    /// Switches of a thread from one CPU to another.
+    migrations: u64,
 }
 
 static SCHED: spin::Mutex<Sched> = spin::Mutex::new(Sched {
     threads: [FREE; MAX_THREADS],
-    current: 0,
-    idle: usize::MAX,
+    idle: [percpu::NO_THREAD; MAX_CPUS],
     hooks: [None; MAX_HOOKS],
+    last_cpu: [0; MAX_THREADS],
+    migrations: 0,
 });
 
+/// Whether a thread's context is live on some CPU (running, or switched
+/// away from but its registers not yet saved). Another CPU may only pick
+/// a thread whose flag is clear; the flag is cleared by the next thread on
+/// the old CPU once the switch is complete (`finish_switch`).
+#[allow(clippy::declare_interior_mutable_const)]
+const OFF_CPU: AtomicBool = AtomicBool::new(false);
+static ON_CPU: [AtomicBool; MAX_THREADS] = [OFF_CPU; MAX_THREADS];
+
 static READY: AtomicBool = AtomicBool::new(false);
-static NEED_RESCHED: AtomicBool = AtomicBool::new(false);
-static PREEMPT_COUNT: AtomicU32 = AtomicU32::new(0);
 static CONTEXT_SWITCHES: AtomicU64 = AtomicU64::new(0);
 static PREEMPTIONS: AtomicU64 = AtomicU64::new(0);
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 /// Resched requests deferred because preemption was disabled.
 static DEFERRED: AtomicU64 = AtomicU64::new(0);
 
+/// Runs `f` under the scheduler lock with interrupts off. The lock guard
+/// is a local declared after the interrupt guard, so it is released
+/// before interrupts come back on (a temporary in the tail expression
+/// would outlive `_irq`, and a tick arriving in between would spin on the
+/// lock its own CPU holds: found as a hang under TCG).
 fn locked<T>(f: impl FnOnce(&mut Sched) -> T) -> T {
     let _irq = irq::save();
-    f(&mut SCHED.lock())
+    let mut guard = SCHED.lock();
+    f(&mut guard)
+}
+
+/// The running thread of this CPU (interrupts off: no migration).
+fn cur() -> usize {
+    // SAFETY: callers run with interrupts off (inside `locked` or a handler).
+    unsafe { percpu::this_cpu_irqs_off() }
+        .current
+        .load(Ordering::Relaxed)
+}
+
+fn set_cur(t: usize) {
+    // SAFETY: as for `cur`.
+    unsafe { percpu::this_cpu_irqs_off() }
+        .current
+        .store(t, Ordering::Relaxed)
+}
+
+fn this_idle(s: &Sched) -> usize {
+    s.idle[percpu::cpu_id()]
 }
 
 /// Makes the running boot code thread 0 ("main") and starts the idle
@@ -142,19 +184,50 @@ pub fn init() -> Result<(), SchedError> {
             name: "main",
             ..FREE
         };
-        s.current = 0;
+        ON_CPU[0].store(true, Ordering::Relaxed);
+        set_cur(0);
     });
     SPAWNED.store(1, Ordering::Relaxed);
     READY.store(true, Ordering::Release);
     let idle = spawn("idle", idle_loop, 0)?;
-    locked(|s| s.idle = idle.0);
+    locked(|s| s.idle[0] = idle.0);
     Ok(())
 }
 
-fn idle_loop(_: u64) -> u64 {
+/// Makes the code running on a CPU that is coming up its idle thread,
+/// `thread` (spawned for it by [`spawn_idle_for`], never started; the CPU
+/// runs on its stack).
+pub fn adopt_idle(cpu: usize, thread: ThreadId) {
+    locked(|s| {
+        s.idle[cpu] = thread.0;
+        s.threads[thread.0].state = State::Running;
+        s.last_cpu[thread.0] = cpu;
+        ON_CPU[thread.0].store(true, Ordering::Relaxed);
+        set_cur(thread.0);
+    });
+}
+
+/// Creates the idle thread of CPU `cpu` without making it runnable (the
+/// CPU starts on its stack and adopts it with [`adopt_idle`]).
+pub fn spawn_idle_for(cpu: usize) -> Result<(ThreadId, Stack), SchedError> {
+    // Parked (waiting on itself): runnable by no one until its CPU adopts it.
+    let parked = State::Joining {
+        target: MAX_THREADS,
+    };
+    let id = create("idle", idle_loop, cpu as u64, DEFAULT_STACK_PAGES, parked)?;
+    let stack = locked(|s| {
+        s.idle[cpu] = id.0;
+        s.threads[id.0].stack
+    });
+    percpu::CPUS[cpu].idle.store(id.0, Ordering::Release);
+    stack.map(|st| (id, st)).ok_or(SchedError::NoSuchThread(id))
+}
+
+/// The idle loop of every CPU.
+pub fn idle_loop(_: u64) -> u64 {
     loop {
         let g = irq::save();
-        if locked(|s| s.has_ready_besides(s.idle)) {
+        if locked(|s| s.has_ready_besides(this_idle(s))) {
             schedule(false);
             drop(g);
         } else {
@@ -166,27 +239,40 @@ fn idle_loop(_: u64) -> u64 {
 }
 
 impl Sched {
+    fn is_idle(&self, t: usize) -> bool {
+        self.idle.contains(&t)
+    }
+
+    /// Whether thread `i` may be switched to on `cpu`: ready, not an idle
+    /// thread, its context not live on a CPU, and not pinned elsewhere.
+    fn runnable(&self, i: usize, cpu: usize) -> bool {
+        !self.is_idle(i)
+            && self.threads[i].state == State::Ready
+            && self.threads[i].affinity.is_none_or(|c| c == cpu)
+            && !ON_CPU[i].load(Ordering::Acquire)
+    }
+
+    /// A thread other than `skip` that this CPU could switch to.
     fn has_ready_besides(&self, skip: usize) -> bool {
-        self.threads
-            .iter()
-            .enumerate()
-            .any(|(i, t)| i != skip && i != self.idle && t.state == State::Ready)
+        let cpu = percpu::cpu_id();
+        (0..MAX_THREADS).any(|i| i != skip && self.runnable(i, cpu))
     }
 
     /// Round robin: the next ready thread after the current one; the
-    /// current one if it is still runnable and nothing else is; idle last.
-    fn pick_next(&self) -> usize {
-        let cur = self.current;
+    /// current one if it is still runnable and nothing else is; this CPU's
+    /// idle thread last.
+    fn pick_next(&self, cur: usize, idle: usize, cpu: usize) -> usize {
         for k in 1..=MAX_THREADS {
             let i = (cur + k) % MAX_THREADS;
-            if i != self.idle && self.threads[i].state == State::Ready {
+            if self.runnable(i, cpu) {
                 return i;
             }
         }
-        if self.threads[cur].state == State::Running && cur != self.idle {
+        let stays = self.threads[cur].affinity.is_none_or(|c| c == cpu);
+        if self.threads[cur].state == State::Running && cur != idle && stays {
             return cur;
         }
-        self.idle
+        idle
     }
 }
 
@@ -203,15 +289,29 @@ pub fn spawn_with_stack(
     arg: u64,
     pages: usize,
 ) -> Result<ThreadId, SchedError> {
+    let id = create(name, entry, arg, pages, State::Ready)?;
+    ipi::kick_idle_cpus();
+    Ok(id)
+}
+
+/// Creates a thread in `state` with a fresh stack and its first frame.
+fn create(
+    name: &'static str,
+    entry: Entry,
+    arg: u64,
+    pages: usize,
+    state: State,
+) -> Result<ThreadId, SchedError> {
     if !READY.load(Ordering::Acquire) {
         return Err(SchedError::NotReady);
     }
     let stack = kspace::alloc_stack(pages).map_err(SchedError::Stack)?;
     let rsp = switch::initial_frame(stack.top);
     let slot = locked(|s| {
-        let slot = s.threads.iter().position(|t| t.state == State::Free)?;
+        let slot = (0..MAX_THREADS)
+            .find(|&i| s.threads[i].state == State::Free && !ON_CPU[i].load(Ordering::Acquire))?;
         s.threads[slot] = Thread {
-            state: State::Ready,
+            state,
             name,
             rsp,
             stack: Some(stack),
@@ -238,8 +338,9 @@ pub fn spawn_with_stack(
 /// First Rust code of a new thread (called by the switch trampoline, on
 /// the new stack, interrupts off).
 extern "C" fn thread_start() -> ! {
+    finish_switch();
     let (entry, arg) = locked(|s| {
-        let t = &s.threads[s.current];
+        let t = &s.threads[cur()];
         (t.entry, t.arg)
     });
     irq::enable();
@@ -254,7 +355,7 @@ extern "C" fn thread_start() -> ! {
 pub fn exit(result: u64) -> ! {
     let _g = irq::save();
     locked(|s| {
-        let cur = s.current;
+        let cur = cur();
         s.threads[cur].state = State::Dead;
         s.threads[cur].result = result;
         for t in s.threads.iter_mut() {
@@ -263,6 +364,7 @@ pub fn exit(result: u64) -> ! {
             }
         }
     });
+    ipi::kick_idle_cpus();
     schedule(false);
     unreachable!("a dead thread was scheduled again");
 }
@@ -272,12 +374,22 @@ pub fn join(id: ThreadId) -> Result<u64, SchedError> {
     loop {
         let g = irq::save();
         let outcome = locked(|s| {
-            let cur = s.current;
+            let cur = cur();
             if id.0 == cur {
                 return Some(Err(SchedError::JoinSelf));
             }
+            if s.is_idle(id.0) {
+                return Some(Err(SchedError::NoSuchThread(id)));
+            }
             match s.threads.get(id.0).map(|t| t.state) {
                 None | Some(State::Free) => Some(Err(SchedError::NoSuchThread(id))),
+                // Dead but still finishing its last switch on another CPU:
+                // its stack is in use for a few more instructions. Retry
+                // at the next tick.
+                Some(State::Dead) if ON_CPU[id.0].load(Ordering::Acquire) => {
+                    s.threads[cur].state = State::Sleeping { until_ns: 0 };
+                    None
+                }
                 Some(State::Dead) => {
                     let t = s.threads[id.0];
                     s.threads[id.0] = FREE;
@@ -317,20 +429,52 @@ pub fn sleep_ns(ns: u64) {
     let until_ns = crate::clock::now_ns() + ns;
     let _g = irq::save();
     locked(|s| {
-        let cur = s.current;
+        let cur = cur();
         s.threads[cur].state = State::Sleeping { until_ns };
     });
     schedule(false);
 }
 
+/// Pins the running thread to `cpu` (`None`: may run anywhere) and, if it
+/// is on another CPU, gives up this one until `cpu` picks it up.
+pub fn pin_current(cpu: Option<usize>) {
+    locked(|s| {
+        let cur = cur();
+        s.threads[cur].affinity = cpu;
+    });
+    while let Some(c) = cpu.filter(|&c| c != percpu::cpu_id()) {
+        ipi::send_resched(c);
+        yield_now();
+    }
+}
+
+/// Spawns a thread that only ever runs on `cpu`.
+pub fn spawn_on(
+    cpu: usize,
+    name: &'static str,
+    entry: Entry,
+    arg: u64,
+) -> Result<ThreadId, SchedError> {
+    let parked = State::Joining {
+        target: MAX_THREADS,
+    };
+    let id = create(name, entry, arg, DEFAULT_STACK_PAGES, parked)?;
+    locked(|s| {
+        s.threads[id.0].affinity = Some(cpu);
+        s.threads[id.0].state = State::Ready;
+    });
+    ipi::send_resched(cpu);
+    Ok(id)
+}
+
 /// The running thread.
 pub fn current() -> ThreadId {
-    ThreadId(locked(|s| s.current))
+    ThreadId(locked(|_| cur()))
 }
 
 /// The running thread's name.
 pub fn current_name() -> &'static str {
-    locked(|s| s.threads[s.current].name)
+    locked(|s| s.threads[cur()].name)
 }
 
 /// Registers a hook called at every switch (see the module docs).
@@ -349,7 +493,7 @@ pub fn register_switch_hook(hook: SwitchHook) -> Result<(), SchedError> {
 /// Switches to the next thread. Interrupts must be off.
 fn schedule(involuntary: bool) {
     debug_assert!(!irq::enabled());
-    let preempt = PREEMPT_COUNT.load(Ordering::Relaxed);
+    let preempt = percpu::preempt_count();
     if preempt != 0 {
         panic!(
             "scheduling with preemption disabled (count {preempt}, {})",
@@ -360,10 +504,11 @@ fn schedule(involuntary: bool) {
             }
         );
     }
+    let cpu = percpu::cpu_id();
     let mut sched = SCHED.lock();
     let s = &mut *sched;
-    let cur = s.current;
-    let next = s.pick_next();
+    let cur = cur();
+    let next = s.pick_next(cur, s.idle[cpu], cpu);
     if next == cur {
         return;
     }
@@ -375,7 +520,16 @@ fn schedule(involuntary: bool) {
         PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
     }
     s.threads[next].state = State::Running;
-    s.current = next;
+    if s.last_cpu[next] != cpu && !s.is_idle(next) {
+        s.migrations += 1;
+    }
+    s.last_cpu[next] = cpu;
+    ON_CPU[next].store(true, Ordering::Relaxed);
+    set_cur(next);
+    // SAFETY: interrupts are off.
+    let pc = unsafe { percpu::this_cpu_irqs_off() };
+    pc.prev.store(cur, Ordering::Relaxed);
+    pc.switches.fetch_add(1, Ordering::Relaxed);
     let hooks = s.hooks;
     let from_rsp: *mut u64 = &mut s.threads[cur].rsp;
     let to_rsp = s.threads[next].rsp;
@@ -387,8 +541,21 @@ fn schedule(involuntary: bool) {
     // SAFETY: interrupts are off and the lock is released; `from_rsp` is
     // the outgoing thread's slot in the static table (stable address) and
     // `to_rsp` the incoming thread's saved stack pointer, built by
-    // `initial_frame` or saved by an earlier switch.
+    // `initial_frame` or saved by an earlier switch; its `ON_CPU` flag was
+    // clear when it was picked, so no other CPU runs on that stack.
     unsafe { switch::switch_stacks(from_rsp, to_rsp) };
+    finish_switch();
+}
+
+/// Run by the incoming thread right after a switch: the outgoing thread's
+/// registers are saved now, so other CPUs may pick it.
+fn finish_switch() {
+    // SAFETY: interrupts are off until the switch path is left.
+    let cpu = unsafe { percpu::this_cpu_irqs_off() };
+    let prev = cpu.prev.swap(percpu::NO_THREAD, Ordering::Relaxed);
+    if !percpu::is_none(prev) {
+        ON_CPU[prev].store(false, Ordering::Release);
+    }
 }
 
 /// Called by the timer interrupt: wakes sleepers whose time came and asks
@@ -398,30 +565,48 @@ pub fn tick(now_ns: u64) {
         return;
     }
     let mut s = SCHED.lock();
+    let mut woke = false;
     for t in s.threads.iter_mut() {
         if let State::Sleeping { until_ns } = t.state {
             if until_ns <= now_ns {
                 t.state = State::Ready;
+                woke = true;
             }
         }
     }
-    let cur = s.current;
-    if s.has_ready_besides(cur) || (cur == s.idle && s.has_ready_besides(usize::MAX)) {
-        NEED_RESCHED.store(true, Ordering::Relaxed);
+    if s.has_ready_besides(cur()) {
+        percpu::set_need_resched(true);
     }
+    drop(s);
+    if woke {
+        ipi::kick_idle_cpus();
+    }
+}
+
+/// Called on a reschedule IPI: look for work.
+pub fn resched_ipi() {
+    if READY.load(Ordering::Acquire) && locked(|s| s.has_ready_besides(cur())) {
+        percpu::set_need_resched(true);
+    }
+}
+
+/// Whether CPU `cpu` runs its idle thread.
+pub fn cpu_is_idle(cpu: usize) -> bool {
+    let cur = percpu::CPUS[cpu].current.load(Ordering::Relaxed);
+    locked(|s| s.idle[cpu] == cur)
 }
 
 /// Called by the dispatcher when the outermost interrupt handler is done,
 /// interrupts still off: the one place where a thread is preempted.
 pub fn irq_return() {
-    if !NEED_RESCHED.load(Ordering::Relaxed) {
+    if !percpu::need_resched() {
         return;
     }
-    if PREEMPT_COUNT.load(Ordering::Relaxed) != 0 {
+    if percpu::preempt_count() != 0 {
         DEFERRED.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    NEED_RESCHED.store(false, Ordering::Relaxed);
+    percpu::set_need_resched(false);
     schedule(true);
 }
 
@@ -434,7 +619,7 @@ pub struct PreemptGuard {
 
 /// Disables preemption on this CPU.
 pub fn preempt_disable() -> PreemptGuard {
-    PREEMPT_COUNT.fetch_add(1, Ordering::Relaxed);
+    percpu::preempt_inc();
     PreemptGuard {
         _cpu_bound: core::marker::PhantomData,
     }
@@ -442,14 +627,10 @@ pub fn preempt_disable() -> PreemptGuard {
 
 impl Drop for PreemptGuard {
     fn drop(&mut self) {
-        let left = PREEMPT_COUNT.fetch_sub(1, Ordering::Relaxed) - 1;
-        if left == 0
-            && NEED_RESCHED.load(Ordering::Relaxed)
-            && irq::enabled()
-            && !irq::in_interrupt()
-        {
+        let left = percpu::preempt_dec();
+        if left == 0 && percpu::need_resched() && !irq::in_interrupt() && irq::enabled() {
             let _g = irq::save();
-            NEED_RESCHED.store(false, Ordering::Relaxed);
+            percpu::set_need_resched(false);
             schedule(true);
         }
     }
@@ -457,7 +638,7 @@ impl Drop for PreemptGuard {
 
 /// This CPU's preemption count.
 pub fn preempt_count() -> u32 {
-    PREEMPT_COUNT.load(Ordering::Relaxed)
+    percpu::preempt_count()
 }
 
 /// Counters for the report and the tests.
@@ -471,6 +652,8 @@ pub struct Stats {
     pub threads: u64,
     /// Resched requests deferred by a preemption guard.
     pub deferred: u64,
+    /// Switches that resumed a thread on another CPU than its last one.
+    pub migrations: u64,
 }
 
 /// The counters.
@@ -480,6 +663,7 @@ pub fn stats() -> Stats {
         preemptions: PREEMPTIONS.load(Ordering::Relaxed),
         threads: SPAWNED.load(Ordering::Relaxed),
         deferred: DEFERRED.load(Ordering::Relaxed),
+        migrations: locked(|s| s.migrations),
     }
 }
 

@@ -86,6 +86,9 @@ pub struct XenPv<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap = NoAlia
     root: Option<Mfn>,
     /// PWT/PCD allowed (the domain has I/O privileges).
     io_privileged: bool,
+    /// TLB flushes reach every vCPU of the domain (`MMUEXT_*_ALL`), not
+    /// only the calling one: the tree is live on several vCPUs.
+    flush_all_vcpus: bool,
 }
 
 fn filter_bit(table_maddr: u64) -> u64 {
@@ -109,7 +112,16 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
             filter: 0,
             root,
             io_privileged: false,
+            flush_all_vcpus: false,
         }
+    }
+
+    /// Makes every TLB flush reach all of the domain's vCPUs (Xen sends the
+    /// IPIs and returns when they are done): for a tree that other vCPUs
+    /// may be running on. Off by default (one vCPU: local flushes).
+    pub fn with_flush_all_vcpus(mut self, all: bool) -> Self {
+        self.flush_all_vcpus = all;
+        self
     }
 
     /// Allows PWT/PCD in leaves: only for a domain with I/O privileges
@@ -439,12 +451,21 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
     }
 
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
-        let mut ops = [MmuExt::TlbFlushLocal; INVLPG_LIMIT as usize];
+        let all = self.flush_all_vcpus;
+        let full = if all {
+            MmuExt::TlbFlushAll
+        } else {
+            MmuExt::TlbFlushLocal
+        };
+        let mut ops = [full; INVLPG_LIMIT as usize];
         let n = match scope {
             TlbScope::Range { start, pages } if pages <= INVLPG_LIMIT => {
                 for (i, op) in ops.iter_mut().enumerate().take(pages as usize) {
-                    *op = MmuExt::InvlpgLocal {
-                        va: start.wrapping_add(i as u64 * PAGE_SIZE),
+                    let va = start.wrapping_add(i as u64 * PAGE_SIZE);
+                    *op = if all {
+                        MmuExt::InvlpgAll { va }
+                    } else {
+                        MmuExt::InvlpgLocal { va }
                     };
                 }
                 pages as usize
