@@ -49,6 +49,8 @@ pub enum Fixmap {
     SharedInfo = 0,
     /// The local APIC's MMIO page (native xAPIC).
     LocalApic = 1,
+    /// The page the cross-CPU stale-translation test maps and unmaps.
+    TlbProbe = 2,
     /// First of [`PHYS_WINDOW_PAGES`] pages for reading firmware tables.
     PhysWindow = 16,
 }
@@ -448,7 +450,45 @@ pub fn map_exec(va: u64, pfn: Pfn) -> Result<(), KspaceError> {
     })
 }
 
-/// Unmaps one page mapped by [`map_exec`].
+/// Maps the pool-owned or borrowed frame `pfn` at `va` with `flags`
+/// (the stale-translation test's page), flushing every CPU.
+pub fn map_page(va: u64, pfn: Pfn, flags: Flags) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = s.map(va, pfn, 4096, flags)?;
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
+/// Changes the flags of the page at `va`, flushing every CPU.
+pub fn protect_page(va: u64, flags: Flags) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = s.protect(va, 4096, flags, false)?;
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
+/// A frame from the pool (its contents unspecified), for a test.
+pub fn take_frame() -> Result<Pfn, KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => s.allocator_mut().take()).ok_or(KspaceError::OutOfFrames)
+    })
+}
+
+/// Gives back a frame from [`take_frame`].
+pub fn give_frame(pfn: Pfn) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => s.allocator_mut().give(pfn));
+        Ok(())
+    })
+}
+
+/// Unmaps one page mapped by [`map_exec`] or [`map_page`].
 pub fn unmap_page(va: u64) -> Result<(), KspaceError> {
     with(|ks| {
         on_space!(&mut ks.space, s => {

@@ -38,6 +38,7 @@ mod selftest;
 mod shootdown;
 mod shutdown;
 mod smp;
+mod smp_tests;
 mod timer;
 mod trampoline;
 mod traps;
@@ -67,7 +68,7 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE];
 
 /// Self-test suites run once interrupts, the tick and threads are up.
-const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE];
+const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE];
 
 /// Most reservations remembered (for the self-tests).
 pub const MAX_RESERVATIONS: usize = 16;
@@ -468,6 +469,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     let (shootdowns, shootdown_ipis, _, timeouts) = shootdown::counts();
     kernel.report.ipis = ipi::counts().0 + shootdown_ipis;
     kernel.report.shootdowns = shootdowns;
+    (kernel.report.tlb_rounds, kernel.report.tlb_stale) = smp_tests::totals();
     if timeouts != 0 {
         log::error!("{timeouts} TLB shootdown acknowledgements timed out");
         tally.failed += 1;

@@ -59,6 +59,10 @@ pub struct Report {
     pub ipis: u64,
     /// Native TLB shootdowns initiated (under PV Xen does them: 0).
     pub shootdowns: u64,
+    /// Rounds of the cross-CPU stale-translation tests.
+    pub tlb_rounds: u64,
+    /// Stale accesses those rounds saw (must be 0).
+    pub tlb_stale: u64,
 }
 
 impl Report {
@@ -89,6 +93,8 @@ impl Report {
             migrations: 0,
             ipis: 0,
             shootdowns: 0,
+            tlb_rounds: 0,
+            tlb_stale: 0,
         }
     }
 }
@@ -141,7 +147,7 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpus\":{},\"cpus_offered\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
-             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{}}}",
+             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{}}}",
             self.cpus,
             self.cpus_offered,
             self.timer_irqs,
@@ -151,7 +157,9 @@ impl fmt::Display for Report {
             self.threads,
             self.migrations,
             self.ipis,
-            self.shootdowns
+            self.shootdowns,
+            self.tlb_rounds,
+            self.tlb_stale
         )
     }
 }
