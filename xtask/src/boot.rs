@@ -45,6 +45,9 @@ impl BootRequest {
 /// memory and the kernel command line's words, safe as a file name.
 pub fn label(options: &RunOptions) -> String {
     let mut label = format!("{}-{}", options.mode.name(), options.memory_mib);
+    if options.smp > 1 {
+        label.push_str(&format!("-smp{}", options.smp));
+    }
     for word in options.kernel_cmdline().split_whitespace() {
         let word = word.strip_prefix("pvmmu.").unwrap_or(word);
         label.push('-');

@@ -71,6 +71,8 @@ pub struct Boot {
     pub expect: Expect,
     /// What else a passing boot must show.
     pub check: Check,
+    /// CPUs (QEMU `-smp`; the domU's vCPUs in `xl` mode).
+    pub smp: u32,
 }
 
 const fn boot(
@@ -86,6 +88,15 @@ const fn boot(
         cmdline,
         expect,
         check,
+        smp: 1,
+    }
+}
+
+impl Boot {
+    /// The same row with `n` CPUs.
+    pub const fn smp(mut self, n: u32) -> Boot {
+        self.smp = n;
+        self
     }
 }
 
@@ -124,6 +135,14 @@ pub const BOOTS: &[Boot] = &[
          Check::Console("STACK OVERFLOW: thread 'overflow' hit its stack guard page")),
     boot(Mode::Xen,    512, "pvmmu.crash=thread-stack", Expect::XenCrash,
          Check::Console("Guest stack trace from rsp=ffffc980")),
+    // Issue 10: every CPU up, threads and ticks on all of them, and the
+    // cross-CPU stale-translation test (10,000 rounds) with zero stale
+    // accesses (`tlb_stale` checked for every row with cpus > 1).
+    boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing).smp(2),
+    boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing).smp(4),
+    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
+    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
+    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
@@ -180,6 +199,7 @@ impl Boot {
             mode: self.mode,
             memory_mib: self.memory_mib,
             cmdline: self.cmdline.to_string(),
+            smp: self.smp,
             ..RunOptions::default()
         }
     }
@@ -187,6 +207,9 @@ impl Boot {
     /// `boot xen 512 MiB pvmmu.fail_selftest`.
     pub fn name(&self) -> String {
         let mut name = format!("boot {} {} MiB", self.mode.name(), self.memory_mib);
+        if self.smp > 1 {
+            name.push_str(&format!(" smp {}", self.smp));
+        }
         if !self.cmdline.is_empty() {
             name.push(' ');
             name.push_str(self.cmdline);
@@ -214,13 +237,13 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
                     report.platform
                 ));
             }
-            match RUNNING_KERNEL_COUNTERS
+            if let Some(key) = RUNNING_KERNEL_COUNTERS
                 .iter()
                 .find(|key| report.counter(key).unwrap_or(0) == 0)
             {
-                Some(key) => Err(format!("report counter {key} is 0 or missing")),
-                None => Ok(()),
+                return Err(format!("report counter {key} is 0 or missing"));
             }
+            smp_judgement(row, report)
         }
         (Expect::Pass, Verdict::Fail(failure)) => Err(failure.to_string()),
         (Expect::Fail, Verdict::Fail(failure)) if failure.is_result_fail() => Ok(()),
@@ -238,6 +261,26 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
             Err("PASS although the kernel was made to crash".into())
         }
     }
+}
+
+/// A row with several CPUs must have all of them online and the
+/// stale-translation rounds run with no stale access.
+fn smp_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), String> {
+    if row.smp <= 1 {
+        return Ok(());
+    }
+    let cpus = report.counter("cpus").unwrap_or(0);
+    if cpus != u64::from(row.smp) {
+        return Err(format!("cpus is {cpus}, expected {}", row.smp));
+    }
+    let rounds = report.counter("tlb_rounds").unwrap_or(0);
+    let stale = report.counter("tlb_stale").unwrap_or(u64::MAX);
+    if rounds < 10_000 || stale != 0 {
+        return Err(format!(
+            "stale-translation test: {rounds} rounds (need 10,000), {stale} stale accesses"
+        ));
+    }
+    Ok(())
 }
 
 /// The rows a suite runs.
@@ -537,6 +580,25 @@ mod tests {
         assert!(judge(&pass_xen, &Verdict::Pass(still))
             .unwrap_err()
             .contains("timer_irqs"));
+        // SMP rows: every CPU online, 10,000 stale-translation rounds, none stale.
+        let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
+        let smp_report = |cpus: u64, rounds: u64, stale: u64| {
+            parse_report(&format!(
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            judge(&smp2, &Verdict::Pass(smp_report(2, 10_000, 0))),
+            Ok(())
+        );
+        assert!(judge(&smp2, &Verdict::Pass(smp_report(1, 10_000, 0)))
+            .unwrap_err()
+            .contains("cpus"));
+        assert!(judge(&smp2, &Verdict::Pass(smp_report(2, 10_000, 3)))
+            .unwrap_err()
+            .contains("stale"));
+        assert!(judge(&smp2, &Verdict::Pass(smp_report(2, 9_999, 0))).is_err());
         let timeout = Verdict::Fail(Failure::Timeout {
             after: Duration::from_secs(60),
             saw_report: false,
