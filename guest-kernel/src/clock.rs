@@ -37,6 +37,18 @@ pub enum TscSource {
     Pit,
 }
 
+/// `vcpu_time_info.flags`: the TSC is synchronised across CPUs
+/// (`XEN_PVCLOCK_TSC_STABLE_BIT`).
+pub const TSC_STABLE: u8 = 1 << 0;
+
+/// Whether Xen marks the boot vCPU's TSC as stable across CPUs (PV).
+pub fn pv_tsc_stable() -> bool {
+    let p = PVCLOCK.load(Ordering::Acquire);
+    // SAFETY: the boot vCPU's record, mapped for ever (see `init_pv`).
+    unsafe { p.as_ref() }
+        .is_some_and(|t| unsafe { core::ptr::read_volatile(&t.flags) } & TSC_STABLE != 0)
+}
+
 /// Nanoseconds per second.
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
@@ -163,8 +175,15 @@ pub fn now_ns() -> u64 {
         let own = crate::percpu::CPUS[crate::percpu::cpu_id()]
             .vcpu_info
             .load(Ordering::Acquire);
-        let p = if own.is_null() {
-            PVCLOCK.load(Ordering::Acquire)
+        let boot = PVCLOCK.load(Ordering::Acquire);
+        // SAFETY: the boot vCPU's record, mapped for ever (see `init_pv`).
+        let stable = unsafe { boot.as_ref() }
+            .is_some_and(|t| unsafe { core::ptr::read_volatile(&t.flags) } & TSC_STABLE != 0);
+        // With a TSC Xen calls stable (synchronised across CPUs) every CPU
+        // reads the boot vCPU's record: one time base for all CPUs, so a
+        // deadline one CPU computes means the same instant on another.
+        let p = if own.is_null() || stable {
+            boot
         } else {
             // SAFETY: a vcpu_info in the mapped shared-info page.
             unsafe { core::ptr::addr_of_mut!((*own).time) }

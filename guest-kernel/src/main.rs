@@ -443,6 +443,12 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         ),
         Err(e) => panic!("cannot start the running kernel: {e:?}"),
     }
+    if kernel.pv.is_some() {
+        log::info!(
+            "pvclock: TSC stable across vCPUs: {}",
+            clock::pv_tsc_stable()
+        );
+    }
     let smp = smp::start_aps(&kernel);
     log::info!("cpus: {} offered, {} online", smp.offered, smp.online);
     if let Some((cpu, e)) = smp.failed {

@@ -273,11 +273,14 @@ fn smp_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), Strin
     if cpus != u64::from(row.smp) {
         return Err(format!("cpus is {cpus}, expected {}", row.smp));
     }
+    // A domU runs a tenth of the rounds (its busy vCPUs share the CPUs
+    // with dom0's; see smp_tests.rs).
+    let need = if row.mode == Mode::Xl { 1_000 } else { 10_000 };
     let rounds = report.counter("tlb_rounds").unwrap_or(0);
     let stale = report.counter("tlb_stale").unwrap_or(u64::MAX);
-    if rounds < 10_000 || stale != 0 {
+    if rounds < need || stale != 0 {
         return Err(format!(
-            "stale-translation test: {rounds} rounds (need 10,000), {stale} stale accesses"
+            "stale-translation test: {rounds} rounds (need {need}), {stale} stale accesses"
         ));
     }
     Ok(())

@@ -72,8 +72,14 @@ copy_new() {
 # "destroy"). Polling xenstore is far lighter than running `xl` each time,
 # and dom0 shares the one CPU with the guest. A guest that is already gone
 # (it can run to its end while `xl create` returns) ends the loop at once.
+# A failed listing (xenstored slow to answer while the guest's vCPUs keep
+# the physical CPUs busy, or the client crashing: both seen with a 2-vCPU
+# guest) says nothing about the guest: count it as running; the timeout
+# below still bounds the wait.
 guest_running() {
-    xenstore-list /local/domain 2>/dev/null | grep -qvx 0
+    domains=$(xenstore-list /local/domain 2>/dev/null) || return 0
+    [ -n "$domains" ] || return 0
+    printf '%s\n' "$domains" | grep -qvx 0
 }
 
 start=$(cut -d. -f1 /proc/uptime)
@@ -104,4 +110,9 @@ case "$code" in
     *) reason=unknown ;;
 esac
 say "guest domain $name is gone after $(( $(cut -d. -f1 /proc/uptime) - start ))s, shutdown reason: $reason; powering off"
+if [ "$reason" != poweroff ]; then
+    # Why it ended, as far as dom0 saw it: xl's log and the kernel's last words.
+    tail -n 5 "/var/log/xen/xl-$name.log" 2>/dev/null | while read -r line; do say "xl log: $line"; done
+    dmesg 2>/dev/null | tail -n 8 | while read -r line; do say "dmesg: $line"; done
+fi
 poweroff -f
