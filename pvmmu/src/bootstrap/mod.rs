@@ -48,7 +48,7 @@ use crate::backend::xen::{Alias, AliasMap, MAX_ALIASES};
 use crate::backend::{Backend, BackendError, LargePages, Native, Tlb, XenPv};
 use crate::entry::{Entry, Flags, Level};
 use crate::phys::{FrameMap, FrameWords, PhysMem};
-use crate::types::{Pfn, PAGE_SIZE, XEN_HOLE};
+use crate::types::{Pfn, ENTRIES, PAGE_SIZE, XEN_HOLE};
 use crate::walk::{self, Step};
 
 /// Capacity of the range sets that track page-table frames.
@@ -216,7 +216,10 @@ pub struct BootReport {
     pub mmu_update_entries: u64,
 }
 
-const GIB_PAGES: u64 = 1 << 18;
+/// 4 KiB pages one L3 entry (1 GiB) covers.
+const GIB_PAGES: u64 = Level::L3.entry_span() / PAGE_SIZE;
+/// 4 KiB pages one L1 table (2 MiB) covers: chunks are multiples of it.
+const L1_PAGES: u64 = ENTRIES as u64;
 
 /// A page table the traversal is inside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -498,7 +501,7 @@ impl<'a, B: Backend> Boot<'a, B> {
         // SAFETY: only fresh tables of this round are stored into: reserved
         // for it, reachable, not yet sealed, so writable per `PhysMem`;
         // `index & 511` stays inside the frame.
-        unsafe { core::ptr::write_volatile(&mut (*p)[index & 511], val.0) };
+        unsafe { core::ptr::write_volatile(&mut (*p)[index & (ENTRIES - 1)], val.0) };
         Ok(())
     }
 
@@ -701,7 +704,7 @@ impl<'a, B: Backend> Boot<'a, B> {
     /// Maps one segment (monotonic in va with respect to earlier segments).
     fn map_segment(&mut self, seg: Segment) -> Result<(), BootError> {
         let mut done = 0;
-        let mut run = [0u64; 512];
+        let mut run = [0u64; ENTRIES];
         while done < seg.pages {
             let va = seg.va + done * PAGE_SIZE;
             let pfn = seg.pfn + done;
@@ -713,7 +716,7 @@ impl<'a, B: Backend> Boot<'a, B> {
             // whose size is re-evaluated for the next block).
             let fit = ((seg.pages - done) / pages_per_entry) as usize;
             let n = if level == Level::L1 {
-                fit.min(512 - first)
+                fit.min(ENTRIES - first)
             } else {
                 fit.min(1)
             };
@@ -744,15 +747,30 @@ impl<'a, B: Backend> Boot<'a, B> {
         self.backend
             .fill_leaves(level, Pfn(pfn0), step, Self::leaf_flags(seg.access), run)
             .map_err(|e| self.fail(e))?;
+        // Every slot of the run must be free: a fresh table is private (no
+        // queued write can name it), so its words are read directly.
+        let taken = match table {
+            Table::Dry => None,
+            Table::Fresh(t) => {
+                let p = self.frame(t)?;
+                // SAFETY: this round's fresh table, reachable per `PhysMem`
+                // and private to the bootstrap; `first + run.len() <= 512`.
+                let words = unsafe { &(&*p)[first..first + run.len()] };
+                words.iter().position(|&w| Entry(w).is_present())
+            }
+            Table::Live(t) => {
+                self.frame(t)?;
+                (0..run.len()).find(|&k| self.backend.read(t, first + k).is_present())
+            }
+        };
+        if let Some(k) = taken {
+            return Err(BootError::AlreadyMapped(
+                seg.va + (done + k as u64 * step) * PAGE_SIZE,
+            ));
+        }
         let ro_tables = self.backend.caps().read_only_tables;
         for (k, raw) in run.iter().enumerate() {
             let i = first + k;
-            let va = seg.va + (done + k as u64 * step) * PAGE_SIZE;
-            if let Table::Live(t) | Table::Fresh(t) = table {
-                if self.read(t, i)?.is_present() {
-                    return Err(BootError::AlreadyMapped(va));
-                }
-            }
             let mut e = Entry(*raw);
             if ro_tables && self.report.tables.contains(Pfn(pfn0 + k as u64 * step)) {
                 e = Entry(e.0 & !Flags::WRITABLE.bits());
@@ -905,7 +923,7 @@ impl<'a, B: Backend> Boot<'a, B> {
         let first = self.layout.first_chunk;
         let chunk0 = PfnRange::new(
             0,
-            align_up(first.end.0, 512).min(align_up(self.ram_end(), 512)),
+            align_up(first.end.0, L1_PAGES).min(align_up(self.ram_end(), L1_PAGES)),
         );
         let needed = self.tables_needed(chunk0, true)? + 1;
         self.reserve(first, needed)?;
@@ -925,11 +943,11 @@ impl<'a, B: Backend> Boot<'a, B> {
                 return Err(BootError::TooManyRounds);
             }
             let available = self.free_frames(prev)?;
-            let remaining = align_up(self.ram_end(), 512) - prev.end.0;
-            let mut span = (prev.len().max(512) * GROWTH).min(remaining);
+            let remaining = align_up(self.ram_end(), L1_PAGES) - prev.end.0;
+            let mut span = (prev.len().max(L1_PAGES) * GROWTH).min(remaining);
             let mut chunk;
             loop {
-                span = align_up(span, 512).min(remaining);
+                span = align_up(span, L1_PAGES).min(remaining);
                 // End chunks on a 1 GiB boundary when that leaves a non-empty
                 // chunk: whole GiBs get fresh L2s (hooked once, not per L1)
                 // and natively can use 1 GiB pages.
@@ -944,7 +962,7 @@ impl<'a, B: Backend> Boot<'a, B> {
                     self.reserve(prev, need)?;
                     break;
                 }
-                if span <= 512 {
+                if span <= L1_PAGES {
                     return Err(BootError::OutOfFrames {
                         round: self.round,
                         needed: need,
@@ -953,7 +971,7 @@ impl<'a, B: Backend> Boot<'a, B> {
                 }
                 // Shrink in proportion, with a margin for upper levels.
                 span = (span / (need + 1)).max(1) * available.saturating_sub(2).max(1);
-                span = (span / 512 * 512).max(512);
+                span = (span / L1_PAGES * L1_PAGES).max(L1_PAGES);
             }
             self.traverse(chunk, false)?;
             self.drain()?;
