@@ -169,3 +169,106 @@ pub fn for_each_table<B: Backend + ?Sized>(backend: &B, root: Pfn, f: &mut dyn F
         true
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Native;
+    use crate::entry::{Flags, TABLE_FLAGS};
+    use crate::phys::{FrameWords, PhysMem};
+    use core::ptr::NonNull;
+    use std::boxed::Box;
+    use std::vec::Vec;
+
+    /// 16 frames; pfn `i` is frame `i`.
+    struct Frames(Vec<Box<FrameWords>>);
+
+    // SAFETY: boxed frames, never freed or moved while the arena lives.
+    unsafe impl PhysMem for Frames {
+        fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+            let b = self.0.get(pfn.0 as usize)?;
+            Some(NonNull::from(&**b))
+        }
+    }
+
+    const GIB: u64 = 1 << 30;
+    const MIB2: u64 = 1 << 21;
+
+    /// L4 0 -> L3 1 -> L2 2 -> L1 3 (page 5 -> frame 9); L2[1] a 2 MiB
+    /// page; L3[1] empty; L3[2] names a frame beyond the guest's (pfn 16).
+    fn tree() -> Native<Frames> {
+        let frames = Frames((0..16).map(|_| Box::new([0u64; 512])).collect());
+        let mut b = Native::new(frames).with_pfn_limit(16);
+        let table = |p: u64| Entry::new(Mfn(p), TABLE_FLAGS);
+        let rw = Flags::PRESENT | Flags::WRITABLE;
+        b.write(Pfn(0), 0, table(1)).unwrap();
+        b.write(Pfn(1), 0, table(2)).unwrap();
+        b.write(Pfn(1), 2, Entry((16 << 12) | TABLE_FLAGS.bits()))
+            .unwrap();
+        b.write(Pfn(2), 0, table(3)).unwrap();
+        b.write(Pfn(2), 1, Entry::new(Mfn(0), rw | Flags::HUGE_PAGE))
+            .unwrap();
+        b.write(Pfn(3), 5, Entry::new(Mfn(9), rw)).unwrap();
+        b
+    }
+
+    #[test]
+    fn walk_stops_at_the_level_or_at_a_leaf_above_it() {
+        let b = tree();
+        let f = walk(&b, Pfn(0), 5 << 12, Level::L1).unwrap();
+        assert_eq!((f.level, f.table, f.index), (Level::L1, Pfn(3), 5));
+        assert!(f.is_leaf() && f.entry.mfn() == Mfn(9));
+        let f = walk(&b, Pfn(0), 6 << 12, Level::L1).unwrap();
+        assert!(!f.entry.is_present() && f.level == Level::L1);
+        let f = walk(&b, Pfn(0), 5 << 12, Level::L2).unwrap();
+        assert_eq!((f.level, f.table, f.index), (Level::L2, Pfn(2), 0));
+        assert!(!f.is_leaf(), "an L2 entry pointing to an L1 is no leaf");
+        let f = walk(&b, Pfn(0), MIB2 + 0x5000, Level::L1).unwrap();
+        assert_eq!((f.level, f.index), (Level::L2, 1));
+        assert!(f.is_leaf(), "the 2 MiB page above L1");
+    }
+
+    #[test]
+    fn walk_reports_holes_and_foreign_frames() {
+        let b = tree();
+        assert_eq!(
+            walk(&b, Pfn(0), GIB, Level::L1),
+            Err(WalkError::NotPresent { level: Level::L3 })
+        );
+        assert_eq!(
+            walk(&b, Pfn(0), 1 << 39, Level::L1),
+            Err(WalkError::NotPresent { level: Level::L4 })
+        );
+        assert_eq!(
+            walk(&b, Pfn(0), 2 * GIB, Level::L1),
+            Err(WalkError::ForeignFrame(Mfn(16)))
+        );
+    }
+
+    #[test]
+    fn for_each_visits_tables_pre_order_and_skips_foreign_frames() {
+        let b = tree();
+        let mut tables = Vec::new();
+        let mut leaves = Vec::new();
+        for_each(&b, Pfn(0), &mut |step| {
+            match step {
+                Step::Table { table, level } => tables.push((table, level)),
+                Step::Entry {
+                    level, va, entry, ..
+                } if entry.is_leaf(level) => leaves.push((va, level)),
+                Step::Entry { .. } => {}
+            }
+            true
+        });
+        assert_eq!(
+            tables,
+            [
+                (Pfn(0), Level::L4),
+                (Pfn(1), Level::L3),
+                (Pfn(2), Level::L2),
+                (Pfn(3), Level::L1)
+            ]
+        );
+        assert_eq!(leaves, [(5 << 12, Level::L1), (MIB2, Level::L2)]);
+    }
+}

@@ -22,7 +22,7 @@ use hypercall::XenError;
 
 use crate::entry::{Entry, FlagError, Flags, Level};
 use crate::phys::FrameWords;
-use crate::types::{Mfn, Pfn, ENTRIES};
+use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK};
 
 pub use native::{CpuTlb, Native, NoTlb, Tlb};
 pub use xen::{Alias, AliasMap, NoAliases, RequestBuffer, XenPv, DEFAULT_BATCH, MAX_BATCH};
@@ -148,8 +148,10 @@ pub trait Backend {
     /// large page; PS is added here).
     fn leaf_entry(&self, level: Level, pfn: Pfn, flags: Flags) -> Result<Entry, BackendError>;
     /// Fills `out[k]` with the leaf entry for frame `first + k * step` at
-    /// `level` with `flags` (a run of pages in one table). The default asks
-    /// [`Backend::leaf_entry`] per page; backends may check once per run.
+    /// `level` with `flags` (a run of pages in one table). The flags are
+    /// checked once per run (by [`Backend::leaf_entry`] on the first
+    /// frame); each further frame only needs its machine frame. Backends
+    /// may do better (natively the frames are contiguous).
     fn fill_leaves(
         &self,
         level: Level,
@@ -158,10 +160,18 @@ pub trait Backend {
         flags: Flags,
         out: &mut [u64],
     ) -> Result<(), BackendError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let bits = self.leaf_entry(level, first, flags)?.0 & !ENTRY_FRAME_MASK;
         for (k, slot) in out.iter_mut().enumerate() {
-            *slot = self
-                .leaf_entry(level, Pfn(first.0 + k as u64 * step), flags)?
-                .0;
+            let pfn = (k as u64)
+                .checked_mul(step)
+                .and_then(|d| first.0.checked_add(d))
+                .map(Pfn)
+                .ok_or(BackendError::BadFrame(first))?;
+            let mfn = self.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
+            *slot = Entry::new(mfn, Flags::empty()).0 | bits;
         }
         Ok(())
     }

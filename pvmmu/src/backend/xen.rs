@@ -357,31 +357,6 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
         Ok(Entry::new(mfn, flags))
     }
 
-    fn fill_leaves(
-        &self,
-        level: Level,
-        first: Pfn,
-        step: u64,
-        flags: Flags,
-        out: &mut [u64],
-    ) -> Result<(), BackendError> {
-        if level != Level::L1 {
-            return Err(BackendError::Flags(FlagError::LargePage));
-        }
-        // The flags once per run; each frame has its own machine frame.
-        let flags = pv_check(flags, self.io_privileged).map_err(BackendError::Flags)?;
-        for (k, slot) in out.iter_mut().enumerate() {
-            let pfn = (k as u64)
-                .checked_mul(step)
-                .and_then(|d| first.0.checked_add(d))
-                .map(Pfn)
-                .ok_or(BackendError::BadFrame(first))?;
-            let mfn = self.frames.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
-            *slot = Entry::new(mfn, flags).0;
-        }
-        Ok(())
-    }
-
     fn table_entry(&self, pfn: Pfn) -> Result<Entry, BackendError> {
         let mfn = self.frames.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
         Ok(Entry::new(mfn, TABLE_FLAGS))

@@ -108,7 +108,27 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         req: &mut Request,
     ) -> Result<(), Error> {
         let Some(lower) = level.lower().filter(|_| level != req.leaf) else {
-            return self.map_leaves(table, level, private, start, last, req);
+            // The leaves of `[start, last]` in this table: one run, its
+            // flags checked once by the backend.
+            let first = level.index(start);
+            let n = level.index(last) - first + 1;
+            if !private {
+                return self.map_live_leaves(table, level, first, n, start, req);
+            }
+            let frame = self
+                .backend
+                .frame_ptr(table)
+                .ok_or(Error::BadFrame(table))?;
+            // SAFETY: `table` is private (allocated and zeroed in this call,
+            // not yet sealed), so nothing else reads or writes it and plain
+            // stores are allowed; `first + n <= 512` keeps the slice inside
+            // the frame.
+            let words = unsafe { &mut (&mut *frame.as_ptr())[first..first + n] };
+            let step = level.entry_span() / PAGE_SIZE;
+            self.backend
+                .fill_leaves(level, Pfn(req.pfn_at(start)), step, req.flags, words)?;
+            req.done = Some(last);
+            return Ok(());
         };
         for slot in slots(level, start, last) {
             let (i, s, l) = (slot.index, slot.first, slot.last);
@@ -178,39 +198,6 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         };
         self.nhooks += 1;
         Ok(())
-    }
-
-    /// The leaves of `[start, last]` in one table: one run, its flags
-    /// checked once by the backend ([`Backend::fill_leaves`]).
-    fn map_leaves(
-        &mut self,
-        table: Pfn,
-        level: Level,
-        private: bool,
-        start: u64,
-        last: u64,
-        req: &mut Request,
-    ) -> Result<(), Error> {
-        let first = level.index(start);
-        let n = level.index(last) - first + 1;
-        let pfn_first = Pfn(req.pfn_at(start));
-        let step = level.entry_span() / PAGE_SIZE;
-        if private {
-            let frame = self
-                .backend
-                .frame_ptr(table)
-                .ok_or(Error::BadFrame(table))?;
-            // SAFETY: `table` is private (allocated and zeroed in this call,
-            // not yet sealed), so nothing else reads or writes it and plain
-            // stores are allowed; `first + n <= 512` keeps the slice inside
-            // the frame.
-            let words = unsafe { &mut (&mut *frame.as_ptr())[first..first + n] };
-            self.backend
-                .fill_leaves(level, pfn_first, step, req.flags, words)?;
-            req.done = Some(last);
-            return Ok(());
-        }
-        self.map_live_leaves(table, level, first, n, start, req)
     }
 
     /// The leaves of `[start, last]` in a live table: every slot checked
