@@ -534,7 +534,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
     }
 }
 
-/// Why a [`XenError`] from a refused request is worth naming: used by the
+/// Why a [`hypercall::XenError`] from a refused request is worth naming: used by the
 /// address space to tell "mapped a page table writable" from other refusals.
 pub fn refused_writable(val: u64) -> bool {
     let e = Entry(val);

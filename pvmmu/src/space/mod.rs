@@ -21,10 +21,10 @@
 //! * Tables that become empty on `unmap` are freed, after the unhooking
 //!   writes are applied and the TLB is flushed.
 //!
-//! By concept: [`slots`] (how a range splits over the entries of a table,
+//! By concept: `slots` (how a range splits over the entries of a table,
 //! and the per-leaf visit), `map`, `unmap`, `protect` (with its undo log),
 //! `flush` (the owed-flush token, drains and lazy batching), and `mapper`
-//! (the `x86_64` traits). One [`Request`] carries a call from its checks
+//! (the `x86_64` traits). One `Request` carries a call from its checks
 //! through the walk to its flush. The engine asks the backend's
 //! [`crate::backend::Caps`], never which backend it is.
 
