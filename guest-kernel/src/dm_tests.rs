@@ -6,7 +6,7 @@
 //! Invariant: these tests only run after `directmap::build` succeeded; they
 //! write only to frames the allocator owns (and restore nothing else).
 
-use pvmmu::backend::{CpuTlb, Native, XenPv};
+use pvmmu::backend::{Backend, CpuTlb, Native, XenPv};
 use pvmmu::invariants::{self, Rules, Violation};
 use pvmmu::Pfn;
 
@@ -158,6 +158,11 @@ fn text_not_writable(kernel: &mut Kernel) -> TestResult {
     }
 }
 
+/// Runs the invariant walker with the rules `backend` asks for.
+fn violations<B: Backend>(backend: &B, root: Pfn, note: &mut dyn FnMut(Violation)) -> usize {
+    invariants::check(backend, root, Rules::for_backend(backend), None, note)
+}
+
 /// pvmmu's invariant walker over the live tree: no writable table (PV), no
 /// W+X, nothing in Xen's hole, every frame the guest's.
 fn invariants_live_tree(kernel: &mut Kernel) -> TestResult {
@@ -175,24 +180,12 @@ fn invariants_live_tree(kernel: &mut Kernel) -> TestResult {
             // SAFETY: PV guest.
             let xen = unsafe { hypercall::Xen::new() };
             let backend = XenPv::new(xen, dm.mem, pv.clone(), dm.aliases, root_mfn);
-            invariants::check(
-                &backend,
-                dm.root,
-                Rules::for_backend(&backend),
-                None,
-                &mut note,
-            )
+            violations(&backend, dm.root, &mut note)
         }
         None => {
             // SAFETY: ring 0 on the CPU whose tables these are.
             let backend = Native::with_tlb(dm.mem, unsafe { CpuTlb::new() });
-            invariants::check(
-                &backend,
-                dm.root,
-                Rules::for_backend(&backend),
-                None,
-                &mut note,
-            )
+            violations(&backend, dm.root, &mut note)
         }
     };
     check_eq("invariant violations", n as u64, 0)

@@ -312,7 +312,7 @@ fn map_stack<B: pvmmu::Backend>(
 fn unmap_stack<B: pvmmu::Backend>(s: &mut AddressSpace<B, Pool>, bottom: u64, pages: usize) {
     for i in 0..pages {
         let va = bottom + i as u64 * 4096;
-        let pfn = match s.translate(va) {
+        let pfn = match s.lookup(va) {
             Ok(t) => t.pfn,
             Err(e) => {
                 log::error!("stack page {va:#x} not mapped at free: {e:?}");
@@ -340,7 +340,7 @@ pub fn free_stack(stack: Stack) -> Result<(), KspaceError> {
 
 /// What pvmmu's tree says about `va`.
 pub fn translate(va: u64) -> Result<Translation, KspaceError> {
-    with(|ks| Ok(on_space!(&ks.space, s => s.translate(va))?))
+    with(|ks| Ok(on_space!(&ks.space, s => s.lookup(va))?))
 }
 
 /// Maps a non-RAM physical page (native MMIO) at `fix`, uncached.

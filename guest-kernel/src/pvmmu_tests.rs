@@ -381,7 +381,7 @@ fn clean_test_area<B: LiveBackend>(cx: &mut Cx<'_, B>) -> u64 {
         if tables_of(&cx.space, va)[0].is_none() {
             return left;
         }
-        match cx.space.translate(va) {
+        match cx.space.lookup(va) {
             Ok(t) => {
                 let bytes = t.granule.bytes();
                 left += bytes / PAGE;
@@ -645,7 +645,7 @@ fn translate_frames_and_flags<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult 
         let k = k as u64;
         let t = cx
             .space
-            .translate(va + k * PAGE + 0x123)
+            .lookup(va + k * PAGE + 0x123)
             .map_err(failed("translate"))?;
         check_eq("translated frame", t.pfn.0, pfn.0 + k)?;
         check_eq("translated offset", t.offset, 0x123)?;
@@ -657,7 +657,7 @@ fn translate_frames_and_flags<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult 
         )?;
         let d = cx
             .space
-            .translate(DirectMem::va(Pfn(pfn.0 + k)) + 8)
+            .lookup(DirectMem::va(Pfn(pfn.0 + k)) + 8)
             .map_err(failed("translate of the direct map"))?;
         check_eq("direct-map frame", d.pfn.0, pfn.0 + k)?;
         check(d.flags.contains(RW | NX), "direct map not RW+NX")?;
@@ -666,7 +666,7 @@ fn translate_frames_and_flags<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult 
     for k in 0..3 {
         expect_error(
             "translate after unmap",
-            cx.space.translate(va + k * PAGE),
+            cx.space.lookup(va + k * PAGE),
             Error::NotMapped { va: va + k * PAGE },
         )?;
     }
@@ -683,7 +683,7 @@ fn protect_read_only_faults<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     // SAFETY: `va` maps the borrowed `pfn`.
     unsafe { write("write before protect", va + 8, first) }?;
     protect(cx, va, 1, P | NX)?;
-    let t = cx.space.translate(va).map_err(failed("translate"))?;
+    let t = cx.space.lookup(va).map_err(failed("translate"))?;
     check_eq(
         "flags after protect",
         (t.flags - HARDWARE_SET).bits(),
@@ -732,7 +732,7 @@ fn execute_mapped_code<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         Error::WriteExecute,
     )?;
     map(cx, va, pfn, 1, P)?;
-    let t = cx.space.translate(va).map_err(failed("translate"))?;
+    let t = cx.space.lookup(va).map_err(failed("translate"))?;
     check(!t.flags.contains(NX), "code page mapped NX")?;
     // SAFETY: `va` maps, read-only and executable, a frame holding
     // `mov eax, imm32; ret`: a complete function of the C ABI with no
@@ -840,7 +840,7 @@ fn unmap_frees_tables<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     expect_error(
         "translate after unmap",
-        cx.space.translate(a),
+        cx.space.lookup(a),
         Error::NotMapped { va: a },
     )?;
     read("read of the other page", b)?;
@@ -881,7 +881,7 @@ fn range_across_tables<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     for k in [0, 1, 511, 512, 513, 1023, 1024, 1025] {
         let t = cx
             .space
-            .translate(va + k * PAGE)
+            .lookup(va + k * PAGE)
             .map_err(failed("translate"))?;
         check_eq("frame of a page in the range", t.pfn.0, pfn.0 + k)?;
         let value = pattern(t.pfn, k, 3);
@@ -902,7 +902,7 @@ fn range_across_tables<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     expect_error(
         "translate in the middle",
-        cx.space.translate(TEST_AREA + 3 * MIB2),
+        cx.space.lookup(TEST_AREA + 3 * MIB2),
         Error::NotMapped {
             va: TEST_AREA + 3 * MIB2,
         },
@@ -938,12 +938,12 @@ fn errors_mapped_unmapped<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     expect_error(
         "page before the refused range",
-        cx.space.translate(va - PAGE),
+        cx.space.lookup(va - PAGE),
         Error::NotMapped { va: va - PAGE },
     )?;
     check_eq(
         "frame still mapped",
-        cx.space.translate(va).map_err(failed("translate"))?.pfn.0,
+        cx.space.lookup(va).map_err(failed("translate"))?.pfn.0,
         pfn.0,
     )?;
     expect_error(
@@ -1003,7 +1003,7 @@ fn errors_addresses_flags<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     expect_error(
         "translate of a non-canonical address",
-        s.translate(0x1234_0000_0000_0000),
+        s.lookup(0x1234_0000_0000_0000),
         Error::NonCanonical {
             va: 0x1234_0000_0000_0000,
         },
@@ -1084,7 +1084,7 @@ fn errors_addresses_flags<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
         s.map(va, pfn, PAGE, RW | NX),
         Error::Flags(FlagError::NotPresent),
     )?;
-    expect_error("nothing mapped", s.translate(va), Error::NotMapped { va })?;
+    expect_error("nothing mapped", s.lookup(va), Error::NotMapped { va })?;
     check(!slot_in_use(cx), "a refused call left tables")?;
     check_eq(
         "free frames after refused calls",
@@ -1152,7 +1152,7 @@ fn refuses_writable_table<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     )?;
     expect_error(
         "refused page not mapped",
-        cx.space.translate(va + PAGE),
+        cx.space.lookup(va + PAGE),
         Error::NotMapped { va: va + PAGE },
     )?;
     // Read-only is allowed, and shows the root's entries.
@@ -1177,7 +1177,7 @@ fn tables_read_only_aliases<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     for (depth, table) in tables.iter().enumerate() {
         let t = table.ok_or(Failure::Check("missing table on the way"))?;
         for alias in [DirectMem::va(t), crate::boot::KERNEL_VMA + t.0 * PAGE] {
-            let Ok(tr) = cx.space.translate(alias) else {
+            let Ok(tr) = cx.space.lookup(alias) else {
                 continue;
             };
             if tr.pfn != t {
@@ -1201,7 +1201,7 @@ fn tables_read_only_aliases<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     for t in tables.iter().flatten() {
         let tr = cx
             .space
-            .translate(DirectMem::va(*t))
+            .lookup(DirectMem::va(*t))
             .map_err(failed("translate of a freed table"))?;
         check(tr.flags.contains(RW), "freed table still read-only")?;
     }
@@ -1226,7 +1226,7 @@ fn lazy_batch_hypercalls<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
             .ignore(); // x86 caches no not-present entry: nothing to flush
     }
     let seen = batch
-        .translate(va + (n - 1) * PAGE)
+        .lookup(va + (n - 1) * PAGE)
         .map_err(failed("translate in a batch"));
     let pending = batch.backend().pending();
     batch.finish().map_err(failed("end of the batch"))?;
@@ -1323,7 +1323,7 @@ fn large_pages<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     cx.space.flush(f).map_err(failed("flush"))?;
     for k in [0u64, 1, 300, 511] {
         let at = va + k * PAGE + 0x18;
-        let t = cx.space.translate(at).map_err(failed("translate"))?;
+        let t = cx.space.lookup(at).map_err(failed("translate"))?;
         check(t.granule == Granule::Size2MiB, "not a 2 MiB page")?;
         check_eq("frame inside the 2 MiB page", t.pfn.0, pfn.0 + k)?;
         let direct = DirectMem::va(t.pfn) + 0x18;
@@ -1352,7 +1352,7 @@ fn large_pages<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
     cx.space.flush(f).map_err(failed("flush"))?;
     expect_error(
         "translate after unmap",
-        cx.space.translate(va),
+        cx.space.lookup(va),
         Error::NotMapped { va },
     )?;
     if run.is_some() {
@@ -1376,7 +1376,7 @@ fn large_pages<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
             for k in [0u64, 12345, gib - 1] {
                 let t = cx
                     .space
-                    .translate(va + k * PAGE)
+                    .lookup(va + k * PAGE)
                     .map_err(failed("translate"))?;
                 check(t.granule == Granule::Size1GiB, "not a 1 GiB page")?;
                 check_eq("frame inside the 1 GiB page", t.pfn.0, g.0 + k)?;
@@ -1433,7 +1433,7 @@ fn x86_64_traits<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
                 == Some(PhysAddr::new(data.addr() + 0x40)),
             "translate_addr",
         )?;
-        match Translate::translate(&cx.space, VirtAddr::new(va + 0x40)) {
+        match cx.space.translate(VirtAddr::new(va + 0x40)) {
             TranslateResult::Mapped {
                 frame: MappedFrame::Size4KiB(f),
                 offset,

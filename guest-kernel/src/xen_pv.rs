@@ -26,11 +26,11 @@ pub const M2P_VIRT_END: u64 = 0xffff_8040_0000_0000;
 /// Magic prefix of a 64-bit PV `start_info`.
 pub const START_INFO_MAGIC: &[u8] = b"xen-3.0-x86_64";
 
-/// Page-table entry bits used by the walk.
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_PSE: u64 = 1 << 7;
-const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
+/// Page-table entry bits used by the walk (pvmmu's definitions).
+const PTE_PRESENT: u64 = pvmmu::entry::Flags::PRESENT.bits();
+const PTE_WRITABLE: u64 = pvmmu::entry::Flags::WRITABLE.bits();
+const PTE_PSE: u64 = pvmmu::entry::Flags::HUGE_PAGE.bits();
+const PTE_FRAME: u64 = pvmmu::types::ENTRY_FRAME_MASK;
 
 /// The fields of `start_info` the kernel uses, copied at entry.
 #[derive(Clone)]

@@ -292,6 +292,30 @@ pub trait MmuHypercalls {
     fn stats(&self) -> HypercallStats;
 }
 
+/// A borrowed implementation is one too (the bootstrap takes
+/// `&mut dyn MmuHypercalls`).
+impl<T: MmuHypercalls + ?Sized> MmuHypercalls for &mut T {
+    fn mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
+        (**self).mmu_update(reqs)
+    }
+    fn mmuext_op(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
+        (**self).mmuext_op(ops)
+    }
+    fn update_va_mapping(&mut self, va: u64, val: u64, flags: u64) -> Result<(), XenError> {
+        (**self).update_va_mapping(va, val, flags)
+    }
+    fn multicall(
+        &mut self,
+        calls: &[Call<'_>],
+        results: &mut [Result<u64, XenError>],
+    ) -> Result<(), XenError> {
+        (**self).multicall(calls, results)
+    }
+    fn stats(&self) -> HypercallStats {
+        (**self).stats()
+    }
+}
+
 static MMU_ENTRIES: AtomicU64 = AtomicU64::new(0);
 static MMUEXT_OPS: AtomicU64 = AtomicU64::new(0);
 static UVMS: AtomicU64 = AtomicU64::new(0);

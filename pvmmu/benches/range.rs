@@ -74,7 +74,7 @@ fn pvmmu_round() -> (Duration, Duration) {
     // (a sample across every L1, and the last page).
     for k in (0..PAGES).step_by(509).chain([PAGES - 1]) {
         assert_eq!(
-            space.translate(VA + k * 4096).map(|t| t.pfn),
+            space.lookup(VA + k * 4096).map(|t| t.pfn),
             Ok(Pfn(DATA_PFN + k)),
             "page {k}"
         );
@@ -82,7 +82,7 @@ fn pvmmu_round() -> (Duration, Duration) {
     let t1 = Instant::now();
     space.unmap(VA, PAGES * 4096).expect("unmap").ignore();
     let unmap = t1.elapsed();
-    assert!(space.translate(VA).is_err());
+    assert!(space.lookup(VA).is_err());
     (map, unmap)
 }
 

@@ -60,6 +60,16 @@ impl Level {
         }
     }
 
+    /// The level above, `None` for L4.
+    pub const fn upper(self) -> Option<Level> {
+        match self {
+            Self::L1 => Some(Self::L2),
+            Self::L2 => Some(Self::L3),
+            Self::L3 => Some(Self::L4),
+            Self::L4 => None,
+        }
+    }
+
     /// The Xen pin level of a table of this level.
     pub const fn pin_level(self) -> hypercall::PinLevel {
         match self {
@@ -95,6 +105,18 @@ impl Entry {
     /// is the PAT bit).
     pub const fn is_huge(self) -> bool {
         self.0 & Flags::HUGE_PAGE.bits() != 0
+    }
+    /// The one leaf rule: a present entry at `level` maps memory itself
+    /// (rather than pointing to a lower table) when it is an L1 entry, or
+    /// an L2 / L3 entry with PS (a 2 MiB / 1 GiB page). PS at L4 is
+    /// reserved and never a leaf. Under PV no entry has PS (Xen refuses
+    /// it), so the rule is the same for every backend.
+    pub const fn is_leaf(self, level: Level) -> bool {
+        match level {
+            Level::L1 => true,
+            Level::L2 | Level::L3 => self.is_huge(),
+            Level::L4 => false,
+        }
     }
     /// Machine frame the entry points to.
     pub const fn mfn(self) -> Mfn {
@@ -211,6 +233,18 @@ mod tests {
         assert_eq!(Level::L3.entry_span(), 1 << 30);
         assert_eq!(Level::L4.lower(), Some(Level::L3));
         assert_eq!(Level::L1.lower(), None);
+        assert_eq!(Level::L1.upper(), Some(Level::L2));
+        assert_eq!(Level::L4.upper(), None);
+    }
+
+    #[test]
+    fn leaf_rule_is_l1_or_ps_at_l2_l3() {
+        let table = Entry::new(Mfn(7), TABLE_FLAGS);
+        let huge = Entry(table.0 | Flags::HUGE_PAGE.bits());
+        assert!(table.is_leaf(Level::L1) && huge.is_leaf(Level::L1));
+        assert!(!table.is_leaf(Level::L2) && huge.is_leaf(Level::L2));
+        assert!(!table.is_leaf(Level::L3) && huge.is_leaf(Level::L3));
+        assert!(!table.is_leaf(Level::L4) && !huge.is_leaf(Level::L4));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The invariant walker: walks a tree and reports every rule it breaks.
 //!
-//! Invariant: the walker only reads (through [`Backend::read`], so queued
+//! Invariant: the checker walks with [`crate::walk`] and only reads (queued
 //! writes count) and reports each violation once per offending entry,
 //! through a callback (no allocation). Rules:
 //! * no leaf maps a page-table frame writable (needs an [`Oracle`] that knows
@@ -10,13 +10,14 @@
 //!   pinned (PV, with an oracle);
 //! * no leaf is writable and executable ([`Rules::wx`]);
 //! * no mapping inside Xen's hole (PV: L4 slots 256..=271 belong to Xen and
-//!   are skipped, anything else in the range is reported);
+//!   are skipped by the walker, anything else in the range is reported);
 //! * every present entry points to a frame the guest owns;
 //! * PV: no PSE, PWT or PCD in any entry (GLOBAL may be Xen's own doing).
 
-use crate::backend::{Backend, Kind};
+use crate::backend::Backend;
 use crate::entry::{Flags, Level};
 use crate::types::{Mfn, Pfn};
+use crate::walk::{self, Step};
 
 /// What the hypervisor (or a model of it, or the caller) knows about frames.
 pub trait Oracle {
@@ -36,10 +37,11 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// The rules for `backend`'s kind, W^X included.
+    /// The rules `backend` asks for (PV rules where tables are read-only),
+    /// W^X included.
     pub fn for_backend<B: Backend>(backend: &B) -> Self {
         Self {
-            pv: backend.kind() == Kind::XenPv,
+            pv: backend.caps().read_only_tables,
             wx: true,
         }
     }
@@ -100,36 +102,7 @@ pub enum Violation {
     },
 }
 
-const XEN_SLOTS: core::ops::RangeInclusive<usize> = 256..=271;
-
-fn sign_extend(va: u64) -> u64 {
-    if va & (1 << 47) != 0 {
-        va | 0xffff_0000_0000_0000
-    } else {
-        va
-    }
-}
-
-/// Calls `f(pfn, level)` for every table reachable from `root` (root first).
-pub fn for_each_table<B: Backend>(backend: &B, root: Pfn, f: &mut dyn FnMut(Pfn, Level)) {
-    fn walk<B: Backend>(b: &B, table: Pfn, level: Level, f: &mut dyn FnMut(Pfn, Level)) {
-        f(table, level);
-        let Some(lower) = level.lower() else { return };
-        // Entry by entry (no 4 KiB buffer per level on a kernel stack).
-        b.scan_table(table, &mut |i, e| {
-            if level == Level::L4 && b.kind() == Kind::XenPv && XEN_SLOTS.contains(&i) {
-                return;
-            }
-            if !e.is_present() || e.is_huge() {
-                return;
-            }
-            if let Some(child) = b.to_pfn(e.mfn()) {
-                walk(b, child, lower, f);
-            }
-        });
-    }
-    walk(backend, root, Level::L4, f);
-}
+pub use crate::walk::for_each_table;
 
 /// Walks the tree at `root` and reports every violation; returns how many.
 pub fn check<B: Backend>(
@@ -151,81 +124,70 @@ pub fn check<B: Backend>(
             }
         }
     }
-    walk(backend, root, Level::L4, 0, rules, oracle, &mut emit);
-    count
-}
-
-fn walk<B: Backend>(
-    b: &B,
-    table: Pfn,
-    level: Level,
-    base: u64,
-    rules: Rules,
-    oracle: Option<&dyn Oracle>,
-    emit: &mut dyn FnMut(Violation),
-) {
-    if rules.pv {
-        if let (Some(o), Some(mfn)) = (oracle, b.to_mfn(table)) {
-            let found = o.table_level(mfn);
-            if found != Some(level) {
-                emit(Violation::WrongType { mfn, level, found });
-            }
-        }
-    }
-    let hole = b.reserved();
-    // Entry by entry (no 4 KiB buffer per level on a kernel stack).
-    b.scan_table(table, &mut |i, e| {
-        let raw = &e.0;
-        if !e.is_present() {
-            return;
-        }
-        if rules.pv && level == Level::L4 && XEN_SLOTS.contains(&i) {
-            return;
-        }
-        let va = sign_extend(base | ((i as u64) << level.shift()));
-        if rules.pv {
-            if let Some((start, end)) = hole {
-                if va >= start && va < end {
-                    emit(Violation::InXenHole { va });
-                    return;
-                }
-            }
-            // GLOBAL is not checked: Xen sets it itself on user pages of a
-            // 64-bit PV guest (the backend never writes it).
-            let forbidden = Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE;
-            if e.flags().intersects(forbidden) {
-                emit(Violation::ForbiddenFlags {
-                    va,
-                    level,
-                    raw: *raw,
-                });
-            }
-        }
-        let Some(child) = b.to_pfn(e.mfn()) else {
-            emit(Violation::ForeignFrame {
-                va,
-                level,
-                mfn: e.mfn(),
-            });
-            return;
-        };
-        let leaf = level == Level::L1 || (e.is_huge() && !rules.pv);
-        if leaf {
-            let flags = e.flags();
-            if rules.wx && flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) {
-                emit(Violation::WriteExecute { va });
-            }
-            if rules.pv && flags.contains(Flags::WRITABLE) {
-                if let Some(o) = oracle {
-                    if o.table_level(e.mfn()).is_some() {
-                        emit(Violation::WritableTable { va, mfn: e.mfn() });
+    let hole = backend.reserved();
+    walk::for_each(backend, root, &mut |step| match step {
+        Step::Table { table, level } => {
+            if rules.pv {
+                if let (Some(o), Some(mfn)) = (oracle, backend.to_mfn(table)) {
+                    let found = o.table_level(mfn);
+                    if found != Some(level) {
+                        emit(Violation::WrongType { mfn, level, found });
                     }
                 }
             }
-        } else if let Some(lower) = level.lower() {
-            walk(b, child, lower, va, rules, oracle, emit);
+            true
+        }
+        Step::Entry {
+            level,
+            va,
+            entry: e,
+            child,
+            ..
+        } => {
+            if rules.pv {
+                if let Some((start, end)) = hole {
+                    if va >= start && va < end {
+                        emit(Violation::InXenHole { va });
+                        return false;
+                    }
+                }
+                // GLOBAL is not checked: Xen sets it itself on user pages of
+                // a 64-bit PV guest (the backend never writes it).
+                let forbidden = Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE;
+                if e.flags().intersects(forbidden) {
+                    emit(Violation::ForbiddenFlags {
+                        va,
+                        level,
+                        raw: e.0,
+                    });
+                }
+            }
+            if backend.to_pfn(e.mfn()).is_none() {
+                emit(Violation::ForeignFrame {
+                    va,
+                    level,
+                    mfn: e.mfn(),
+                });
+                return false;
+            }
+            if e.is_leaf(level) {
+                let flags = e.flags();
+                if rules.wx && flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE)
+                {
+                    emit(Violation::WriteExecute { va });
+                }
+                if rules.pv && flags.contains(Flags::WRITABLE) {
+                    if let Some(o) = oracle {
+                        if o.table_level(e.mfn()).is_some() {
+                            emit(Violation::WritableTable { va, mfn: e.mfn() });
+                        }
+                    }
+                }
+            }
+            child.is_some()
         }
     });
+    count
 }
 
 /// The Xen model answers with the page types and pins it keeps.

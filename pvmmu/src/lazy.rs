@@ -10,11 +10,10 @@
 
 use core::ops::{Deref, DerefMut};
 
-use crate::backend::{Backend, Kind};
-use crate::entry::{Flags, Level};
+use crate::backend::Backend;
+use crate::entry::Flags;
 use crate::phys::FrameAllocator;
-use crate::space::{AddressSpace, Error, Flush, Translation};
-use crate::types::Pfn;
+use crate::space::{check_wx, AddressSpace, Error, Flush, Translation};
 
 /// An open lazy batch on an address space (derefs to it).
 pub struct LazyBatch<'a, B: Backend, A: FrameAllocator> {
@@ -54,59 +53,40 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let Some(last) = self.checked_range(va, len)? else {
             return Ok(Flush::none());
         };
-        let root = self.root();
-        let pv = self.backend().kind() == Kind::XenPv;
         let mut adds_writable = false;
         // Pass 1: every new entry is acceptable.
-        self.visit_leaves(
-            root,
-            Level::L4,
-            va,
-            last,
-            &mut |space, _t, level, _i, at, e| {
-                let t = space.leaf_translation(level, e)?;
-                if let Some(flags) = f(at, t) {
-                    if flags.contains(Flags::WRITABLE)
-                        && !flags.contains(Flags::NO_EXECUTE)
-                        && !allow_wx
-                    {
-                        return Err(Error::WriteExecute);
-                    }
-                    space.backend().leaf_entry(level, Pfn(t.pfn.0), flags)?;
-                    adds_writable |= flags.contains(Flags::WRITABLE);
-                }
-                Ok(())
-            },
-        )?;
-        // Pass 2: write, in one batch. Under PV Xen may still refuse a page
-        // made writable (a page-table frame): then every entry is restored
+        self.visit_range(va, last, &mut |space, _t, level, _i, at, e| {
+            let t = space.leaf_translation(level, e)?;
+            if let Some(flags) = f(at, t) {
+                check_wx(flags, allow_wx)?;
+                space.backend().leaf_entry(level, t.pfn, flags)?;
+                adds_writable |= flags.contains(Flags::WRITABLE);
+            }
+            Ok(())
+        })?;
+        // Pass 2: write, in one batch. Where the backend may refuse a page
+        // made writable (PV: a page-table frame), every entry is restored
         // from an undo log.
-        let refusable = pv && adds_writable;
+        let refusable = self.backend().caps().read_only_tables && adds_writable;
         self.with_undo(va, last, refusable, &mut |space| {
             space.enter_lazy();
-            let written = space.visit_leaves(
-                root,
-                Level::L4,
-                va,
-                last,
-                &mut |space, table, level, i, at, e| {
-                    let t = space.leaf_translation(level, e)?;
-                    match f(at, t) {
-                        Some(flags) => space.rewrite_leaf(table, level, i, e, flags),
-                        None => Ok(()),
-                    }
-                },
-            );
+            let written = space.visit_range(va, last, &mut |space, table, level, i, at, e| {
+                let t = space.leaf_translation(level, e)?;
+                match f(at, t) {
+                    Some(flags) => space.rewrite_leaf(table, level, i, e, flags),
+                    None => Ok(()),
+                }
+            });
             let left = space.leave_lazy();
             written.and(left)?;
             if refusable {
                 // The outcome must be known before the undo log goes.
                 space.drain()
             } else {
-                space.finish_call()
+                space.settle()
             }
         })?;
-        Ok(Flush::range_of(va, len))
+        Ok(Flush::range(va, len))
     }
 }
 

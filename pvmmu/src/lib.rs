@@ -20,6 +20,7 @@ pub mod negative;
 pub mod phys;
 pub mod space;
 pub mod types;
+pub mod walk;
 
 pub use backend::{Backend, Native, XenPv};
 pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};

@@ -15,17 +15,18 @@ use core::fmt;
 use hypercall::abi::{mmu_update, mmuext_op, MMU_MACHPHYS_UPDATE, MMU_NORMAL_PT_UPDATE};
 use hypercall::{MmuExt, MmuHypercalls, PinLevel, XenError};
 
+use crate::entry::Flags;
 use crate::phys::{FrameMap, PhysMem};
-use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK};
+use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK, XEN_HOLE};
 
 /// Frames the suite allocates from [`NegativeEnv::allocate_frame`].
 pub const FRAMES_NEEDED: usize = 6;
 
-const P: u64 = 1;
-const RW: u64 = 2;
-const PCD: u64 = 1 << 4;
-const PSE: u64 = 1 << 7;
-const G: u64 = 1 << 8;
+const P: u64 = Flags::PRESENT.bits();
+const RW: u64 = Flags::WRITABLE.bits();
+const PCD: u64 = Flags::NO_CACHE.bits();
+const PSE: u64 = Flags::HUGE_PAGE.bits();
+const G: u64 = Flags::GLOBAL.bits();
 
 /// What the suite needs from its environment.
 pub trait NegativeEnv {
@@ -555,7 +556,7 @@ fn cases(s: &mut Suite<'_>, out: &mut dyn FnMut(&str, Result<(), XenError>)) {
     let r = s
         .env
         .hypercalls()
-        .update_va_mapping(0xffff_8000_0000_1000, 0, 0);
+        .update_va_mapping(XEN_HOLE.0 + 0x1000, 0, 0);
     case(out, "uvm-xen-hole", r);
 }
 

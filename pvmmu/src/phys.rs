@@ -27,6 +27,14 @@ pub unsafe trait PhysMem {
     fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>>;
 }
 
+// SAFETY: forwards to `T`, whose pointers are valid and stable for as long
+// as `T` lives, which outlives the borrow.
+unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+        (**self).frame_ptr(pfn)
+    }
+}
+
 /// Pseudo-physical to machine translation: Xen PV's p2m list and M2P table;
 /// the identity natively.
 pub trait FrameMap {
@@ -34,6 +42,15 @@ pub trait FrameMap {
     fn to_mfn(&self, pfn: Pfn) -> Option<Mfn>;
     /// Pseudo-physical frame that `mfn` backs, if it belongs to the guest.
     fn to_pfn(&self, mfn: Mfn) -> Option<Pfn>;
+}
+
+impl<T: FrameMap + ?Sized> FrameMap for &T {
+    fn to_mfn(&self, pfn: Pfn) -> Option<Mfn> {
+        (**self).to_mfn(pfn)
+    }
+    fn to_pfn(&self, mfn: Mfn) -> Option<Pfn> {
+        (**self).to_pfn(mfn)
+    }
 }
 
 /// The identity [`FrameMap`] of native paging (and of Xen PVH/HVM, where the

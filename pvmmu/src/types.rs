@@ -52,3 +52,13 @@ impl fmt::Debug for Mfn {
 
 /// Bits 12..52 of an entry: the frame number it points to.
 pub const ENTRY_FRAME_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Xen's part of the 64-bit PV address space, `[start, end)`: L4 slots
+/// 256..=271, which a PV guest may neither map nor change. The only
+/// definition in pvmmu (the Xen model keeps its own on purpose).
+pub const XEN_HOLE: (u64, u64) = (0xffff_8000_0000_0000, 0xffff_8800_0000_0000);
+
+/// Last address of the lower (user) half of the canonical address space.
+pub const LOWER_HALF_LAST: u64 = (1 << 47) - 1;
+/// First address of the upper (kernel) half of the canonical address space.
+pub const UPPER_HALF: u64 = !LOWER_HALF_LAST;

@@ -43,7 +43,7 @@ fn map_and_unmap_in_a_live_l1_drain_every_entry() {
         assert_eq!(st.mmu_update_entries, n as u64, "map of {n}: entries");
         assert_eq!(st.hypercalls, calls(n, CAP), "map of {n}: hypercalls");
         for k in 1..=n as u64 {
-            let t = s.translate(VA + k * 4096).expect("mapped");
+            let t = s.lookup(VA + k * 4096).expect("mapped");
             assert_eq!(t.pfn, Pfn(k), "page {k} of {n}");
         }
         model.0.borrow().check_integrity().expect("integrity");
@@ -55,11 +55,11 @@ fn map_and_unmap_in_a_live_l1_drain_every_entry() {
         assert_eq!(st.hypercalls, calls(n, CAP), "unmap of {n}: hypercalls");
         for k in 1..=n as u64 {
             assert!(
-                s.translate(VA + k * 4096).is_err(),
+                s.lookup(VA + k * 4096).is_err(),
                 "page {k} of {n} still mapped"
             );
         }
-        assert!(s.translate(VA).is_ok());
+        assert!(s.lookup(VA).is_ok());
     }
 }
 
@@ -153,7 +153,7 @@ fn fresh_tables_cost_one_hook_each_not_one_entry_per_page() {
     assert_eq!(st.mmuext_ops, 1);
     assert_eq!(st.hypercalls, 1, "unhooks and flush in one multicall");
     for k in [0, 511, 512, 2047] {
-        assert!(s.translate(VA + k * 4096).is_err());
+        assert!(s.lookup(VA + k * 4096).is_err());
     }
     model.0.borrow().check_integrity().expect("integrity");
     assert_eq!(s.allocator().in_use(), 1, "only the root is left");

@@ -142,14 +142,14 @@ fn fixed_cases<B: Backend>(s: &mut AddressSpace<B, Pool>, pv: bool) {
         ),
         (
             "translate non-canonical",
-            s.translate(0x1234_5678_9abc_d000).map(|_| ()),
+            s.lookup(0x1234_5678_9abc_d000).map(|_| ()),
             Error::NonCanonical {
                 va: 0x1234_5678_9abc_d000,
             },
         ),
         (
             "translate hole",
-            s.translate(base + 0x40_0000).map(|_| ()),
+            s.lookup(base + 0x40_0000).map(|_| ()),
             Error::NotMapped {
                 va: base + 0x40_0000,
             },
@@ -243,9 +243,7 @@ fn fixed_cases<B: Backend>(s: &mut AddressSpace<B, Pool>, pv: bool) {
                 va: base + 0x4000_0000
             })
         );
-        let t = s
-            .translate(base + 0x4000_0000 + 0x1234)
-            .expect("translate 2M");
+        let t = s.lookup(base + 0x4000_0000 + 0x1234).expect("translate 2M");
         assert_eq!(
             (t.pfn, t.offset, t.granule),
             (Pfn(513), 0x234, Granule::Size2MiB)
@@ -400,7 +398,7 @@ fn xen_refuses_a_writable_mapping_of_a_live_table() {
     let r = s.protect(va + 4096, 4096, RW, false);
     assert!(matches!(r, Err(Error::WritablePageTable { .. })), "{r:?}");
     assert!(!s
-        .translate(va + 4096)
+        .lookup(va + 4096)
         .expect("mapped")
         .flags
         .contains(Flags::WRITABLE));
@@ -420,9 +418,29 @@ fn xen_refuses_a_writable_mapping_of_a_live_table() {
         in_use,
         "tables of the failed call leaked"
     );
-    assert!(s.translate(far).is_err());
+    assert!(s.lookup(far).is_err());
     model.0.borrow().check_integrity().expect("integrity");
     assert!(violations(s.backend(), s.root(), Some(&ModelOracle(&model.0.borrow()))).is_empty());
+}
+
+/// An x86_64 frame allocator over arena frames 901..1024 (it counts what
+/// it handed out in `.0`).
+struct Frames(u64);
+
+// SAFETY: hands out distinct arena frames.
+unsafe impl x86_64::structures::paging::FrameAllocator<x86_64::structures::paging::Size4KiB>
+    for Frames
+{
+    fn allocate_frame(
+        &mut self,
+    ) -> Option<x86_64::structures::paging::PhysFrame<x86_64::structures::paging::Size4KiB>> {
+        self.0 += 1;
+        (self.0 < 1024).then(|| {
+            x86_64::structures::paging::PhysFrame::containing_address(x86_64::PhysAddr::new(
+                self.0 * 4096,
+            ))
+        })
+    }
 }
 
 #[test]
@@ -430,19 +448,9 @@ fn x86_64_mapper_and_translate_traits() {
     use x86_64::structures::paging::mapper::{
         MapToError, MappedFrame, TranslateResult, UnmapError,
     };
-    use x86_64::structures::paging::{
-        FrameAllocator as X86Alloc, Mapper, Page, PhysFrame, Size2MiB, Size4KiB, Translate,
-    };
+    use x86_64::structures::paging::{Mapper, Page, PhysFrame, Size2MiB, Size4KiB, Translate};
     use x86_64::{PhysAddr, VirtAddr};
 
-    struct Frames(u64);
-    // SAFETY: hands out distinct arena frames.
-    unsafe impl X86Alloc<Size4KiB> for Frames {
-        fn allocate_frame(&mut self) -> Option<PhysFrame<Size4KiB>> {
-            self.0 += 1;
-            (self.0 < 1024).then(|| PhysFrame::containing_address(PhysAddr::new(self.0 * 4096)))
-        }
-    }
     let mut s = native();
     s.allocator_mut().adopt_foreign = true;
     let mut frames = Frames(900);
@@ -456,7 +464,7 @@ fn x86_64_mapper_and_translate_traits() {
         frames.0, 903,
         "three tables taken from the caller's allocator"
     );
-    match Translate::translate(&s, VirtAddr::new(0x0000_5000_0000_3abc)) {
+    match s.translate(VirtAddr::new(0x0000_5000_0000_3abc)) {
         TranslateResult::Mapped {
             frame: MappedFrame::Size4KiB(f),
             offset,
@@ -483,7 +491,7 @@ fn x86_64_mapper_and_translate_traits() {
         .expect("update_flags")
         .ignore();
     assert!(!s
-        .translate(page.start_address().as_u64())
+        .lookup(page.start_address().as_u64())
         .expect("mapped")
         .flags
         .contains(Flags::WRITABLE));
@@ -515,4 +523,87 @@ fn x86_64_mapper_and_translate_traits() {
         1,
         "tables freed into the space's pool; only its root is left"
     );
+}
+
+/// The `x86_64` traits' documented error contract, variant for variant:
+/// `ParentEntryHugePage` only where a larger page covers the page, a slot
+/// holding smaller pages is `PageAlreadyMapped` for `map_to` and
+/// `PageNotMapped` for the calls that need a page of that size.
+#[test]
+fn x86_64_error_contract_by_page_state() {
+    use x86_64::structures::paging::mapper::{
+        FlagUpdateError, MapToError, TranslateError, UnmapError,
+    };
+    use x86_64::structures::paging::{Mapper, Page, PhysFrame, Size2MiB, Size4KiB};
+    use x86_64::{PhysAddr, VirtAddr};
+
+    let mut s = native();
+    s.allocator_mut().adopt_foreign = true;
+    let mut frames = Frames(900);
+    // A 4 KiB page in the 2 MiB slot at 0x5000_0040_0000: the slot holds
+    // smaller pages.
+    let small = Page::<Size4KiB>::containing_address(VirtAddr::new(0x0000_5000_0040_3000));
+    let f4 = PhysFrame::containing_address(PhysAddr::new(0x7000_0000));
+    // SAFETY: nothing runs on these tables.
+    unsafe { s.map_to(small, f4, RW, &mut frames) }
+        .expect("map_to")
+        .ignore();
+    let slot = Page::<Size2MiB>::containing_address(VirtAddr::new(0x0000_5000_0040_0000));
+    let f2 = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(0x8000_0000));
+    let taken = frames.0;
+    // SAFETY: as above.
+    let r = unsafe { s.map_to(slot, f2, RO, &mut frames) };
+    assert!(
+        matches!(r, Err(MapToError::PageAlreadyMapped(f)) if f == f2),
+        "{r:?}"
+    );
+    assert_eq!(frames.0, taken, "no table taken for a refused map");
+    assert!(matches!(
+        Mapper::<Size2MiB>::translate_page(&s, slot),
+        Err(TranslateError::PageNotMapped)
+    ));
+    assert!(matches!(
+        Mapper::<Size2MiB>::unmap(&mut s, slot),
+        Err(UnmapError::PageNotMapped)
+    ));
+    // SAFETY: as above.
+    let r = unsafe { Mapper::<Size2MiB>::update_flags(&mut s, slot, RO) };
+    assert!(matches!(r, Err(FlagUpdateError::PageNotMapped)), "{r:?}");
+    // A 2 MiB page: a 4 KiB page inside it is in a huge page.
+    let big = Page::<Size2MiB>::containing_address(VirtAddr::new(0x0000_5000_0060_0000));
+    // SAFETY: as above.
+    unsafe { s.map_to(big, f2, RO, &mut frames) }
+        .expect("2M map_to")
+        .ignore();
+    let inside = Page::<Size4KiB>::containing_address(VirtAddr::new(0x0000_5000_0060_5000));
+    let f = PhysFrame::containing_address(PhysAddr::new(0x9000_0000));
+    // SAFETY: as above.
+    let r = unsafe { s.map_to(inside, f, RW, &mut frames) };
+    assert!(matches!(r, Err(MapToError::ParentEntryHugePage)), "{r:?}");
+    assert!(matches!(
+        Mapper::<Size4KiB>::translate_page(&s, inside),
+        Err(TranslateError::ParentEntryHugePage)
+    ));
+    // SAFETY: as above.
+    let r = unsafe { Mapper::<Size4KiB>::set_flags_p2_entry(&mut s, inside, RO) };
+    assert!(r.is_ok(), "the P2 entry exists (it is the 2 MiB page)");
+    // SAFETY: as above.
+    let r = unsafe { Mapper::<Size4KiB>::set_flags_p2_entry(&mut s, small, RO) };
+    assert!(r.is_ok(), "the P2 entry exists (it points to an L1)");
+    // The 2 MiB page again: already mapped, to the frame it maps.
+    // SAFETY: as above.
+    let r = unsafe { s.map_to(big, f2, RO, &mut frames) };
+    assert!(
+        matches!(r, Err(MapToError::PageAlreadyMapped(g)) if g == f2),
+        "{r:?}"
+    );
+    // Nothing mapped at all.
+    let none = Page::<Size4KiB>::containing_address(VirtAddr::new(0x0000_6000_0000_0000));
+    assert!(matches!(
+        Mapper::<Size4KiB>::translate_page(&s, none),
+        Err(TranslateError::PageNotMapped)
+    ));
+    // SAFETY: as above.
+    let r = unsafe { Mapper::<Size4KiB>::set_flags_p3_entry(&mut s, none, RO) };
+    assert!(matches!(r, Err(FlagUpdateError::PageNotMapped)), "{r:?}");
 }

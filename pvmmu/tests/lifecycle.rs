@@ -37,7 +37,7 @@ fn a_lazy_batch_drains_once() {
         }
         // Nothing submitted yet, but reads see the queued entries.
         assert_eq!(model.0.borrow().stats().hypercalls, 0);
-        assert_eq!(batch.translate(VA + 6 * 4096).map(|t| t.pfn), Ok(Pfn(15)));
+        assert_eq!(batch.lookup(VA + 6 * 4096).map(|t| t.pfn), Ok(Pfn(15)));
         batch.finish().expect("drain");
     }
     let st = model.0.borrow().stats();
@@ -66,7 +66,7 @@ fn a_dropped_batch_keeps_its_failure_for_the_next_call() {
     s.map(VA + 8 * 4096, Pfn(8), 4096, RO)
         .expect("map after")
         .ignore();
-    assert!(s.translate(VA + 4096).is_err());
+    assert!(s.lookup(VA + 4096).is_err());
     model.0.borrow().check_integrity().expect("integrity");
 }
 
@@ -138,7 +138,7 @@ fn apply_to_range_validates_everything_then_writes_in_one_batch() {
     });
     assert_eq!(r.map(|f| f.ignore()), Err(Error::WriteExecute));
     assert!(s
-        .translate(VA)
+        .lookup(VA)
         .expect("mapped")
         .flags
         .contains(Flags::WRITABLE));
@@ -160,7 +160,7 @@ fn apply_to_range_validates_everything_then_writes_in_one_batch() {
     assert_eq!((st.hypercalls, st.mmu_update_entries), (512 / 64, 512));
     for k in 0..1024u64 {
         let w = s
-            .translate(VA + k * 4096)
+            .lookup(VA + k * 4096)
             .expect("mapped")
             .flags
             .contains(Flags::WRITABLE);

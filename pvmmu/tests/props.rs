@@ -273,7 +273,7 @@ impl Harness for PvAliasHarness {
         for pfn in self.direct.first..self.direct.first + self.direct.n {
             let t = self
                 .space
-                .translate(self.direct.base + pfn * 4096)
+                .lookup(self.direct.base + pfn * 4096)
                 .map_err(|e| format!("alias of {pfn:#x}: {e:?}"))?;
             let mfn = self.model.0.borrow().mfn_of(Pfn(pfn)).map_or(0, |m| m.0);
             let is_table = tables.0.contains_key(&mfn);
@@ -742,7 +742,7 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Translate { win, page } => {
                 let va = va_of(win, page) + 0x123;
-                let got = h.space().translate(va);
+                let got = h.space().lookup(va);
                 match (r.get(&(va & !0xfff)), got) {
                     (None, Err(Error::NotMapped { .. })) => {}
                     (Some(l), Ok(t))
@@ -836,7 +836,7 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                     // Inside the batch: the queued entries are what reads see.
                     let last = va + (pages - 1) * 4096;
                     let t = batch
-                        .translate(last)
+                        .lookup(last)
                         .map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
                     prop_assert_eq!(t.pfn.0, pfn + pages - 1);
                     prop_assert!(t.flags.contains(Flags::WRITABLE));
@@ -845,7 +845,7 @@ fn run_ops<H: Harness>(h: &mut H, ops: &[Op]) -> Result<(), TestCaseError> {
                         .map(|fl| fl.ignore())
                         .map_err(|e| TestCaseError::fail(format!("lazy protect {e:?}")))?;
                     let t = batch
-                        .translate(va)
+                        .lookup(va)
                         .map_err(|e| TestCaseError::fail(format!("lazy translate {e:?}")))?;
                     prop_assert!(!t.flags.contains(Flags::WRITABLE));
                 }
@@ -1048,7 +1048,7 @@ fn pv_pool_frames_never_made_writable() {
     // The protect over the free pool frames was the one not issued.
     assert!(PROTECT_SKIPPED.load(Ordering::Relaxed) > skipped);
     // The last lazy map took the pool frames as its tables and mapped.
-    let t = h.space.translate(va_of(0, 1957)).expect("lazy map applied");
+    let t = h.space.lookup(va_of(0, 1957)).expect("lazy map applied");
     assert_eq!(t.pfn, Pfn(4271));
     assert!(!t.flags.contains(Flags::WRITABLE));
 }

@@ -91,7 +91,7 @@ fn address_space_on_xens_start_of_day_tree() {
     let mut space = unsafe { AddressSpace::from_root(backend, frames, sod.pt_base_pfn, true) };
     let writable = |space: &AddressSpace<_, Frames>, pfn: u64| {
         space
-            .translate(VIRT_BASE + pfn * 4096)
+            .lookup(VIRT_BASE + pfn * 4096)
             .expect("alias mapped")
             .flags
             .contains(Flags::WRITABLE)
@@ -113,7 +113,7 @@ fn address_space_on_xens_start_of_day_tree() {
     assert_eq!((st.mmu_update_entries, st.hypercalls), (tables + 1, 1));
     for k in [0, 1, 511, 512, pages - 1] {
         assert_eq!(
-            space.translate(REGION + k * 4096).map(|t| t.pfn),
+            space.lookup(REGION + k * 4096).map(|t| t.pfn),
             Ok(Pfn(8192 + k))
         );
     }
@@ -154,10 +154,7 @@ fn address_space_on_xens_start_of_day_tree() {
         .ignore();
     let st = model.0.borrow().stats();
     assert_eq!(st.mmu_update_entries, 4);
-    assert_eq!(
-        space.translate(next + 3 * 4096).map(|t| t.pfn),
-        Ok(Pfn(20003))
-    );
+    assert_eq!(space.lookup(next + 3 * 4096).map(|t| t.pfn), Ok(Pfn(20003)));
 
     // Unmapping the region frees its tables (each L1 covered whole is
     // unhooked by one write, then the emptied L2 and L3): aliases writable

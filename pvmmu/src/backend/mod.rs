@@ -22,10 +22,10 @@ use hypercall::XenError;
 
 use crate::entry::{Entry, FlagError, Flags, Level};
 use crate::phys::FrameWords;
-use crate::types::{Mfn, Pfn, ENTRIES};
+use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK};
 
 pub use native::{CpuTlb, Native, NoTlb, Tlb};
-pub use xen::{Alias, AliasMap, NoAliases, XenPv, DEFAULT_BATCH, MAX_BATCH};
+pub use xen::{Alias, AliasMap, NoAliases, RequestBuffer, XenPv, DEFAULT_BATCH, MAX_BATCH};
 
 /// Which set of entry rules a backend enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,40 @@ pub enum Kind {
     Native,
     /// Xen PV: live tables change only through the hypervisor.
     XenPv,
+}
+
+/// What a backend asks of the engine above it. The address space, lazy
+/// batches, the bootstrap and the invariant walker decide by these, never by
+/// which backend they run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// A table must be pinned before it serves as a root, and unpinned
+    /// before it is freed (PV).
+    pub pins: bool,
+    /// Live tables are read-only in every mapping (PV): a frame is sealed
+    /// before it becomes a table and released after; no leaf may map a
+    /// table frame writable, and the hypervisor refuses a write that would
+    /// (so a change that makes pages writable can fail half-way).
+    pub read_only_tables: bool,
+    /// Live writes are queued requests, applied in batches by
+    /// [`Backend::drain`] (PV): each one costs a request, so fewer live
+    /// writes are cheaper. Otherwise a write is a plain store.
+    pub batches: bool,
+}
+
+impl Caps {
+    /// Native paging: stores, no pins, writable tables.
+    pub const NATIVE: Caps = Caps {
+        pins: false,
+        read_only_tables: false,
+        batches: false,
+    };
+    /// Xen PV: pinned roots, read-only tables, batched requests.
+    pub const XEN_PV: Caps = Caps {
+        pins: true,
+        read_only_tables: true,
+        batches: true,
+    };
 }
 
 /// Largest page size the backend may use (natively from CPUID; never more
@@ -93,8 +127,11 @@ pub enum BackendError {
 
 /// The operations an address space needs from a page-table backend.
 pub trait Backend {
-    /// Which entry rules apply.
+    /// Which entry rules apply (for reports; the engine decides by
+    /// [`Backend::caps`]).
     fn kind(&self) -> Kind;
+    /// What this backend asks of the engine.
+    fn caps(&self) -> Caps;
     /// Largest page size allowed.
     fn large_pages(&self) -> LargePages;
     /// A virtual range no mapping may touch (`[start, end)`): Xen's hole under
@@ -111,8 +148,10 @@ pub trait Backend {
     /// large page; PS is added here).
     fn leaf_entry(&self, level: Level, pfn: Pfn, flags: Flags) -> Result<Entry, BackendError>;
     /// Fills `out[k]` with the leaf entry for frame `first + k * step` at
-    /// `level` with `flags` (a run of pages in one table). The default asks
-    /// [`Backend::leaf_entry`] per page; backends may check once per run.
+    /// `level` with `flags` (a run of pages in one table). The flags are
+    /// checked once per run (by [`Backend::leaf_entry`] on the first
+    /// frame); each further frame only needs its machine frame. Backends
+    /// may do better (natively the frames are contiguous).
     fn fill_leaves(
         &self,
         level: Level,
@@ -121,10 +160,18 @@ pub trait Backend {
         flags: Flags,
         out: &mut [u64],
     ) -> Result<(), BackendError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let bits = self.leaf_entry(level, first, flags)?.0 & !ENTRY_FRAME_MASK;
         for (k, slot) in out.iter_mut().enumerate() {
-            *slot = self
-                .leaf_entry(level, Pfn(first.0 + k as u64 * step), flags)?
-                .0;
+            let pfn = (k as u64)
+                .checked_mul(step)
+                .and_then(|d| first.0.checked_add(d))
+                .map(Pfn)
+                .ok_or(BackendError::BadFrame(first))?;
+            let mfn = self.to_mfn(pfn).ok_or(BackendError::BadFrame(pfn))?;
+            *slot = Entry::new(mfn, Flags::empty()).0 | bits;
         }
         Ok(())
     }
@@ -175,6 +222,16 @@ pub trait Backend {
     /// The new tree must map everything the running code needs (its code,
     /// stack and data) at the same addresses.
     unsafe fn switch_root(&mut self, root: Pfn) -> Result<(), BackendError>;
+    /// Replaces the current root `old` by `root` for good: pins `root`,
+    /// makes it current and unpins `old` (if given), after every queued write (PV: one
+    /// `multicall` of the queued requests and the four extended operations,
+    /// the user root cleared too; natively loads `root`). The bootstrap's
+    /// step from the entry tree to its own.
+    ///
+    /// # Safety
+    /// As [`Backend::switch_root`]; `old` is the current root and nothing
+    /// uses it afterwards.
+    unsafe fn replace_root(&mut self, root: Pfn, old: Option<Pfn>) -> Result<(), BackendError>;
     /// Invalidates TLB entries (drains first).
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError>;
 }

@@ -8,10 +8,10 @@
 
 use core::ptr::NonNull;
 
-use super::{Backend, BackendError, Kind, LargePages, TlbScope, INVLPG_LIMIT};
+use super::{Backend, BackendError, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
 use crate::entry::{native_check, Entry, Flags, Level, TABLE_FLAGS};
 use crate::phys::{FrameWords, PhysMem};
-use crate::types::{Mfn, Pfn, ENTRIES};
+use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK, PAGE_SIZE};
 
 /// TLB maintenance of the CPU the tables are used by.
 pub trait Tlb {
@@ -152,6 +152,9 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
     fn kind(&self) -> Kind {
         Kind::Native
     }
+    fn caps(&self) -> Caps {
+        Caps::NATIVE
+    }
     fn large_pages(&self) -> LargePages {
         self.large
     }
@@ -199,7 +202,7 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
             .and_then(|d| first.0.checked_add(d))
             .ok_or(BackendError::BadFrame(first))?;
         self.leaf_entry(level, Pfn(last), flags)?;
-        let bits = template.0 & !crate::types::ENTRY_FRAME_MASK;
+        let bits = template.0 & !ENTRY_FRAME_MASK;
         let mut addr = first.0 << 12;
         for slot in out.iter_mut() {
             *slot = addr | bits;
@@ -291,11 +294,16 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
         unsafe { self.tlb.load_root(root) };
         Ok(())
     }
+    unsafe fn replace_root(&mut self, root: Pfn, _old: Option<Pfn>) -> Result<(), BackendError> {
+        // SAFETY: forwarded contract of `Backend::replace_root`.
+        unsafe { self.tlb.load_root(root) };
+        Ok(())
+    }
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
         match scope {
             TlbScope::Range { start, pages } if pages <= INVLPG_LIMIT => {
                 for i in 0..pages {
-                    self.tlb.flush_page(start.wrapping_add(i * 4096));
+                    self.tlb.flush_page(start.wrapping_add(i * PAGE_SIZE));
                 }
             }
             _ => self.tlb.flush_all(),

@@ -19,12 +19,13 @@ use core::ptr::NonNull;
 use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{Call, MmuExt, MmuHypercalls, MmuUpdate};
 
-use super::{Backend, BackendError, Kind, LargePages, TlbScope, INVLPG_LIMIT};
+use super::{Backend, BackendError, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
 use crate::entry::{
     pv_check, pv_normalize, pv_sanitize, Entry, FlagError, Flags, Level, TABLE_FLAGS,
 };
 use crate::phys::{FrameMap, FrameWords, PhysMem};
 use crate::types::{Mfn, Pfn, ENTRIES, PAGE_SIZE};
+use crate::walk::walk;
 
 /// Largest batch (requests per `mmu_update` hypercall) a backend can hold.
 pub const MAX_BATCH: usize = 1024;
@@ -33,8 +34,7 @@ pub const DEFAULT_BATCH: usize = 512;
 /// Most kernel aliases one frame may have.
 pub const MAX_ALIASES: usize = 4;
 
-/// Xen's part of the 64-bit PV address space (L4 slots 256..=271).
-pub const XEN_HOLE: (u64, u64) = (0xffff_8000_0000_0000, 0xffff_8800_0000_0000);
+pub use crate::types::XEN_HOLE;
 
 /// Where the kernel maps a frame (its direct map, a kmap slot, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +70,28 @@ impl AliasMap for NoAliases {
 
 const EMPTY_REQ: mmu_update = mmu_update { ptr: 0, val: 0 };
 
+/// Storage for the queued `mmu_update` requests: the backend's own array
+/// (the default), or a caller's buffer (the bootstrap's larger batch).
+pub trait RequestBuffer: AsRef<[mmu_update]> + AsMut<[mmu_update]> {}
+
+impl<T: AsRef<[mmu_update]> + AsMut<[mmu_update]> + ?Sized> RequestBuffer for T {}
+
+/// The backend's own request storage.
+pub type OwnQueue = [mmu_update; MAX_BATCH];
+
 /// The Xen PV backend.
-pub struct XenPv<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap = NoAliases> {
+pub struct XenPv<
+    H: MmuHypercalls,
+    M: PhysMem,
+    F: FrameMap,
+    A: AliasMap = NoAliases,
+    Q: RequestBuffer = OwnQueue,
+> {
     hv: H,
     mem: M,
     frames: F,
     aliases: A,
-    queue: [mmu_update; MAX_BATCH],
+    queue: Q,
     len: usize,
     cap: usize,
     /// One bit per hash of the table mfns with queued writes.
@@ -101,14 +116,26 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
     /// and translating through `frames`; `root` is the L4 Xen walks now
     /// (`start_info.pt_base`'s frame), if known.
     pub fn new(hv: H, mem: M, frames: F, aliases: A, root: Option<Mfn>) -> Self {
+        XenPv::with_queue(hv, mem, frames, aliases, root, [EMPTY_REQ; MAX_BATCH])
+            .with_batch_capacity(DEFAULT_BATCH)
+    }
+}
+
+impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
+    XenPv<H, M, F, A, Q>
+{
+    /// As [`XenPv::new`], queueing into `queue` (batch capacity: its whole
+    /// length). With an empty buffer every write fails (`EINVAL`).
+    pub fn with_queue(hv: H, mem: M, frames: F, aliases: A, root: Option<Mfn>, queue: Q) -> Self {
+        let cap = queue.as_ref().len();
         Self {
             hv,
             mem,
             frames,
             aliases,
-            queue: [EMPTY_REQ; MAX_BATCH],
+            queue,
             len: 0,
-            cap: DEFAULT_BATCH,
+            cap,
             filter: 0,
             root,
             io_privileged: false,
@@ -131,9 +158,10 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
         self
     }
 
-    /// Sets the batch capacity (clamped to `1..=MAX_BATCH`).
+    /// Sets the batch capacity (clamped to `1..=` the buffer's length,
+    /// [`MAX_BATCH`] for the backend's own).
     pub fn with_batch_capacity(mut self, cap: usize) -> Self {
-        self.cap = cap.clamp(1, MAX_BATCH);
+        self.cap = cap.clamp(1, self.queue.as_ref().len().max(1));
         self
     }
 
@@ -184,7 +212,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
         if self.len == 0 || self.filter & filter_bit(entry_maddr) == 0 {
             return None;
         }
-        self.queue[..self.len]
+        self.queue.as_ref()[..self.len]
             .iter()
             .rev()
             .find(|r| r.ptr & !7 == entry_maddr)
@@ -195,7 +223,12 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
         if self.len >= self.cap {
             self.drain()?;
         }
-        self.queue[self.len] = MmuUpdate::PtUpdate { entry_maddr, val }.encode();
+        let slot = self
+            .queue
+            .as_mut()
+            .get_mut(self.len)
+            .ok_or(BackendError::Hypervisor(hypercall::XenError::Inval))?;
+        *slot = MmuUpdate::PtUpdate { entry_maddr, val }.encode();
         self.len += 1;
         self.filter |= filter_bit(entry_maddr);
         Ok(())
@@ -209,22 +242,13 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
     /// Finds the L1 entry that maps `va` in the current root.
     fn resolve_va(&self, va: u64) -> Result<Option<(Pfn, usize)>, BackendError> {
         let root = self.root.ok_or(BackendError::NoCurrentRoot)?;
-        let Some(mut table) = self.frames.to_pfn(root) else {
+        let Some(root) = self.frames.to_pfn(root) else {
             return Ok(None);
         };
-        let mut level = Level::L4;
-        while let Some(lower) = level.lower() {
-            let e = self.read(table, level.index(va));
-            if !e.is_present() || e.is_huge() {
-                return Ok(None);
-            }
-            let Some(next) = self.frames.to_pfn(e.mfn()) else {
-                return Ok(None);
-            };
-            table = next;
-            level = lower;
-        }
-        Ok(Some((table, Level::L1.index(va))))
+        Ok(match walk(self, root, va, Level::L1) {
+            Ok(found) if found.level == Level::L1 => Some((found.table, found.index)),
+            _ => None,
+        })
     }
 
     /// Queues `RW := writable` on every alias of `pfn`.
@@ -273,7 +297,10 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
         }
         let len = self.len;
         self.clear_queue();
-        let calls = [Call::MmuUpdate(&self.queue[..len]), Call::MmuExtOp(ext)];
+        let calls = [
+            Call::MmuUpdate(&self.queue.as_ref()[..len]),
+            Call::MmuExtOp(ext),
+        ];
         let mut results = [Ok(0); 2];
         self.hv
             .multicall(&calls, &mut results)
@@ -296,9 +323,14 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> XenPv<H, M, F, A> {
     }
 }
 
-impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H, M, F, A> {
+impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> Backend
+    for XenPv<H, M, F, A, Q>
+{
     fn kind(&self) -> Kind {
         Kind::XenPv
+    }
+    fn caps(&self) -> Caps {
+        Caps::XEN_PV
     }
     fn large_pages(&self) -> LargePages {
         LargePages::None
@@ -361,7 +393,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
         if self.filter & filter_bit(base) == 0 {
             return;
         }
-        for r in &self.queue[..self.len] {
+        for r in &self.queue.as_ref()[..self.len] {
             let addr = r.ptr & !7;
             if addr & !(PAGE_SIZE - 1) == base {
                 out[((addr & (PAGE_SIZE - 1)) / 8) as usize] = r.val;
@@ -403,8 +435,9 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
         }
         let len = self.len;
         self.clear_queue();
-        self.hv.mmu_update(&self.queue[..len]).map_err(|e| {
-            let failed = self.queue[e.done.min(len - 1)];
+        let queue = &self.queue.as_ref()[..len];
+        self.hv.mmu_update(queue).map_err(|e| {
+            let failed = queue[e.done.min(len - 1)];
             BackendError::Refused {
                 error: e.error,
                 entry_maddr: failed.ptr & !7,
@@ -450,6 +483,28 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
         Ok(())
     }
 
+    unsafe fn replace_root(&mut self, root: Pfn, old: Option<Pfn>) -> Result<(), BackendError> {
+        let mfn = self.mfn_of(root)?;
+        let ops = [
+            MmuExt::Pin {
+                level: Level::L4.pin_level(),
+                mfn,
+            },
+            MmuExt::NewBaseptr { mfn },
+            MmuExt::NewUserBaseptr { mfn: 0 },
+            MmuExt::Unpin {
+                mfn: match old {
+                    Some(old) => self.mfn_of(old)?,
+                    None => 0,
+                },
+            },
+        ];
+        let n = if old.is_some() { 4 } else { 3 };
+        self.submit_ext(&ops[..n])?;
+        self.root = Some(Mfn(mfn));
+        Ok(())
+    }
+
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
         let all = self.flush_all_vcpus;
         let full = if all {
@@ -479,7 +534,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap> Backend for XenPv<H
     }
 }
 
-/// Why a [`XenError`] from a refused request is worth naming: used by the
+/// Why a [`hypercall::XenError`] from a refused request is worth naming: used by the
 /// address space to tell "mapped a page table writable" from other refusals.
 pub fn refused_writable(val: u64) -> bool {
     let e = Entry(val);

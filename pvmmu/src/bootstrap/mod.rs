@@ -36,14 +36,20 @@
 
 mod ranges;
 
+use core::cell::Cell;
+use core::ptr::NonNull;
+
 use hypercall::abi::mmu_update;
-use hypercall::{BatchError, Call, MmuExt, MmuHypercalls, MmuUpdate, PinLevel, XenError};
-use x86_64::structures::paging::PageTableFlags as F;
+use hypercall::{MmuHypercalls, XenError};
 
 pub use ranges::{PfnRange, RangeSet, RangeSetFull};
 
+use crate::backend::xen::{Alias, AliasMap, MAX_ALIASES};
+use crate::backend::{Backend, BackendError, LargePages, Native, Tlb, XenPv};
+use crate::entry::{Entry, Flags, Level};
 use crate::phys::{FrameMap, FrameWords, PhysMem};
-use crate::types::{Mfn, Pfn, ENTRY_FRAME_MASK, PAGE_SIZE};
+use crate::types::{Pfn, ENTRIES, PAGE_SIZE, XEN_HOLE};
+use crate::walk::{self, Step};
 
 /// Capacity of the range sets that track page-table frames.
 pub const MAX_TABLE_RANGES: usize = 64;
@@ -54,11 +60,6 @@ pub const MAX_ROUNDS: usize = 16;
 /// How much larger a chunk may be than the chunk before it (Linux keeps the
 /// same x256 slack: a chunk could host the 4 KiB tables of one 512x larger).
 pub const GROWTH: u64 = 256;
-
-/// Start of Xen's hole in the 64-bit PV address space.
-pub const XEN_HOLE_START: u64 = 0xffff_8000_0000_0000;
-/// End of Xen's hole.
-pub const XEN_HOLE_END: u64 = 0xffff_8800_0000_0000;
 
 /// How a region of the new tree may be accessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +165,8 @@ pub enum BootError {
     AlreadyMapped(u64),
     /// A round used fewer tables than its dry run counted (a bug in pvmmu).
     CountMismatch(u32),
-    /// Xen refused a request.
+    /// Xen refused a hypercall made outside the backend (the simulated
+    /// start of day).
     Hypervisor {
         /// Round in which it happened.
         round: u32,
@@ -172,6 +174,14 @@ pub enum BootError {
         done: usize,
         /// Xen's error.
         error: XenError,
+    },
+    /// The backend refused a write, a pin, the root switch or a flag (under
+    /// PV: Xen refused a request).
+    Backend {
+        /// Round in which it happened.
+        round: u32,
+        /// The backend's error.
+        error: BackendError,
     },
 }
 
@@ -206,16 +216,18 @@ pub struct BootReport {
     pub mmu_update_entries: u64,
 }
 
-const GIB_PAGES: u64 = 1 << 18;
-const LEVEL_SHIFT: [u32; 5] = [0, 12, 21, 30, 39];
-const INTERMEDIATE: u64 = F::PRESENT.bits() | F::WRITABLE.bits() | F::ACCESSED.bits();
+/// 4 KiB pages one L3 entry (1 GiB) covers.
+const GIB_PAGES: u64 = Level::L3.entry_span() / PAGE_SIZE;
+/// 4 KiB pages one L1 table (2 MiB) covers: chunks are multiples of it.
+const L1_PAGES: u64 = ENTRIES as u64;
 
 /// A page table the traversal is inside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Table {
     /// Already hooked into the live tree: writes go through the backend.
     Live(Pfn),
-    /// Created this round, not yet hooked: filled with plain stores.
+    /// Created this round, not yet hooked: private, filled with plain
+    /// stores.
     Fresh(Pfn),
     /// Would be created (dry run).
     Dry,
@@ -241,6 +253,73 @@ struct Segment {
     direct: bool,
 }
 
+/// The bootstrap's view of memory: `boot` (the entry environment's
+/// mapping) until the new root is live, `direct` (the new direct map)
+/// from then on. The pointer for a frame changes once, at the switch; no
+/// pointer is kept across it (the backend asks for every access).
+struct Phase<'a> {
+    boot: &'a dyn PhysMem,
+    direct: &'a dyn PhysMem,
+    switched: Cell<bool>,
+}
+
+// SAFETY: forwards to `boot` or `direct`, both `PhysMem`s valid for as long
+// as the view lives. The pointer of a frame is stable within each phase;
+// the bootstrap, the only user, holds none across the switch.
+unsafe impl PhysMem for Phase<'_> {
+    fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<FrameWords>> {
+        if self.switched.get() {
+            self.direct.frame_ptr(pfn)
+        } else {
+            self.boot.frame_ptr(pfn)
+        }
+    }
+}
+
+/// Where a frame of the bootstrap's trees is mapped writable: before the
+/// switch at `entry_alias_base` in the entry tree (frames of the first
+/// chunk), after it in the new tree's direct map and `Data` regions (text
+/// and rodata aliases are read-only already, and stay so when a table is
+/// given back).
+struct BootAliases<'a> {
+    layout: &'a Layout<'a>,
+    phase: &'a Phase<'a>,
+}
+
+impl AliasMap for BootAliases<'_> {
+    fn aliases(&self, pfn: Pfn, out: &mut [Alias; MAX_ALIASES]) -> usize {
+        let l = self.layout;
+        if !self.phase.switched.get() {
+            if !l.first_chunk.contains(pfn) {
+                return 0;
+            }
+            out[0] = Alias::Va(l.entry_alias_base + pfn.0 * PAGE_SIZE);
+            return 1;
+        }
+        out[0] = Alias::Va(l.direct_map_base + pfn.0 * PAGE_SIZE);
+        let mut n = 1;
+        for r in l.regions {
+            if n < MAX_ALIASES && r.access == Access::Data && r.pfns.contains(pfn) {
+                out[n] = Alias::Va(r.va + (pfn.0 - r.pfns.start.0) * PAGE_SIZE);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// The native root switch: the caller's `load_root` (CR3). The bootstrap
+/// only adds mappings, so it never asks for a TLB flush.
+struct LoadRoot<'a>(&'a mut dyn FnMut(Pfn));
+
+impl Tlb for LoadRoot<'_> {
+    fn flush_page(&mut self, _va: u64) {}
+    fn flush_all(&mut self) {}
+    unsafe fn load_root(&mut self, root: Pfn) {
+        (self.0)(root)
+    }
+}
+
 /// Bootstraps the direct map. See the module documentation.
 ///
 /// `scratch` is the `mmu_update` batch buffer (its length is the batch
@@ -252,56 +331,106 @@ pub fn bootstrap<'a>(
     direct_mem: &'a dyn PhysMem,
     scratch: &mut [mmu_update],
 ) -> Result<BootReport, BootError> {
-    let mut b = Boot::new(layout, platform, boot_mem, direct_mem, scratch)?;
-    b.run()?;
-    Ok(b.report)
+    check_layout(layout)?;
+    let phase = Phase {
+        boot: boot_mem,
+        direct: direct_mem,
+        switched: Cell::new(false),
+    };
+    match platform {
+        Platform::XenPv { hyp, p2m, old_root } => {
+            if scratch.len() < 64 {
+                return Err(BootError::BadLayout);
+            }
+            let at_start = hyp.stats();
+            let old_mfn = p2m
+                .to_mfn(old_root)
+                .ok_or(BootError::NoMachineFrame(old_root.0))?;
+            let aliases = BootAliases {
+                layout,
+                phase: &phase,
+            };
+            let backend = XenPv::with_queue(hyp, &phase, p2m, aliases, Some(old_mfn), scratch);
+            let mut b = Boot::new(layout, backend, &phase, Some(old_root));
+            b.run()?;
+            let stats = b.backend.hypercalls().stats();
+            b.report.hypercalls = stats.hypercalls - at_start.hypercalls;
+            b.report.mmu_update_entries = stats.mmu_update_entries - at_start.mmu_update_entries;
+            Ok(b.report)
+        }
+        Platform::Native { load_root } => {
+            let large = match layout.page_sizes {
+                PageSizes::Only4K => LargePages::None,
+                PageSizes::Up2M => LargePages::Size2MiB,
+                PageSizes::Up1G => LargePages::Size1GiB,
+            };
+            let backend = Native::with_tlb(&phase, LoadRoot(load_root)).with_large_pages(large);
+            let mut b = Boot::new(layout, backend, &phase, None);
+            b.run()?;
+            Ok(b.report)
+        }
+    }
 }
 
-struct Boot<'a, 's> {
+fn check_layout(layout: &Layout<'_>) -> Result<(), BootError> {
+    let base = layout.direct_map_base;
+    let ram_end = layout.ram.iter().map(|r| r.end.0).max().unwrap_or(0);
+    let dm_end = base
+        .checked_add(ram_end * PAGE_SIZE)
+        .ok_or(BootError::BadLayout)?;
+    let overlaps_hole = |s: u64, e: u64| s < XEN_HOLE.1 && e > XEN_HOLE.0;
+    if base % Level::L3.entry_span() != 0 || overlaps_hole(base, dm_end) {
+        return Err(BootError::BadLayout);
+    }
+    let mut prev_end = 0u64;
+    for r in layout.regions {
+        let end =
+            r.va.checked_add(r.pfns.len() * PAGE_SIZE)
+                .ok_or(BootError::BadLayout)?;
+        if r.va % PAGE_SIZE != 0 || r.va < prev_end || overlaps_hole(r.va, end) {
+            return Err(BootError::BadLayout);
+        }
+        if r.va < dm_end && end > base {
+            return Err(BootError::BadLayout);
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
+/// The index of a level's slot in the traversal path.
+const fn at(level: Level) -> usize {
+    level.number() as usize
+}
+
+struct Boot<'a, B: Backend> {
     layout: &'a Layout<'a>,
-    pv: Option<(&'a mut dyn MmuHypercalls, &'a dyn FrameMap, Pfn)>,
-    load_root: Option<&'a mut dyn FnMut(Pfn)>,
-    boot_mem: &'a dyn PhysMem,
-    direct_mem: &'a dyn PhysMem,
-    /// True once the new tree is live (round 0 done).
-    switched: bool,
-    queue: &'s mut [mmu_update],
-    queued: usize,
+    backend: B,
+    phase: &'a Phase<'a>,
+    /// The entry environment's root, replaced in round 0 (PV).
+    old_root: Option<Pfn>,
     round: u32,
     /// Frames reserved for this round's tables, handed out top-down.
     pool: RangeSet<MAX_TABLE_RANGES>,
     dry_count: u64,
     dry: bool,
+    /// The table the traversal is in at each level (index: level number).
     path: [Option<PathSlot>; 5],
     report: BootReport,
-    stats_at_start: hypercall::HypercallStats,
 }
 
-impl<'a, 's> Boot<'a, 's> {
+impl<'a, B: Backend> Boot<'a, B> {
     fn new(
         layout: &'a Layout<'a>,
-        platform: Platform<'a>,
-        boot_mem: &'a dyn PhysMem,
-        direct_mem: &'a dyn PhysMem,
-        scratch: &'s mut [mmu_update],
-    ) -> Result<Self, BootError> {
-        let (pv, load_root) = match platform {
-            Platform::XenPv { hyp, p2m, old_root } => (Some((hyp, p2m, old_root)), None),
-            Platform::Native { load_root } => (None, Some(load_root)),
-        };
-        if pv.is_some() && scratch.len() < 64 {
-            return Err(BootError::BadLayout);
-        }
-        let stats_at_start = pv.as_ref().map(|(h, _, _)| h.stats()).unwrap_or_default();
-        Ok(Self {
+        backend: B,
+        phase: &'a Phase<'a>,
+        old_root: Option<Pfn>,
+    ) -> Self {
+        Self {
             layout,
-            pv,
-            load_root,
-            boot_mem,
-            direct_mem,
-            switched: false,
-            queue: scratch,
-            queued: 0,
+            backend,
+            phase,
+            old_root,
             round: 0,
             pool: RangeSet::new(),
             dry_count: 0,
@@ -319,115 +448,76 @@ impl<'a, 's> Boot<'a, 's> {
                 hypercalls: 0,
                 mmu_update_entries: 0,
             },
-            stats_at_start,
-        })
-    }
-
-    fn is_pv(&self) -> bool {
-        self.pv.is_some()
-    }
-
-    fn mem(&self) -> &'a dyn PhysMem {
-        if self.switched {
-            self.direct_mem
-        } else {
-            self.boot_mem
         }
     }
 
-    fn frame(&self, pfn: Pfn) -> Result<*mut FrameWords, BootError> {
-        self.mem()
-            .frame_ptr(pfn)
-            .map(|p| p.as_ptr())
-            .ok_or(BootError::Unreachable(pfn))
-    }
-
-    fn read(&self, table: Pfn, index: usize) -> Result<u64, BootError> {
-        let p = self.frame(table)?;
-        // SAFETY: PhysMem guarantees `p` is valid for reads of a whole frame
-        // and `index < 512`; page tables are always readable by the guest.
-        Ok(unsafe { core::ptr::read_volatile(&(*p)[index]) })
-    }
-
-    /// Plain store into a frame that is not a live table.
-    fn store(&self, table: Pfn, index: usize, val: u64) -> Result<(), BootError> {
-        let p = self.frame(table)?;
-        // SAFETY: callers only store into frames that are not live page
-        // tables (fresh tables of this round, or any table natively), which
-        // PhysMem guarantees writable; `index < 512`.
-        unsafe { core::ptr::write_volatile(&mut (*p)[index], val) };
-        Ok(())
-    }
-
-    fn to_frame(&self, pfn: u64) -> Result<u64, BootError> {
-        match &self.pv {
-            Some((_, p2m, _)) => p2m
-                .to_mfn(Pfn(pfn))
-                .map(|m| m.0)
-                .ok_or(BootError::NoMachineFrame(pfn)),
-            None => Ok(pfn),
-        }
-    }
-
-    fn entry_pfn(&self, entry: u64) -> Result<Pfn, BootError> {
-        let frame = (entry & ENTRY_FRAME_MASK) >> 12;
-        match &self.pv {
-            Some((_, p2m, _)) => p2m
-                .to_pfn(Mfn(frame))
-                .ok_or(BootError::NoMachineFrame(frame)),
-            None => Ok(Pfn(frame)),
-        }
+    fn switched(&self) -> bool {
+        self.phase.switched.get()
     }
 
     fn root(&self) -> Pfn {
         self.report.root
     }
 
-    // ---- the mmu_update queue (PV) -------------------------------------
-
-    fn push(&mut self, req: MmuUpdate) -> Result<(), BootError> {
-        if self.queued == self.queue.len() {
-            self.flush()?;
+    /// A backend error as the bootstrap reports it.
+    fn fail(&self, e: BackendError) -> BootError {
+        match e {
+            BackendError::BadFrame(p) if self.backend.frame_ptr(p).is_none() => {
+                BootError::Unreachable(p)
+            }
+            BackendError::BadFrame(p) => BootError::NoMachineFrame(p.0),
+            error => BootError::Backend {
+                round: self.round,
+                error,
+            },
         }
-        self.queue[self.queued] = req.encode();
-        self.queued += 1;
+    }
+
+    /// The frame of a table the bootstrap must reach.
+    fn frame(&self, pfn: Pfn) -> Result<*mut FrameWords, BootError> {
+        self.backend
+            .frame_ptr(pfn)
+            .map(|p| p.as_ptr())
+            .ok_or(BootError::Unreachable(pfn))
+    }
+
+    /// Entry `index` of `table` (with queued writes); the frame must be
+    /// reachable.
+    fn read(&self, table: Pfn, index: usize) -> Result<Entry, BootError> {
+        self.frame(table)?;
+        Ok(self.backend.read(table, index))
+    }
+
+    /// The table an entry points to.
+    fn child(&self, e: Entry) -> Result<Pfn, BootError> {
+        self.backend
+            .to_pfn(e.mfn())
+            .ok_or(BootError::NoMachineFrame(e.mfn().0))
+    }
+
+    /// Plain store into a private (fresh) table.
+    fn store(&self, table: Pfn, index: usize, val: Entry) -> Result<(), BootError> {
+        let p = self.frame(table)?;
+        // SAFETY: only fresh tables of this round are stored into: reserved
+        // for it, reachable, not yet sealed, so writable per `PhysMem`;
+        // `index & 511` stays inside the frame.
+        unsafe { core::ptr::write_volatile(&mut (*p)[index & (ENTRIES - 1)], val.0) };
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), BootError> {
-        let n = core::mem::take(&mut self.queued);
-        let round = self.round;
-        if let Some((hyp, _, _)) = self.pv.as_mut() {
-            hyp.mmu_update(&self.queue[..n])
-                .map_err(|BatchError { done, error }| BootError::Hypervisor {
-                    round,
-                    done,
-                    error,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Writes an entry of a table that is live (in the live tree, or, in round
-    /// 0, a table of the tree Xen validates at pin time: never, see callers).
-    fn write_live(&mut self, table: Pfn, index: usize, val: u64) -> Result<(), BootError> {
-        if self.is_pv() {
-            let mfn = self.to_frame(table.0)?;
-            self.push(MmuUpdate::PtUpdate {
-                entry_maddr: mfn * PAGE_SIZE + index as u64 * 8,
-                val,
-            })
-        } else {
-            self.store(table, index, val)
-        }
-    }
-
-    fn write(&mut self, table: Table, index: usize, val: u64) -> Result<(), BootError> {
+    fn write(&mut self, table: Table, index: usize, val: Entry) -> Result<(), BootError> {
         match table {
             Table::Dry => Ok(()),
             Table::Fresh(pfn) => self.store(pfn, index, val),
-            Table::Live(pfn) => self.write_live(pfn, index, val),
+            Table::Live(pfn) => self
+                .backend
+                .write(pfn, index, val)
+                .map_err(|e| self.fail(e)),
         }
+    }
+
+    fn drain(&mut self) -> Result<(), BootError> {
+        self.backend.drain().map_err(|e| self.fail(e))
     }
 
     // ---- tables ---------------------------------------------------------
@@ -449,23 +539,21 @@ impl<'a, 's> Boot<'a, 's> {
             }
         };
         self.pool.remove(PfnRange::new(top.0, top.0 + 1))?;
-        let p = self.frame(top)?;
-        // SAFETY: `top` was reserved for this round: reachable, free, not a
-        // live table, so writable through the accessor.
-        unsafe { core::ptr::write_bytes(p, 0, 1) };
+        self.frame(top)?;
+        self.backend.new_table(top).map_err(|e| self.fail(e))?;
         self.report.tables_created += 1;
         Ok(Table::Fresh(top))
     }
 
-    /// Finishes a fresh table: RO in every live mapping, then hooked into
-    /// `parent[index]`. Post-order: nothing stores into `child` afterwards.
+    /// Finishes a fresh table: sealed (PV: read-only in every live
+    /// mapping), then hooked into `parent[index]`. Post-order: nothing
+    /// stores into `child` afterwards.
     fn complete(&mut self, child: Table, parent: Table, index: usize) -> Result<(), BootError> {
-        let pfn = match child {
-            Table::Fresh(p) => p,
-            Table::Dry | Table::Live(_) => return Ok(()),
+        let Table::Fresh(pfn) = child else {
+            return Ok(());
         };
-        self.protect_aliases(pfn)?;
-        let entry = self.to_frame(pfn.0)? << 12 | INTERMEDIATE;
+        self.backend.seal_table(pfn).map_err(|e| self.fail(e))?;
+        let entry = self.backend.table_entry(pfn).map_err(|e| self.fail(e))?;
         self.write(parent, index, entry)
     }
 
@@ -473,142 +561,84 @@ impl<'a, 's> Boot<'a, 's> {
     fn copy_table(&mut self, live: Pfn) -> Result<Table, BootError> {
         let copy = self.new_table()?;
         if let Table::Fresh(new) = copy {
-            for i in 0..512 {
-                let e = self.read(live, i)?;
-                if e != 0 {
-                    self.store(new, i, e)?;
+            self.frame(live)?;
+            let p = self.frame(new)?;
+            self.backend.scan_table(live, &mut |i, e| {
+                if !e.is_empty() {
+                    // SAFETY: `new` is this round's fresh table (private,
+                    // writable); `i < 512`.
+                    unsafe { core::ptr::write_volatile(&mut (*p)[i], e.0) };
                 }
-            }
+            });
             self.report.tables_replaced += 1;
         }
         Ok(copy)
     }
 
     /// Queued after the hook of its replacement: the old table is no longer
-    /// referenced, so Xen drops its type; make its aliases writable and stop
-    /// counting it as a table (the frame is free for the caller again).
-    fn retire_replaced(&mut self, old: Pfn) -> Result<(), BootError> {
-        self.set_new_tree_aliases(old, true)?;
+    /// referenced, so Xen drops its type; its aliases become writable and it
+    /// stops counting as a table (the frame is free for the caller again).
+    fn retire(&mut self, old: Pfn) -> Result<(), BootError> {
+        self.backend.release_table(old).map_err(|e| self.fail(e))?;
         self.report.tables.remove(PfnRange::new(old.0, old.0 + 1))?;
         Ok(())
-    }
-
-    /// Queues RO flips of every live mapping of `pfn` (PV only).
-    fn protect_aliases(&mut self, pfn: Pfn) -> Result<(), BootError> {
-        if !self.is_pv() {
-            return Ok(());
-        }
-        if !self.switched {
-            // Round 0: the live tree is the entry tree, which maps the boot
-            // frames linearly; the new tree writes its own aliases RO.
-            let old = match &self.pv {
-                Some((_, _, old)) => *old,
-                None => return Ok(()),
-            };
-            if self.layout.first_chunk.contains(pfn) {
-                let va = self.layout.entry_alias_base + pfn.0 * PAGE_SIZE;
-                self.set_alias_rw(old, va, false)?;
-            }
-            return Ok(());
-        }
-        self.set_new_tree_aliases(pfn, false)
-    }
-
-    /// Queues the RW bit of every mapping the new tree has of `pfn`: its
-    /// direct-map page, and its page in each region (only in `Data` regions
-    /// when making it writable again, so text and rodata stay read-only).
-    fn set_new_tree_aliases(&mut self, pfn: Pfn, rw: bool) -> Result<(), BootError> {
-        let root = self.root();
-        let dm = self.layout.direct_map_base + pfn.0 * PAGE_SIZE;
-        self.set_alias_rw(root, dm, rw)?;
-        let regions = self.layout.regions;
-        for r in regions {
-            if r.pfns.contains(pfn) && (!rw || r.access == Access::Data) {
-                let va = r.va + (pfn.0 - r.pfns.start.0) * PAGE_SIZE;
-                self.set_alias_rw(root, va, rw)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Walks the tree at `root` to the 4 KiB leaf of `va`; if it is present
-    /// and its RW bit differs from `rw`, queues the change.
-    fn set_alias_rw(&mut self, root: Pfn, va: u64, rw: bool) -> Result<(), BootError> {
-        let mut table = root;
-        for level in (2..=4).rev() {
-            let e = self.read(table, index(va, level))?;
-            if e & F::PRESENT.bits() == 0 {
-                return Ok(());
-            }
-            if e & F::HUGE_PAGE.bits() != 0 {
-                // Never under PV (no superpages); nothing to flip.
-                return Ok(());
-            }
-            table = self.entry_pfn(e)?;
-        }
-        let i = index(va, 1);
-        let e = self.read(table, i)?;
-        if e & F::PRESENT.bits() == 0 || (e & F::WRITABLE.bits() != 0) == rw {
-            return Ok(());
-        }
-        let val = if rw {
-            e | F::WRITABLE.bits()
-        } else {
-            e & !F::WRITABLE.bits()
-        };
-        self.write_live(table, i, val)
     }
 
     // ---- traversal --------------------------------------------------------
 
     /// Completes (post-order) every path slot at or below `level`.
-    fn close_path(&mut self, level: usize) -> Result<(), BootError> {
-        for l in 1..=level.min(3) {
-            if let Some(slot) = self.path[l].take() {
-                let parent = match self.path[l + 1] {
+    fn close_path(&mut self, level: Level) -> Result<(), BootError> {
+        for lv in [Level::L1, Level::L2, Level::L3] {
+            if lv > level {
+                break;
+            }
+            if let Some(slot) = self.path[at(lv)].take() {
+                let parent = match self.path[at(lv) + 1] {
                     Some(s) => s.table,
                     None => self.root_table(),
                 };
-                let pi = index(slot.block, l + 1);
-                self.complete(slot.table, parent, pi)?;
+                let upper = lv.upper().unwrap_or(Level::L4);
+                self.complete(slot.table, parent, upper.index(slot.block))?;
                 if let (Some(old), false) = (slot.replaces, self.dry) {
-                    self.retire_replaced(old)?;
+                    self.retire(old)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// The table at `level` (1..=3) covering `va`, creating it if needed.
-    fn table_at(&mut self, level: usize, va: u64) -> Result<Table, BootError> {
-        let block = va & !((1u64 << LEVEL_SHIFT[level + 1]) - 1);
-        if let Some(slot) = self.path[level] {
+    /// The table at `level` (L1..L3) covering `va`, creating it if needed.
+    fn table_at(&mut self, level: Level, va: u64) -> Result<Table, BootError> {
+        let upper = level.upper().unwrap_or(Level::L4);
+        let block = va & !(upper.entry_span() - 1);
+        if let Some(slot) = self.path[at(level)] {
             if slot.block == block {
                 return Ok(slot.table);
             }
         }
         // Leaving the previous block at this level: complete it and below.
         self.close_path(level)?;
-        let parent = if level == 3 {
+        let parent = if upper == Level::L4 {
             self.root_table()
         } else {
-            self.table_at(level + 1, va)?
+            self.table_at(upper, va)?
         };
-        let pi = index(va, level + 1);
+        let pi = upper.index(va);
         let mut replaces = None;
         let child = match parent {
             Table::Dry => self.new_table()?,
             Table::Live(p) | Table::Fresh(p) => {
                 let e = self.read(p, pi)?;
-                if e & F::PRESENT.bits() != 0 {
-                    if e & F::HUGE_PAGE.bits() != 0 {
+                if e.is_present() {
+                    if e.is_leaf(upper) {
                         return Err(BootError::AlreadyMapped(va));
                     }
-                    let child = self.entry_pfn(e)?;
-                    if level == 2 && self.is_pv() && matches!(parent, Table::Live(_)) {
+                    let child = self.child(e)?;
+                    let batches = self.backend.caps().batches;
+                    if level == Level::L2 && batches && matches!(parent, Table::Live(_)) {
                         // A live L2 about to receive this round's L1s:
                         // replace it by a fresh copy hooked with one entry,
-                        // instead of one mmu_update per new L1.
+                        // instead of one queued request per new L1.
                         replaces = Some(child);
                         self.copy_table(child)?
                     } else {
@@ -616,7 +646,7 @@ impl<'a, 's> Boot<'a, 's> {
                         // (a copied L2's entries point at live L1s); a table
                         // created this round is never revisited, because the
                         // traversal is monotonic in va. Writes to it go
-                        // through the queue, never by store.
+                        // through the backend, never by store.
                         Table::Live(child)
                     }
                 } else {
@@ -624,7 +654,7 @@ impl<'a, 's> Boot<'a, 's> {
                 }
             }
         };
-        self.path[level] = Some(PathSlot {
+        self.path[at(level)] = Some(PathSlot {
             block,
             table: child,
             replaces,
@@ -633,80 +663,119 @@ impl<'a, 's> Boot<'a, 's> {
     }
 
     fn root_table(&self) -> Table {
-        if self.dry && !self.switched && self.round == 0 {
+        if self.dry && !self.switched() && self.round == 0 {
             Table::Dry
-        } else if self.switched {
+        } else if self.switched() {
             Table::Live(self.root())
         } else {
             Table::Fresh(self.root())
         }
     }
 
-    fn leaf_flags(&self, access: Access, pfn: u64) -> u64 {
-        let base = F::PRESENT.bits() | F::ACCESSED.bits();
-        let mut f = match access {
+    fn leaf_flags(access: Access) -> Flags {
+        let base = Flags::PRESENT | Flags::ACCESSED;
+        match access {
             Access::Text => base,
-            Access::ReadOnly => base | F::NO_EXECUTE.bits(),
-            Access::Data => base | F::WRITABLE.bits() | F::DIRTY.bits() | F::NO_EXECUTE.bits(),
-        };
-        if self.is_pv() && self.report.tables.contains(Pfn(pfn)) {
-            f &= !F::WRITABLE.bits();
+            Access::ReadOnly => base | Flags::NO_EXECUTE,
+            Access::Data => base | Flags::WRITABLE | Flags::DIRTY | Flags::NO_EXECUTE,
         }
-        f
+    }
+
+    /// The largest leaf level for `pages` frames from `pfn` at `va`.
+    fn leaf_level(&self, seg: &Segment, va: u64, pfn: u64, left: u64) -> Level {
+        if !seg.direct {
+            return Level::L1;
+        }
+        let max = match self.backend.large_pages() {
+            LargePages::None => return Level::L1,
+            LargePages::Size2MiB => Level::L2,
+            LargePages::Size1GiB => Level::L3,
+        };
+        for level in [Level::L3, Level::L2] {
+            let pages = level.entry_span() / PAGE_SIZE;
+            let fits = va % level.entry_span() == 0 && pfn % pages == 0 && left >= pages;
+            if level <= max && fits {
+                return level;
+            }
+        }
+        Level::L1
     }
 
     /// Maps one segment (monotonic in va with respect to earlier segments).
     fn map_segment(&mut self, seg: Segment) -> Result<(), BootError> {
         let mut done = 0;
+        let mut run = [0u64; ENTRIES];
         while done < seg.pages {
             let va = seg.va + done * PAGE_SIZE;
             let pfn = seg.pfn + done;
-            let left = seg.pages - done;
-            // Largest leaf allowed here.
-            let mut level = 1;
-            if seg.direct && !self.is_pv() {
-                let max = match self.layout.page_sizes {
-                    PageSizes::Only4K => 1,
-                    PageSizes::Up2M => 2,
-                    PageSizes::Up1G => 3,
-                };
-                for l in (2..=max).rev() {
-                    let pages = 1u64 << (LEVEL_SHIFT[l] - 12);
-                    if va % (pages * PAGE_SIZE) == 0 && pfn % pages == 0 && left >= pages {
-                        level = l;
-                        break;
-                    }
-                }
-            }
+            let level = self.leaf_level(&seg, va, pfn, seg.pages - done);
             let table = self.table_at(level, va)?;
-            let pages_per_entry = 1u64 << (LEVEL_SHIFT[level] - 12);
-            let mut i = index(va, level);
-            let mut n = 0;
-            while i < 512 && done < seg.pages && seg.pages - done >= pages_per_entry {
-                let p = seg.pfn + done;
-                if !self.dry {
-                    if let Table::Live(t) | Table::Fresh(t) = table {
-                        if self.read(t, i)? & F::PRESENT.bits() != 0 {
-                            return Err(BootError::AlreadyMapped(seg.va + done * PAGE_SIZE));
-                        }
-                    }
-                    let mut val = self.to_frame(p)? << 12 | self.leaf_flags(seg.access, p);
-                    if level > 1 {
-                        val |= F::HUGE_PAGE.bits();
-                    }
-                    self.write(table, i, val)?;
-                }
-                done += pages_per_entry;
-                i += 1;
-                n += 1;
-                if level > 1 {
-                    // Re-evaluate the leaf size for the next block.
-                    break;
-                }
-            }
+            let pages_per_entry = level.entry_span() / PAGE_SIZE;
+            let first = level.index(va);
+            // One run: the rest of this table (one entry for a large page,
+            // whose size is re-evaluated for the next block).
+            let fit = ((seg.pages - done) / pages_per_entry) as usize;
+            let n = if level == Level::L1 {
+                fit.min(ENTRIES - first)
+            } else {
+                fit.min(1)
+            };
             if n == 0 {
                 break;
             }
+            if !self.dry {
+                self.map_run(table, level, first, &seg, done, &mut run[..n])?;
+            }
+            done += n as u64 * pages_per_entry;
+        }
+        Ok(())
+    }
+
+    /// Writes the leaves of one run: the flags checked once by the backend,
+    /// table frames read-only where tables must be.
+    fn map_run(
+        &mut self,
+        table: Table,
+        level: Level,
+        first: usize,
+        seg: &Segment,
+        done: u64,
+        run: &mut [u64],
+    ) -> Result<(), BootError> {
+        let step = level.entry_span() / PAGE_SIZE;
+        let pfn0 = seg.pfn + done;
+        self.backend
+            .fill_leaves(level, Pfn(pfn0), step, Self::leaf_flags(seg.access), run)
+            .map_err(|e| self.fail(e))?;
+        // Every slot of the run must be free: a fresh table is private (no
+        // queued write can name it), so its words are read directly.
+        let taken = match table {
+            Table::Dry => None,
+            Table::Fresh(t) => {
+                let p = self.frame(t)?;
+                // SAFETY: this round's fresh table, reachable per `PhysMem`
+                // and private to the bootstrap; `first + run.len() <= 512`.
+                let words = unsafe { &(&*p)[first..first + run.len()] };
+                words.iter().position(|&w| Entry(w).is_present())
+            }
+            Table::Live(t) => {
+                self.frame(t)?;
+                (0..run.len()).find(|&k| self.backend.read(t, first + k).is_present())
+            }
+        };
+        if let Some(k) = taken {
+            return Err(BootError::AlreadyMapped(
+                seg.va + (done + k as u64 * step) * PAGE_SIZE,
+            ));
+        }
+        let ro_tables = self.backend.caps().read_only_tables;
+        for (k, raw) in run.iter().enumerate() {
+            let i = first + k;
+            let mut e = Entry(*raw);
+            if ro_tables && self.report.tables.contains(Pfn(pfn0 + k as u64 * step)) {
+                e = Entry(e.0 & !Flags::WRITABLE.bits());
+            }
+            self.write(table, i, e)?;
         }
         Ok(())
     }
@@ -772,7 +841,7 @@ impl<'a, 's> Boot<'a, 's> {
     fn traverse(&mut self, chunk: PfnRange, with_regions: bool) -> Result<(), BootError> {
         self.path = [None; 5];
         self.for_each_segment(chunk, with_regions, |b, seg| b.map_segment(seg))?;
-        self.close_path(3)
+        self.close_path(Level::L3)
     }
 
     fn tables_needed(&mut self, chunk: PfnRange, with_regions: bool) -> Result<u64, BootError> {
@@ -844,33 +913,7 @@ impl<'a, 's> Boot<'a, 's> {
             .sum()
     }
 
-    fn check_layout(&self) -> Result<(), BootError> {
-        let base = self.layout.direct_map_base;
-        let dm_end = base
-            .checked_add(self.ram_end() * PAGE_SIZE)
-            .ok_or(BootError::BadLayout)?;
-        let overlaps_hole = |s: u64, e: u64| s < XEN_HOLE_END && e > XEN_HOLE_START;
-        if base % (1 << 30) != 0 || overlaps_hole(base, dm_end) {
-            return Err(BootError::BadLayout);
-        }
-        let mut prev_end = 0u64;
-        for r in self.layout.regions {
-            let end =
-                r.va.checked_add(r.pfns.len() * PAGE_SIZE)
-                    .ok_or(BootError::BadLayout)?;
-            if r.va % PAGE_SIZE != 0 || r.va < prev_end || overlaps_hole(r.va, end) {
-                return Err(BootError::BadLayout);
-            }
-            if r.va < dm_end && end > base {
-                return Err(BootError::BadLayout);
-            }
-            prev_end = end;
-        }
-        Ok(())
-    }
-
     fn run(&mut self) -> Result<(), BootError> {
-        self.check_layout()?;
         let old_tables = self.collect_old_tables()?;
         for r in old_tables.ranges() {
             self.report.tables.insert(*r)?;
@@ -880,17 +923,15 @@ impl<'a, 's> Boot<'a, 's> {
         let first = self.layout.first_chunk;
         let chunk0 = PfnRange::new(
             0,
-            align_up(first.end.0, 512).min(align_up(self.ram_end(), 512)),
+            align_up(first.end.0, L1_PAGES).min(align_up(self.ram_end(), L1_PAGES)),
         );
         let needed = self.tables_needed(chunk0, true)? + 1;
         self.reserve(first, needed)?;
-        let root = self.new_table()?;
-        self.report.root = match root {
+        self.report.root = match self.new_table()? {
             Table::Fresh(p) => p,
             _ => return Err(BootError::BadLayout),
         };
         self.traverse(chunk0, true)?;
-        self.protect_aliases(self.root())?;
         self.switch_to_new_root(&old_tables)?;
         self.end_round(chunk0)?;
 
@@ -902,11 +943,11 @@ impl<'a, 's> Boot<'a, 's> {
                 return Err(BootError::TooManyRounds);
             }
             let available = self.free_frames(prev)?;
-            let remaining = align_up(self.ram_end(), 512) - prev.end.0;
-            let mut span = (prev.len().max(512) * GROWTH).min(remaining);
+            let remaining = align_up(self.ram_end(), L1_PAGES) - prev.end.0;
+            let mut span = (prev.len().max(L1_PAGES) * GROWTH).min(remaining);
             let mut chunk;
             loop {
-                span = align_up(span, 512).min(remaining);
+                span = align_up(span, L1_PAGES).min(remaining);
                 // End chunks on a 1 GiB boundary when that leaves a non-empty
                 // chunk: whole GiBs get fresh L2s (hooked once, not per L1)
                 // and natively can use 1 GiB pages.
@@ -921,7 +962,7 @@ impl<'a, 's> Boot<'a, 's> {
                     self.reserve(prev, need)?;
                     break;
                 }
-                if span <= 512 {
+                if span <= L1_PAGES {
                     return Err(BootError::OutOfFrames {
                         round: self.round,
                         needed: need,
@@ -930,21 +971,13 @@ impl<'a, 's> Boot<'a, 's> {
                 }
                 // Shrink in proportion, with a margin for upper levels.
                 span = (span / (need + 1)).max(1) * available.saturating_sub(2).max(1);
-                span = (span / 512 * 512).max(512);
+                span = (span / L1_PAGES * L1_PAGES).max(L1_PAGES);
             }
             self.traverse(chunk, false)?;
-            self.flush()?;
+            self.drain()?;
             self.end_round(chunk)?;
             prev = chunk;
         }
-        let stats = self
-            .pv
-            .as_ref()
-            .map(|(h, _, _)| h.stats())
-            .unwrap_or_default();
-        self.report.hypercalls = stats.hypercalls - self.stats_at_start.hypercalls;
-        self.report.mmu_update_entries =
-            stats.mmu_update_entries - self.stats_at_start.mmu_update_entries;
         Ok(())
     }
 
@@ -961,107 +994,72 @@ impl<'a, 's> Boot<'a, 's> {
         Ok(())
     }
 
-    /// Under PV: every frame of Xen's initial tree (walked, not assumed).
+    /// Every frame of the entry environment's tree (PV: Xen's initial
+    /// tables, walked, not assumed; Xen's own slots skipped).
     fn collect_old_tables(&self) -> Result<RangeSet<MAX_TABLE_RANGES>, BootError> {
         let mut set = RangeSet::new();
-        let Some((_, _, old_root)) = &self.pv else {
+        let Some(old_root) = self.old_root else {
             return Ok(set);
         };
-        let old_root = *old_root;
-        set.insert(PfnRange::new(old_root.0, old_root.0 + 1))?;
-        // Breadth-first over the L4, L3s and L2s, recording every child.
-        let mut frames = [(Pfn(0), 0usize); MAX_UPPER_TABLES];
-        let mut nf = 1;
-        frames[0] = (old_root, 4);
-        let mut k = 0;
-        while k < nf {
-            let (t, level) = frames[k];
-            k += 1;
-            if level == 1 {
-                continue;
+        self.frame(old_root)?;
+        let mut failed = None;
+        walk::for_each(&self.backend, old_root, &mut |step| {
+            let r = match step {
+                Step::Table { table, .. } => match self.frame(table) {
+                    Ok(_) => set
+                        .insert(PfnRange::new(table.0, table.0 + 1))
+                        .map_err(BootError::from),
+                    Err(e) => Err(e),
+                },
+                Step::Entry {
+                    level,
+                    entry,
+                    child,
+                    ..
+                } => match child {
+                    None if !entry.is_leaf(level) => Err(BootError::NoMachineFrame(entry.mfn().0)),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = r {
+                failed.get_or_insert(e);
             }
-            for i in 0..512 {
-                if level == 4 && (256..272).contains(&i) {
-                    continue; // Xen's own slots.
-                }
-                let e = self.read(t, i)?;
-                if e & F::PRESENT.bits() == 0 || e & F::HUGE_PAGE.bits() != 0 {
-                    continue;
-                }
-                let child = self.entry_pfn(e)?;
-                set.insert(PfnRange::new(child.0, child.0 + 1))?;
-                if level > 2 {
-                    if nf == frames.len() {
-                        return Err(BootError::TooManyRanges);
-                    }
-                    frames[nf] = (child, level - 1);
-                    nf += 1;
-                }
-            }
+            failed.is_none()
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(set),
         }
-        Ok(set)
     }
 
+    /// Seals the new root, then replaces the entry tree's root by it (PV:
+    /// one multicall with the queued requests: pin, switch, unpin), then
+    /// gives back the retired initial tables (writable again in the new
+    /// tree, in one more batch).
     fn switch_to_new_root(
         &mut self,
         old_tables: &RangeSet<MAX_TABLE_RANGES>,
     ) -> Result<(), BootError> {
         let root = self.root();
-        let round = self.round;
-        if let Some(load) = self.load_root.as_mut() {
-            load(root);
-            self.switched = true;
-            return Ok(());
-        }
-        let new_mfn = self.to_frame(root.0)?;
-        let Some((_, _, old_root)) = &self.pv else {
-            return Err(BootError::BadLayout);
-        };
-        let old_mfn = self.to_frame(old_root.0)?;
-        let ops = [
-            MmuExt::Pin {
-                level: PinLevel::L4,
-                mfn: new_mfn,
-            }
-            .encode(),
-            MmuExt::NewBaseptr { mfn: new_mfn }.encode(),
-            MmuExt::NewUserBaseptr { mfn: 0 }.encode(),
-            MmuExt::Unpin { mfn: old_mfn }.encode(),
-        ];
-        let n = core::mem::take(&mut self.queued);
-        let mut results = [Ok(0); 2];
-        if let Some((hyp, _, _)) = self.pv.as_mut() {
-            let calls = [Call::MmuUpdate(&self.queue[..n]), Call::MmuExtOp(&ops)];
-            hyp.multicall(&calls, &mut results)
-                .map_err(|error| BootError::Hypervisor {
-                    round,
-                    done: 0,
-                    error,
-                })?;
-        }
-        for r in results {
-            r.map_err(|error| BootError::Hypervisor {
-                round,
-                done: 0,
-                error,
-            })?;
-        }
-        self.switched = true;
+        self.backend.seal_table(root).map_err(|e| self.fail(e))?;
+        // SAFETY: the new tree maps the regions (the kernel image, under PV
+        // Xen's whole boot region) at the same addresses as the entry tree,
+        // and the direct map; nothing after this uses the entry tree.
+        unsafe { self.backend.replace_root(root, self.old_root) }.map_err(|e| self.fail(e))?;
+        self.phase.switched.set(true);
         // The initial tables are no longer typed: make them writable again
         // in the new tree and give them back.
         for r in old_tables.ranges() {
             for p in r.start.0..r.end.0 {
-                self.set_new_tree_aliases(Pfn(p), true)?;
+                self.backend
+                    .release_table(Pfn(p))
+                    .map_err(|e| self.fail(e))?;
             }
             self.report.tables.remove(*r)?;
             self.report.freed.insert(*r)?;
         }
-        self.flush()
+        self.drain()
     }
-}
-
-fn index(va: u64, level: usize) -> usize {
-    ((va >> LEVEL_SHIFT[level]) & 511) as usize
 }
 
 const fn align_up(x: u64, a: u64) -> u64 {

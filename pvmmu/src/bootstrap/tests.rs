@@ -3,11 +3,13 @@
 
 use super::sim::Reach;
 use super::*;
+use crate::types::{Mfn, ENTRY_FRAME_MASK};
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use core::cell::RefCell;
 use core::ptr::NonNull;
 use std::vec::Vec;
+use x86_64::structures::paging::PageTableFlags as F;
 
 /// Frames allocated on first touch; `reach` limits which pfns are reachable.
 pub(crate) struct LazyArena {
@@ -38,7 +40,9 @@ unsafe impl PhysMem for LazyArena {
     }
 }
 
-/// Walks the native tree at `root` for `va`: (pfn, leaf flags, level).
+/// Walks the tree at `root` for `va` with its own reading of the raw
+/// entries (a check on the engine's walker, not a use of it): (pfn, leaf
+/// flags, level number).
 pub(crate) fn translate(
     mem: &dyn PhysMem,
     root: Pfn,
@@ -46,17 +50,20 @@ pub(crate) fn translate(
     pv_map: &dyn FrameMap,
 ) -> Option<(u64, u64, usize)> {
     let mut table = root;
-    for level in (1..=4).rev() {
+    for (n, level) in [Level::L4, Level::L3, Level::L2, Level::L1]
+        .into_iter()
+        .enumerate()
+    {
         let p = mem.frame_ptr(table)?;
         // SAFETY: the arena hands out valid frames.
-        let e = unsafe { (*p.as_ptr())[index(va, level)] };
+        let e = unsafe { (*p.as_ptr())[level.index(va)] };
         if e & F::PRESENT.bits() == 0 {
             return None;
         }
         let frame = pv_map.to_pfn(Mfn((e & ENTRY_FRAME_MASK) >> 12))?.0;
-        if level == 1 || e & F::HUGE_PAGE.bits() != 0 {
-            let off = (va >> 12) & ((1u64 << (LEVEL_SHIFT[level] - 12)) - 1);
-            return Some((frame + off, e & !ENTRY_FRAME_MASK, level));
+        if level == Level::L1 || e & F::HUGE_PAGE.bits() != 0 {
+            let off = (va >> 12) & ((level.entry_span() >> 12) - 1);
+            return Some((frame + off, e & !ENTRY_FRAME_MASK, 4 - n));
         }
         table = Pfn(frame);
     }
@@ -302,7 +309,7 @@ fn refuses_bad_layouts() {
         access: Access::Data,
     }];
     for (base, regions) in [
-        (XEN_HOLE_START, &[][..]),
+        (XEN_HOLE.0, &[][..]),
         (DM + 4096, &[][..]),
         (DM, &outside_dm[..]),
     ] {

@@ -8,9 +8,11 @@ use crate::backend::{NoAliases, XenPv};
 use crate::entry::Level;
 use crate::invariants::{self, Oracle, Rules};
 use crate::model::{PageType, XenModel};
+use crate::types::Mfn;
 use alloc::rc::Rc;
 use core::cell::RefCell;
 use std::vec::Vec;
+use x86_64::structures::paging::PageTableFlags as F;
 
 struct ModelOracle<'a>(&'a XenModel);
 
@@ -136,9 +138,11 @@ fn pv_one_gib_dom0() {
     check_pv(&run, 7);
     let r = &run.report;
     assert!(r.rounds >= 2 && r.rounds <= 4, "{r:?}");
-    // Targets from issue 4: <= 8 hypercalls and <= 1100 entries per GiB.
-    assert!(r.hypercalls <= 8, "{r:?}");
-    assert!(r.mmu_update_entries <= 1100, "{r:?}");
+    // Targets from issue 4 were <= 8 hypercalls and <= 1100 entries per
+    // GiB; issue 8 keeps what the bootstrap reached: 3 hypercalls and about
+    // 540 entries (one RO flip per new table, one hook per fresh L2).
+    assert!(r.hypercalls <= 3, "{r:?}");
+    assert!(r.mmu_update_entries <= 560, "{r:?}");
 }
 
 #[test]

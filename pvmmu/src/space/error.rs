@@ -10,6 +10,7 @@ use hypercall::XenError;
 use crate::backend::BackendError;
 use crate::entry::FlagError;
 use crate::types::{Mfn, Pfn};
+use crate::walk::WalkError;
 
 /// Why an address-space operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,16 @@ impl From<BackendError> for Error {
                 Error::Hypervisor(error)
             }
             BackendError::NoCurrentRoot => Error::NoCurrentRoot,
+        }
+    }
+}
+
+impl Error {
+    /// The walker's error for a walk towards `va`.
+    pub(crate) fn from_walk(e: WalkError, va: u64) -> Self {
+        match e {
+            WalkError::NotPresent { .. } => Error::NotMapped { va },
+            WalkError::ForeignFrame(mfn) => Error::ForeignFrame(mfn),
         }
     }
 }

@@ -1,12 +1,19 @@
 //! The `x86_64` crate's `Mapper` and `Translate` traits on an address space,
 //! so a kernel written against them can switch with minimal change.
 //!
-//! Invariant: each trait call is one address-space call (same checks, same
-//! rollback); tables are taken from the caller's x86_64 allocator, exactly
-//! as many as the walk needs, and tables that are freed later go to the
-//! address space's own allocator. The x86_64 error enums are narrower than
-//! [`Error`]: errors without a counterpart are reported as the nearest
-//! variant (documented per method); the range API gives the precise error.
+//! Invariant: each trait call classifies its page once with the walker
+//! ([`crate::walk`]) and reports the trait's documented error for that
+//! state, variant for variant: `ParentEntryHugePage` only where a larger
+//! page really covers the page, `PageAlreadyMapped` for a slot that holds a
+//! page or a table of smaller pages, `PageNotMapped` where no page of the
+//! size maps it (see `docs/pvmmu-api.md` for where x86_64's own
+//! `OffsetPageTable` departs from these docs). A change is then one
+//! address-space call (same checks, same rollback); tables are taken from
+//! the caller's x86_64 allocator, exactly as many as the walk showed
+//! missing, and tables freed later go to the address space's own
+//! allocator. Errors without an x86_64 counterpart (refused flags, Xen's
+//! hole, the hypervisor) are reported as the nearest variant, documented
+//! per method; the range API gives the precise error.
 //! The x86_64 `MapperFlush::flush` executes `invlpg` directly: natively
 //! fine, under PV use [`AddressSpace::flush`] instead.
 
@@ -24,7 +31,8 @@ use super::{AddressSpace, Error, Granule};
 use crate::backend::Backend;
 use crate::entry::{Entry, Flags, Level};
 use crate::phys::FrameAllocator;
-use crate::types::{Pfn, PAGE_SIZE};
+use crate::types::{Mfn, Pfn, PAGE_SIZE};
+use crate::walk::{walk, WalkError};
 
 fn granule_of<S: PageSize>() -> Granule {
     match S::SIZE {
@@ -38,24 +46,39 @@ fn phys(pfn: Pfn) -> PhysAddr {
     PhysAddr::new_truncate(pfn.0.wrapping_mul(PAGE_SIZE))
 }
 
+/// Where a page of one size stands, as the walker finds it: the single
+/// classification every trait method reports from.
+enum PageState {
+    /// A page of this size maps it, to this frame.
+    Mapped(Pfn),
+    /// A page of this size maps it, to a frame the guest does not own.
+    Foreign(Mfn),
+    /// A larger page covers it (an upper entry has PS).
+    InHugePage,
+    /// Its slot points to a table of smaller pages.
+    HoldsSmaller,
+    /// Nothing maps it; mapping it needs this many new tables.
+    Free(usize),
+    /// An upper entry points to a frame the guest does not own.
+    Unreachable,
+}
+
 impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
-    /// Number of tables a map of one page of `granule` at `va` would create.
-    fn tables_needed(&self, va: u64, granule: Granule) -> usize {
-        let mut table = self.root;
-        let mut level = Level::L4;
-        while level != granule.level() {
-            let e = self.backend.read(table, level.index(va));
-            let Some(lower) = level.lower() else { break };
-            if !e.is_present() {
-                return (level.number() - granule.level().number()) as usize;
+    fn page_state(&self, va: u64, granule: Granule) -> PageState {
+        let want = granule.level();
+        match walk(&self.backend, self.root, va, want) {
+            Ok(f) if f.level > want => PageState::InHugePage,
+            Ok(f) if !f.entry.is_present() => PageState::Free(0),
+            Ok(f) if !f.is_leaf() => PageState::HoldsSmaller,
+            Ok(f) => match self.backend.to_pfn(f.entry.mfn()) {
+                Some(pfn) => PageState::Mapped(pfn),
+                None => PageState::Foreign(f.entry.mfn()),
+            },
+            Err(WalkError::NotPresent { level }) => {
+                PageState::Free((level.number() - want.number()) as usize)
             }
-            match self.backend.to_pfn(e.mfn()) {
-                Some(child) if !e.is_huge() => table = child,
-                _ => return 0,
-            }
-            level = lower;
+            Err(WalkError::ForeignFrame(_)) => PageState::Unreachable,
         }
-        0
     }
 
     fn x86_map<S: PageSize, X: X86FrameAllocator<Size4KiB> + ?Sized>(
@@ -67,7 +90,22 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     ) -> Result<MapperFlush<S>, MapToError<S>> {
         let granule = granule_of::<S>();
         let va = page.start_address().as_u64();
-        let need = self.tables_needed(va, granule);
+        let need = match self.page_state(va, granule) {
+            PageState::Free(need) => need,
+            PageState::InHugePage => return Err(MapToError::ParentEntryHugePage),
+            PageState::Mapped(pfn) => {
+                return Err(MapToError::PageAlreadyMapped(
+                    PhysFrame::containing_address(phys(pfn)),
+                ))
+            }
+            // Mapped to smaller pages, or to a frame without a guest
+            // address: the requested frame is named, as x86_64 does.
+            PageState::HoldsSmaller | PageState::Foreign(_) => {
+                return Err(MapToError::PageAlreadyMapped(frame))
+            }
+            // No x86_64 counterpart: reported as an allocation failure.
+            PageState::Unreachable => return Err(MapToError::FrameAllocationFailed),
+        };
         for _ in 0..need {
             match frame_allocator.allocate_frame() {
                 Some(f) => self.push_spare(Pfn(f.start_address().as_u64() / PAGE_SIZE)),
@@ -86,17 +124,28 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 f.ignore();
                 Ok(MapperFlush::new(page))
             }
-            Err(Error::AlreadyMapped { .. }) => match self.translate(va) {
-                Ok(t) if t.granule == granule => {
-                    let base = Pfn(t.pfn.0 - (va & (S::SIZE - 1)) / PAGE_SIZE);
-                    Err(MapToError::PageAlreadyMapped(
-                        PhysFrame::containing_address(phys(base)),
-                    ))
-                }
-                _ => Err(MapToError::ParentEntryHugePage),
-            },
-            // No x86_64 counterpart: reported as an allocation failure.
+            // No x86_64 counterpart (refused flags, Xen's hole, hypervisor):
+            // reported as an allocation failure.
             Err(_) => Err(MapToError::FrameAllocationFailed),
+        }
+    }
+
+    /// The frame a page of size `S` maps, or why there is none.
+    fn x86_translate_page<S: PageSize>(
+        &self,
+        page: Page<S>,
+    ) -> Result<PhysFrame<S>, TranslateError> {
+        let va = page.start_address().as_u64();
+        match self.page_state(va, granule_of::<S>()) {
+            PageState::Mapped(pfn) => PhysFrame::from_start_address(phys(pfn))
+                .map_err(|_| TranslateError::InvalidFrameAddress(phys(pfn))),
+            PageState::Foreign(mfn) => Err(TranslateError::InvalidFrameAddress(
+                PhysAddr::new_truncate(mfn.maddr()),
+            )),
+            PageState::InHugePage => Err(TranslateError::ParentEntryHugePage),
+            PageState::HoldsSmaller | PageState::Free(_) | PageState::Unreachable => {
+                Err(TranslateError::PageNotMapped)
+            }
         }
     }
 
@@ -115,25 +164,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 f.ignore();
                 Ok((frame, MapperFlush::new(page)))
             }
-            Err(Error::SplitsLargePage { .. }) => Err(UnmapError::ParentEntryHugePage),
+            // No x86_64 counterpart (Xen's hole, hypervisor): not mapped.
             Err(_) => Err(UnmapError::PageNotMapped),
-        }
-    }
-
-    fn x86_translate_page<S: PageSize>(
-        &self,
-        page: Page<S>,
-    ) -> Result<PhysFrame<S>, TranslateError> {
-        let va = page.start_address().as_u64();
-        match self.translate(va) {
-            Ok(t) if t.granule == granule_of::<S>() => PhysFrame::from_start_address(phys(t.pfn))
-                .map_err(|_| TranslateError::InvalidFrameAddress(phys(t.pfn))),
-            Ok(t) if t.granule > granule_of::<S>() => Err(TranslateError::ParentEntryHugePage),
-            Ok(_) => Err(TranslateError::PageNotMapped),
-            Err(Error::ForeignFrame(mfn)) => Err(TranslateError::InvalidFrameAddress(
-                PhysAddr::new_truncate(mfn.maddr()),
-            )),
-            Err(_) => Err(TranslateError::PageNotMapped),
         }
     }
 
@@ -152,7 +184,6 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 f.ignore();
                 Ok(MapperFlush::new(page))
             }
-            Err(Error::SplitsLargePage { .. }) => Err(FlagUpdateError::ParentEntryHugePage),
             // No x86_64 counterpart (refused flags, hypervisor): not mapped.
             Err(_) => Err(FlagUpdateError::PageNotMapped),
         }
@@ -165,33 +196,18 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         level: Level,
         flags: PageTableFlags,
     ) -> Result<MapperFlushAll, FlagUpdateError> {
-        let mut table = self.root;
-        let mut at = Level::L4;
-        loop {
-            let i = at.index(va);
-            let e = self.backend.read(table, i);
-            if !e.is_present() {
-                return Err(FlagUpdateError::PageNotMapped);
-            }
-            if at == level {
-                let new = Entry::new(e.mfn(), flags);
-                let r = self
-                    .backend
-                    .write(table, i, new)
-                    .and_then(|()| self.backend.drain());
-                return r
-                    .map(|()| MapperFlushAll::new())
-                    .map_err(|_| FlagUpdateError::PageNotMapped);
-            }
-            if e.is_huge() {
-                return Err(FlagUpdateError::ParentEntryHugePage);
-            }
-            table = self
-                .backend
-                .to_pfn(e.mfn())
-                .ok_or(FlagUpdateError::PageNotMapped)?;
-            at = at.lower().ok_or(FlagUpdateError::PageNotMapped)?;
-        }
+        let found = match walk(&self.backend, self.root, va, level) {
+            Ok(f) if f.level > level => return Err(FlagUpdateError::ParentEntryHugePage),
+            Ok(f) if f.entry.is_present() => f,
+            _ => return Err(FlagUpdateError::PageNotMapped),
+        };
+        let new = Entry::new(found.entry.mfn(), flags);
+        self.backend
+            .write(found.table, found.index, new)
+            .and_then(|()| self.backend.drain())
+            .map(|()| MapperFlushAll::new())
+            // No x86_64 counterpart (refused flags, hypervisor): not mapped.
+            .map_err(|_| FlagUpdateError::PageNotMapped)
     }
 }
 
@@ -200,9 +216,11 @@ macro_rules! impl_mapper {
         impl<B: Backend, A: FrameAllocator> Mapper<$size> for AddressSpace<B, A> {
             /// Maps one page; `parent_table_flags` is ignored (intermediate
             /// entries are always PRESENT | WRITABLE | USER, the leaf
-            /// decides); W+X is taken as consented. Errors other than
-            /// allocation, huge parent and already-mapped are reported as
-            /// `FrameAllocationFailed`.
+            /// decides); W+X is taken as consented. `PageAlreadyMapped`
+            /// names the mapped frame when a page of this size maps the
+            /// address, the requested frame when smaller pages do. Errors
+            /// other than allocation, huge parent and already-mapped are
+            /// reported as `FrameAllocationFailed`.
             unsafe fn map_to_with_table_flags<X>(
                 &mut self,
                 page: Page<$size>,
@@ -274,7 +292,7 @@ impl_mapper!(Size1GiB);
 impl<B: Backend, A: FrameAllocator> Translate for AddressSpace<B, A> {
     fn translate(&self, addr: VirtAddr) -> TranslateResult {
         let va = addr.as_u64();
-        match AddressSpace::translate(self, va) {
+        match self.lookup(va) {
             Ok(t) => {
                 let size = t.granule.bytes();
                 let offset = va & (size - 1);
