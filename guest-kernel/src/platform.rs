@@ -90,6 +90,13 @@ pub fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)
 }
 
+/// `cpuid(leaf, 0)` as `[eax, ebx, ecx, edx]` (the form `hypercall::hvm`
+/// decodes).
+pub fn cpuid_regs(leaf: u32) -> [u32; 4] {
+    let r = cpuid(leaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
 /// A hypervisor's 12-byte CPUID vendor signature.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HypervisorSignature {
@@ -128,13 +135,9 @@ pub fn hypervisor_signature() -> Option<HypervisorSignature> {
     if cpuid(1).ecx & (1 << 31) == 0 {
         return None;
     }
-    let regs = |leaf: u32| {
-        let r = cpuid(leaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    };
-    let leaf = hypercall::hvm::find_xen_leaves(regs).map_or(0x4000_0000, |xen| xen.base);
+    let leaf = hypercall::hvm::find_xen_leaves(cpuid_regs).map_or(0x4000_0000, |xen| xen.base);
     Some(HypervisorSignature {
-        bytes: hypercall::hvm::signature(regs(leaf)),
+        bytes: hypercall::hvm::signature(cpuid_regs(leaf)),
         leaf,
     })
 }

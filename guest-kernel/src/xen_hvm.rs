@@ -75,6 +75,13 @@ pub struct XenPvh {
     pub domain: XenDomain,
 }
 
+/// The TSC frequency Xen states for this guest (Hz), `None` unless Xen's
+/// CPUID time leaf has one. A PVH guest has no PIT to calibrate against.
+pub fn tsc_hz() -> Option<u64> {
+    let cpuid = crate::platform::cpuid_regs;
+    hvm::tsc_hz(hvm::find_xen_leaves(cpuid)?, cpuid)
+}
+
 /// Frame of the console ring once [`init`] found it (0 before).
 static CONSOLE_PFN: AtomicU64 = AtomicU64::new(0);
 
@@ -89,10 +96,7 @@ pub fn hypercall_page_va() -> u64 {
 /// Only on the PVH entry path with Xen's signature in CPUID, before any
 /// hypercall.
 pub fn init() -> Result<XenPvh, XenPvhError> {
-    let cpuid = |leaf: u32| {
-        let r = crate::platform::cpuid(leaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
-    };
+    let cpuid = crate::platform::cpuid_regs;
     let leaves = hvm::find_xen_leaves(cpuid).ok_or(HvmError::NoXenLeaves)?;
     let msr = HypercallPageMsr::from_cpuid(leaves, cpuid)?;
     let va = hypercall_page_va();

@@ -33,6 +33,9 @@ pub const CPUID_BASE_END: u32 = 0x4001_0000;
 pub const CPUID_BASE_STEP: u32 = 0x100;
 /// Offset from the base of the leaf naming the hypercall-page MSR.
 pub const CPUID_HYPERCALL_LEAF: u32 = 2;
+/// Offset from the base of the time leaf (subleaf 0: ecx = the guest's TSC
+/// frequency in kHz; `public/arch-x86/cpuid.h`).
+pub const CPUID_TIME_LEAF: u32 = 3;
 
 /// `hvm_op` hypercall number (`__HYPERVISOR_hvm_op`).
 pub const HVM_OP: u32 = xen_sys::__HYPERVISOR_hvm_op;
@@ -144,6 +147,20 @@ impl HypercallPageMsr {
             return Err(HvmError::MisalignedPage(paddr));
         }
         Ok(paddr)
+    }
+}
+
+/// The guest's TSC frequency in Hz from Xen's time leaf (`base + 3`,
+/// subleaf 0, ecx in kHz), if Xen has that leaf and states a frequency.
+/// `cpuid(leaf)` must answer subleaf 0.
+pub fn tsc_hz(leaves: XenLeaves, mut cpuid: impl FnMut(u32) -> CpuidRegs) -> Option<u64> {
+    let leaf = leaves.base + CPUID_TIME_LEAF;
+    if leaves.max_leaf < leaf {
+        return None;
+    }
+    match cpuid(leaf)[2] {
+        0 => None,
+        khz => Some(u64::from(khz) * 1000),
     }
 }
 
@@ -394,6 +411,26 @@ mod tests {
             HypercallPageMsr::from_cpuid(base, cpu(&no_msr)),
             Err(HvmError::NoHypercallMsr)
         );
+    }
+
+    #[test]
+    fn tsc_frequency_from_the_time_leaf() {
+        let leaves = XenLeaves {
+            base: 0x4000_0100,
+            max_leaf: 0x4000_0105,
+        };
+        let time = [(0x4000_0103, [0, 0, 2_596_149, 0])];
+        assert_eq!(tsc_hz(leaves, cpu(&time)), Some(2_596_149_000));
+        // Leaf 0x40000003 belongs to the Viridian range here: not read.
+        let wrong_base = [(0x4000_0003, [0, 0, 1_000, 0])];
+        assert_eq!(tsc_hz(leaves, cpu(&wrong_base)), None);
+        // No frequency stated, or the leaf beyond Xen's range.
+        assert_eq!(tsc_hz(leaves, cpu(&[(0x4000_0103, [1, 0, 0, 0])])), None);
+        let short = XenLeaves {
+            base: 0x4000_0100,
+            max_leaf: 0x4000_0102,
+        };
+        assert_eq!(tsc_hz(short, cpu(&time)), None);
     }
 
     #[test]
