@@ -105,7 +105,13 @@ impl super::ConsoleSink for RingConsole {
                 _ => self.put_slice(line),
             }
         }
-        self.notify();
+        // One notification per completed line, not per formatted fragment
+        // (a `kprintln!` writes several): the backend prints whole lines
+        // anyway, a full ring notifies while it waits, and `flush` notifies
+        // whatever is left before shutdown.
+        if bytes.contains(&b'\n') {
+            self.notify();
+        }
     }
 
     fn flush(&mut self) {
