@@ -1,7 +1,7 @@
 //! The pvmmu reference guest kernel: one ELF that boots as a Xen PV guest
 //! (64-bit PV entry), and through the PVH protocol (32-bit entry) natively
-//! (QEMU `-kernel`) or as a Xen PVH guest, runs its self-tests, prints the `PVMMU-REPORT` line and
-//! the `PVMMU-RESULT` verdict, and shuts down.
+//! (QEMU `-kernel`) or as a Xen PVH guest, runs its self-tests, prints the
+//! `PVMMU-REPORT` line and the `PVMMU-RESULT` verdict, and shuts down.
 //!
 //! Invariant: whatever happens after the console is up — a failed test, a
 //! panic, an unexpected exception — the last line printed is exactly one
