@@ -55,7 +55,9 @@ pub fn compare_with_native(
     transcript: &[String],
 ) -> Result<(), String> {
     if native_passed.is_empty() {
-        return Err("no native self-tests to compare with".into());
+        return Err(
+            "no native self-tests to compare with (the plain native row must pass first)".into(),
+        );
     }
     let passed = with_outcome(transcript, Outcome::Passed);
     let failed = with_outcome(transcript, Outcome::Failed);
