@@ -4,10 +4,11 @@
 //! * `pv_entry`: Xen's PV domain builder jumps here in 64-bit mode on Xen's
 //!   initial page tables, with `rsi` = virtual address of `start_info` and
 //!   event delivery masked.
-//! * `pvh_entry`: QEMU's PVH loader (or Xen PVH) jumps here in 32-bit
-//!   protected mode with paging off and `ebx` = physical address of
-//!   `hvm_start_info`. A trampoline builds the boot page tables, enters long
-//!   mode and moves to the high-half link address.
+//! * `pvh_entry`: QEMU's PVH loader (or Xen's PVH domain builder, `xl
+//!   create` with `type = "pvh"`) jumps here in 32-bit protected mode with
+//!   paging off and `ebx` = physical address of `hvm_start_info`. A
+//!   trampoline builds the boot page tables, enters long mode and moves to
+//!   the high-half link address.
 //!
 //! Invariant: both entries zero `.bss` before anything uses it and call Rust
 //! on the kernel's own stack (`BOOT_STACK`), never on the loader's. The page
@@ -68,10 +69,11 @@ global_asm!(
     options(att_syntax)
 );
 
-// The hypercall page: Xen fills it with call stubs at PV boot. The kernel
-// does not call through it (hypercall::raw issues `syscall` directly), but
-// the HYPERCALL_PAGE note must name a page inside the image, and xen-sys
-// refers to the symbol.
+// The hypercall page: Xen fills it with call stubs at PV boot, where the
+// kernel does not call through it (hypercall::raw issues `syscall`
+// directly) but the HYPERCALL_PAGE note must name a page inside the image.
+// Under Xen PVH the kernel has Xen fill it through the hypercall MSR and
+// calls through it (xen_hvm.rs). xen-sys refers to the symbol too.
 global_asm!(
     r#"
     .pushsection .text.hypercall_page, "ax", @progbits

@@ -7,7 +7,8 @@
 //! changed during the read). Timer deadlines under PV are in the same time
 //! base. Natively it is the TSC, calibrated once against the PIT (channel 2,
 //! gated through port 0x61, the method of Linux's `pit_calibrate_tsc`), or
-//! taken from CPUID leaf 0x15/0x16 when the CPU states it.
+//! taken from CPUID leaf 0x15/0x16 when the CPU states it; under Xen PVH
+//! (no PIT) from Xen's CPUID time leaf.
 //!
 //! Invariant: [`now_ns`] never goes backwards on one CPU, and is 0 until
 //! [`init_native`] or [`init_pv`] ran.
@@ -35,6 +36,8 @@ pub enum TscSource {
     Cpuid,
     /// Measured against the PIT.
     Pit,
+    /// Xen's CPUID time leaf (Xen PVH: there is no PIT).
+    Xen,
 }
 
 /// `vcpu_time_info.flags`: the TSC is synchronised across CPUs
@@ -63,9 +66,14 @@ pub unsafe fn init_pv(time: *mut VcpuTimeInfo) {
 
 /// Calibrates the TSC (native); returns its frequency and the source.
 pub fn init_native() -> (u64, TscSource) {
-    let (hz, source) = match cpuid_tsc_hz() {
-        Some(hz) => (hz, TscSource::Cpuid),
-        None => (pit_calibrate_tsc(), TscSource::Pit),
+    let xen = match platform::get() {
+        Some(platform::Platform::XenPvh) => crate::xen_hvm::tsc_hz(),
+        _ => None,
+    };
+    let (hz, source) = match (xen, cpuid_tsc_hz()) {
+        (Some(hz), _) => (hz, TscSource::Xen),
+        (None, Some(hz)) => (hz, TscSource::Cpuid),
+        (None, None) => (pit_calibrate_tsc(), TscSource::Pit),
     };
     TSC_ZERO.store(rdtsc(), Ordering::Relaxed);
     TSC_HZ.store(hz, Ordering::Release);

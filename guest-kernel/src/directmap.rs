@@ -1,7 +1,8 @@
 //! The kernel's direct map: every frame of RAM at `DIRECT_MAP_BASE + pfn *
 //! 4096`, built by pvmmu's bootstrap right after entry, plus the kernel image
 //! (natively) or Xen's whole start-of-day area (PV) at `KERNEL_VMA + pfn *
-//! 4096` with per-section permissions.
+//! 4096` with per-section permissions, and under Xen PVH the console ring
+//! page at its identity address.
 //!
 //! Invariant: after [`build`] returns, the tree rooted at
 //! [`DirectMap::root`] is live, maps every RAM frame in the direct map, maps
@@ -212,6 +213,12 @@ pub fn build(kernel: &mut Kernel) -> Result<DirectMap, DirectMapError> {
         access: Access::Data,
     }; 8];
     let mut nreg = 0;
+    // Under Xen PVH, the console ring at its identity address (below the
+    // image's addresses, so first).
+    if let Some(console) = crate::xen_hvm::console_region() {
+        regions[nreg] = console;
+        nreg += 1;
+    }
     push_region(&mut regions, &mut nreg, region_start, text, Access::Data);
     push_region(&mut regions, &mut nreg, text, text_end, Access::Text);
     push_region(

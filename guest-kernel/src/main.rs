@@ -1,7 +1,7 @@
 //! The pvmmu reference guest kernel: one ELF that boots as a Xen PV guest
-//! (64-bit PV entry) and natively through the PVH protocol (32-bit entry,
-//! QEMU `-kernel`), runs its self-tests, prints the `PVMMU-REPORT` line and
-//! the `PVMMU-RESULT` verdict, and shuts down.
+//! (64-bit PV entry), and through the PVH protocol (32-bit entry) natively
+//! (QEMU `-kernel`) or as a Xen PVH guest, runs its self-tests, prints the
+//! `PVMMU-REPORT` line and the `PVMMU-RESULT` verdict, and shuts down.
 //!
 //! Invariant: whatever happens after the console is up — a failed test, a
 //! panic, an unexpected exception — the last line printed is exactly one
@@ -42,6 +42,8 @@ mod smp_tests;
 mod timer;
 mod trampoline;
 mod traps;
+mod xen_hvm;
+mod xen_hvm_tests;
 mod xen_pv;
 
 use core::panic::PanicInfo;
@@ -65,7 +67,7 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 
 /// Self-test suites run on the direct map pvmmu built. Adding a suite is one
 /// line.
-const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE];
+const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_tests::SUITE];
 
 /// Self-test suites run once interrupts, the tick and threads are up.
 const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE];
@@ -98,6 +100,8 @@ pub struct Kernel {
     pub reservations: [Option<Reservation>; MAX_RESERVATIONS],
     /// Xen PV boot facts (`None` natively).
     pub pv: Option<PvBoot>,
+    /// Xen PVH facts (`None` natively and under PV).
+    pub xen_pvh: Option<xen_hvm::XenPvh>,
     /// Physical address of `hvm_start_info` (PVH entry; 0 under PV).
     pub hvm_start_info: u64,
     /// Physical address of the ACPI RSDP from `hvm_start_info` (0 if none).
@@ -122,6 +126,7 @@ impl Kernel {
             frames: Frames::new(),
             reservations: [None; MAX_RESERVATIONS],
             pv: None,
+            xen_pvh: None,
             hvm_start_info: 0,
             rsdp: 0,
             pvh_modules: [pvh::Module::default(); pvh::MAX_MODULES],
@@ -310,10 +315,19 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         use x86_64::registers::control::{Cr0, Cr0Flags};
         Cr0::update(|f| f.insert(Cr0Flags::WRITE_PROTECT));
     }
-    // SAFETY: PVH entry: natively (or as an HVM guest) COM1 is a 16550 or
-    // absent; port I/O is allowed in ring 0.
-    console::init(Console::Serial(unsafe { console::serial::Com1::init() }));
+    // Under Xen: the hypercall page, then the PV console ring.
+    let xen = (platform == Platform::XenPvh).then(xen_hvm::init);
+    console::init(match &xen {
+        Some(Ok(xen)) => xen.console(),
+        // SAFETY: PVH entry: natively COM1 is a 16550 or absent (under Xen
+        // PVH, absent: this only carries a panic nobody may see); port I/O
+        // is allowed in ring 0.
+        _ => Console::Serial(unsafe { console::serial::Com1::init() }),
+    });
     kprintln!("pvmmu guest kernel: PVH entry, hvm_start_info at {hvm_start_info:#x}");
+    let xen = xen
+        .transpose()
+        .unwrap_or_else(|e| panic!("Xen PVH setup: {e:?}"));
     traps::init().unwrap_or_else(|e| panic!("traps: {e:?}"));
     let boot = match pvh::parse(hvm_start_info) {
         Ok(boot) => boot,
@@ -330,6 +344,9 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         boot.rsdp_paddr,
         boot.nr_modules
     );
+    if let Some(xen) = xen {
+        xen_hvm::adopt(&mut kernel, xen);
+    }
     kernel.report.mem_mib = memmap::bytes_to_mib_rounded(kernel.memmap.ram_bytes());
     kernel.report.hypervisor = hypervisor;
     kernel_main(kernel)
@@ -485,12 +502,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
-    if kernel.pv.is_some() {
-        use hypercall::MmuHypercalls;
-        // SAFETY: PV guest; `stats` issues no hypercall.
-        kernel.report.mmu_update_entries =
-            unsafe { hypercall::Xen::new() }.stats().mmu_update_entries;
-    }
+    kernel.report.mmu_update_entries = hypercall::mmu::issued_stats().mmu_update_entries;
     report::print(&kernel.report);
     let verdict = if tally.failed == 0 && tally.passed > 0 {
         Verdict::Pass

@@ -90,6 +90,13 @@ pub fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)
 }
 
+/// `cpuid(leaf, 0)` as `[eax, ebx, ecx, edx]` (the form `hypercall::hvm`
+/// decodes).
+pub fn cpuid_regs(leaf: u32) -> [u32; 4] {
+    let r = cpuid(leaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
 /// A hypervisor's 12-byte CPUID vendor signature.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HypervisorSignature {
@@ -122,26 +129,17 @@ impl core::fmt::Debug for HypervisorSignature {
 
 /// The hypervisor signature from CPUID, if the hypervisor bit is set. Xen
 /// may move its leaves up in steps of 0x100 (when it also offers Viridian),
-/// so a Xen signature is searched there too, as Linux does.
+/// so a Xen signature is searched there too, as Linux does
+/// ([`hypercall::hvm::find_xen_leaves`]).
 pub fn hypervisor_signature() -> Option<HypervisorSignature> {
     if cpuid(1).ecx & (1 << 31) == 0 {
         return None;
     }
-    let read = |leaf: u32| {
-        let r = cpuid(leaf);
-        let mut bytes = [0u8; 12];
-        bytes[0..4].copy_from_slice(&r.ebx.to_le_bytes());
-        bytes[4..8].copy_from_slice(&r.ecx.to_le_bytes());
-        bytes[8..12].copy_from_slice(&r.edx.to_le_bytes());
-        (r.eax, HypervisorSignature { bytes, leaf })
-    };
-    let (_, first) = read(0x4000_0000);
-    let xen = (0x4000_0000..0x4001_0000)
-        .step_by(0x100)
-        .map(read)
-        .find(|(max, sig)| sig.is_xen() && *max >= sig.leaf + 2)
-        .map(|(_, sig)| sig);
-    Some(xen.unwrap_or(first))
+    let leaf = hypercall::hvm::find_xen_leaves(cpuid_regs).map_or(0x4000_0000, |xen| xen.base);
+    Some(HypervisorSignature {
+        bytes: hypercall::hvm::signature(cpuid_regs(leaf)),
+        leaf,
+    })
 }
 
 /// Reads the time-stamp counter.

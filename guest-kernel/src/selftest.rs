@@ -105,6 +105,8 @@ pub enum Only {
     XenPv,
     /// Hardware paging only (native, Xen PVH).
     HardwarePaging,
+    /// Xen PVH only.
+    XenPvh,
 }
 
 /// One named test.
@@ -150,6 +152,7 @@ pub fn run_suite(kernel: &mut Kernel, suite: &[SelfTest], tally: &mut Tally) {
             Only::Any => true,
             Only::XenPv => kernel.pv.is_some(),
             Only::HardwarePaging => kernel.pv.is_none(),
+            Only::XenPvh => kernel.xen_pvh.is_some(),
         };
         if !applies {
             crate::kprintln!("selftest {} ... skipped (platform)", test.name);

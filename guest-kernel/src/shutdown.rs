@@ -2,8 +2,9 @@
 //!
 //! Natively the kernel writes to QEMU's `isa-debug-exit` device (I/O port
 //! 0xf4): QEMU exits with status `(value << 1) | 1`, so 0x10 -> 33 (pass) and
-//! 0x11 -> 35 (fail). Under Xen PV it asks Xen for `SCHEDOP_shutdown`
-//! (poweroff; crash if Xen refuses).
+//! 0x11 -> 35 (fail). Under Xen PV, and under Xen PVH once the hypercall
+//! page is installed, it asks Xen for `SCHEDOP_shutdown` (poweroff; crash if
+//! Xen refuses).
 //!
 //! Invariant: the result line is printed, and the console flushed, before
 //! any shutdown request; nothing returns from here.
@@ -47,13 +48,15 @@ pub fn power_off(verdict: Verdict) -> ! {
     crate::console::flush();
     match platform::get() {
         Some(Platform::XenPv) => xen_shutdown(),
+        Some(Platform::XenPvh) if hypercall::raw::hypercall_page().is_some() => xen_shutdown(),
         _ => native_exit(verdict),
     }
 }
 
 fn xen_shutdown() -> ! {
     use hypercall::ops::{shutdown, ShutdownReason};
-    // SAFETY: the platform is Xen PV, recorded by the PV entry.
+    // SAFETY: Xen PV (recorded by the PV entry), or Xen PVH with its
+    // hypercall page installed (checked by the caller).
     let err = unsafe { shutdown(ShutdownReason::Poweroff) };
     crate::kprintln!("SCHEDOP_shutdown(poweroff) returned {err}; crashing");
     // SAFETY: as above.

@@ -321,6 +321,18 @@ static MMUEXT_OPS: AtomicU64 = AtomicU64::new(0);
 static UVMS: AtomicU64 = AtomicU64::new(0);
 static MULTICALLS: AtomicU64 = AtomicU64::new(0);
 
+/// What every real hypercall wrapper of this crate has issued since boot
+/// (all zero where none was issued, e.g. natively). Reads counters only.
+pub fn issued_stats() -> HypercallStats {
+    HypercallStats {
+        hypercalls: hypercall_count(),
+        mmu_update_entries: MMU_ENTRIES.load(Ordering::Relaxed),
+        mmuext_ops: MMUEXT_OPS.load(Ordering::Relaxed),
+        update_va_mappings: UVMS.load(Ordering::Relaxed),
+        multicalls: MULTICALLS.load(Ordering::Relaxed),
+    }
+}
+
 /// The real hypervisor, reached by `syscall` from a 64-bit PV guest kernel.
 ///
 /// Constructing one is `unsafe`: its methods issue hypercalls, which only a
@@ -472,13 +484,7 @@ impl MmuHypercalls for Xen {
     }
 
     fn stats(&self) -> HypercallStats {
-        HypercallStats {
-            hypercalls: hypercall_count(),
-            mmu_update_entries: MMU_ENTRIES.load(Ordering::Relaxed),
-            mmuext_ops: MMUEXT_OPS.load(Ordering::Relaxed),
-            update_va_mappings: UVMS.load(Ordering::Relaxed),
-            multicalls: MULTICALLS.load(Ordering::Relaxed),
-        }
+        issued_stats()
     }
 }
 

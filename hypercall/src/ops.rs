@@ -1,7 +1,9 @@
 //! Typed wrappers for the hypercalls a PV kernel needs outside the MMU:
 //! console, scheduler, version, memory map, event channels, timer, vCPU.
 //!
-//! Invariant: as for [`crate::raw`], only call these as a Xen PV guest.
+//! Invariant: as for [`crate::raw`], only call these as a Xen guest with a
+//! hypercall path: PV, or HVM/PVH once its hypercall page is installed.
+//! The ones marked "PV guest" are PV-only interfaces.
 
 use crate::abi::{self, nr, E820Entry, EvtchnSend, SchedShutdown, XenMemoryMap};
 use crate::raw::{call2, call3};
@@ -22,7 +24,7 @@ pub enum ShutdownReason {
 /// domain on a debug Xen). Returns the number of bytes Xen accepted.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn console_write(bytes: &[u8]) -> Result<usize, XenError> {
     // SAFETY: `bytes` is a valid buffer of the stated length; caller is PV.
     let ret = unsafe {
@@ -39,7 +41,7 @@ pub unsafe fn console_write(bytes: &[u8]) -> Result<usize, XenError> {
 /// `sched_op(SCHEDOP_shutdown)`. Returns only if Xen refused.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn shutdown(reason: ShutdownReason) -> XenError {
     let arg = SchedShutdown {
         reason: match reason {
@@ -65,7 +67,7 @@ pub unsafe fn shutdown(reason: ShutdownReason) -> XenError {
 /// `xen_version(XENVER_version)`: `(major, minor)`.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn xen_version() -> Result<(u16, u16), XenError> {
     // SAFETY: XENVER_version takes no buffer; caller is PV.
     let ret = unsafe { call2(nr::XEN_VERSION, u64::from(abi::XENVER_VERSION), 0) };
@@ -86,7 +88,7 @@ pub unsafe fn vm_assist(cmd: u32, kind: u32) -> Result<(), XenError> {
 /// physical memory map and returns the number of entries written.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn memory_map(buf: &mut [E820Entry]) -> Result<usize, XenError> {
     let mut arg = XenMemoryMap {
         nr_entries: buf.len().min(u32::MAX as usize) as u32,
@@ -124,7 +126,7 @@ pub unsafe fn current_reservation() -> Result<u64, XenError> {
 /// `event_channel_op(EVTCHNOP_send)`: notifies the other end of `port`.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn evtchn_send(port: u32) -> Result<(), XenError> {
     let arg = EvtchnSend { port };
     // SAFETY: `arg` lives across the call.
@@ -205,7 +207,7 @@ pub unsafe fn set_trap_table(table: &[TrapInfo]) -> Result<(), XenError> {
 /// example while waiting for a console backend to drain a ring.
 ///
 /// # Safety
-/// Only as a Xen PV guest.
+/// Only as a Xen guest with a hypercall path (see [`crate::raw`]).
 pub unsafe fn sched_yield() -> Result<(), XenError> {
     // SAFETY: SCHEDOP_yield takes no argument buffer; caller is PV.
     let ret = unsafe { call2(nr::SCHED_OP, u64::from(xen_sys::SCHEDOP_yield), 0) };

@@ -41,10 +41,16 @@ impl BootRequest {
     }
 }
 
-/// A label such as `xen-512` or `native-512-fail_selftest`: the mode, the
-/// memory and the kernel command line's words, safe as a file name.
+/// A label such as `xen-512`, `xl-pvh-512` or `native-512-fail_selftest`:
+/// the mode (and a guest type other than PV), the memory and the kernel
+/// command line's words, safe as a file name.
 pub fn label(options: &RunOptions) -> String {
-    let mut label = format!("{}-{}", options.mode.name(), options.memory_mib);
+    let mut label = options.mode.name().to_string();
+    if options.guest != crate::xl::guest::Guest::Pv {
+        label.push('-');
+        label.push_str(options.guest.name());
+    }
+    label.push_str(&format!("-{}", options.memory_mib));
     if options.smp > 1 {
         label.push_str(&format!("-smp{}", options.smp));
     }
@@ -94,6 +100,12 @@ mod tests {
             ..plain.clone()
         };
         assert_eq!(label(&failing), "xen-256-fail_selftest");
+        let pvh = RunOptions {
+            mode: Mode::Xl,
+            guest: crate::xl::guest::Guest::Pvh,
+            ..plain.clone()
+        };
+        assert_eq!(label(&pvh), "xl-pvh-256");
         let with_cmdline = RunOptions {
             mode: Mode::Native,
             cmdline: "pvmmu.small_pages log=a/b".into(),

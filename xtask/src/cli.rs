@@ -9,6 +9,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::qemu;
+use crate::xl::guest::Guest;
 
 /// Usage text printed by `help` and after a usage error.
 pub const USAGE: &str = "\
@@ -21,6 +22,7 @@ commands:
                               native: QEMU -kernel through the PVH entry
                               xen:    QEMU -> Xen 4.17 -> the kernel as PV dom0
                               xl:     QEMU -> Xen -> Linux dom0 -> `xl create` of the kernel as PV domU
+      --guest pv|pvh        with --mode xl: the domU's type (default: pv; pvh: native paging under Xen)
       --memory MIB          the guest's memory in MiB (default: 512, at least 64)
       --smp N               virtual CPUs (default: 1)
       --cmdline \"...\"       extra kernel command line
@@ -101,6 +103,8 @@ pub struct RunOptions {
     pub timeout_secs: Option<u64>,
     /// Kernel build profile.
     pub profile: Profile,
+    /// The domU type under `--mode xl` (`--guest`).
+    pub guest: Guest,
 }
 
 impl Default for RunOptions {
@@ -113,6 +117,7 @@ impl Default for RunOptions {
             fail_selftest: false,
             timeout_secs: None,
             profile: Profile::Release,
+            guest: Guest::Pv,
         }
     }
 }
@@ -203,6 +208,10 @@ pub enum UsageError {
     },
     /// `--mode` is not native, xen or xl.
     UnknownMode(String),
+    /// `--guest` is not pv or pvh.
+    UnknownGuest(String),
+    /// `--guest pvh` without `--mode xl`.
+    GuestNeedsXl(Mode),
     /// `--memory` below [`MIN_GUEST_MIB`].
     MemoryTooSmall {
         /// What was asked.
@@ -244,6 +253,14 @@ impl fmt::Display for UsageError {
             UsageError::UnknownMode(mode) => {
                 write!(f, "unknown mode `{mode}`: use native, xen or xl")
             }
+            UsageError::UnknownGuest(guest) => {
+                write!(f, "unknown guest type `{guest}`: use pv or pvh")
+            }
+            UsageError::GuestNeedsXl(mode) => write!(
+                f,
+                "--guest pvh needs --mode xl (--mode {} boots the kernel itself)",
+                mode.name()
+            ),
             UsageError::MemoryTooSmall { mib } => write!(
                 f,
                 "--memory {mib} is too small: the guest kernel needs at least {MIN_GUEST_MIB} MiB"
@@ -419,6 +436,11 @@ fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
                 options.mode = Mode::from_name(name)
                     .ok_or_else(|| UsageError::UnknownMode(name.to_string()))?;
             }
+            "--guest" => {
+                let name = args.value(&flag, "--guest")?;
+                options.guest = Guest::from_name(name)
+                    .ok_or_else(|| UsageError::UnknownGuest(name.to_string()))?;
+            }
             "--memory" => options.memory_mib = args.number(&flag, "--memory")?,
             "--smp" => options.smp = args.number(&flag, "--smp")?,
             "--cmdline" => options.cmdline = args.value(&flag, "--cmdline")?.to_string(),
@@ -446,6 +468,9 @@ pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<
         return Err(UsageError::MemoryTooSmall {
             mib: options.memory_mib,
         });
+    }
+    if options.guest != Guest::Pv && options.mode != Mode::Xl {
+        return Err(UsageError::GuestNeedsXl(options.mode));
     }
     if options.smp == 0 {
         return Err(UsageError::SmpZero);
@@ -513,6 +538,29 @@ mod tests {
         assert_eq!(options.timeout(), Duration::from_secs(30));
         assert_eq!(options.profile, Profile::Debug);
         assert_eq!(run("run --mode=xl").unwrap().mode, Mode::Xl);
+    }
+
+    #[test]
+    fn guest_type_is_pv_unless_asked_and_only_with_xl() {
+        assert_eq!(run("run --mode xl").unwrap().guest, Guest::Pv);
+        let pvh = run("run --mode xl --guest pvh").unwrap();
+        assert_eq!(pvh.guest, Guest::Pvh);
+        assert_eq!(validate_run(&pvh, None), Ok(()));
+        assert_eq!(run("run --guest=pv").unwrap().guest, Guest::Pv);
+        assert_eq!(
+            run("run --mode xl --guest hvm"),
+            Err(UsageError::UnknownGuest("hvm".to_string()))
+        );
+        for mode in [Mode::Native, Mode::Xen] {
+            let options = RunOptions {
+                mode,
+                ..pvh.clone()
+            };
+            assert_eq!(
+                validate_run(&options, None),
+                Err(UsageError::GuestNeedsXl(mode))
+            );
+        }
     }
 
     #[test]

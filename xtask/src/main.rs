@@ -16,6 +16,7 @@ mod host;
 mod negative;
 mod qemu;
 mod report;
+mod selftests;
 mod suite;
 mod workspace;
 mod xen;
@@ -86,8 +87,12 @@ fn run(ws: &Workspace, options: RunOptions) -> Result<bool, XtaskError> {
         echo: Echo::All,
     };
     let outcome = boot::boot(ws, &request)?;
+    let guest = match request.options.guest {
+        xl::guest::Guest::Pv => String::new(),
+        other => format!(" --guest {}", other.name()),
+    };
     let what = format!(
-        "--mode {}, {} MiB, in {:.1} s",
+        "--mode {}{guest}, {} MiB, in {:.1} s",
         request.options.mode.name(),
         request.options.memory_mib,
         outcome.elapsed.as_secs_f64()

@@ -18,7 +18,9 @@ use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
 use crate::negative;
 use crate::qemu;
+use crate::selftests;
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
+use crate::xl::guest::Guest;
 
 /// What a boot must end with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +54,10 @@ pub enum Check {
     /// Some console line must contain this text (e.g. the kernel's own
     /// description of a deliberate crash).
     Console(&'static str),
+    /// Native paging under a hypervisor: no `mmu_update` entry issued, and
+    /// every self-test that passed in the table's plain native row (which
+    /// must come earlier) passes here too.
+    LikeNative,
 }
 
 /// Report counters every passing boot must show above zero: the running
@@ -73,6 +79,8 @@ pub struct Boot {
     pub check: Check,
     /// CPUs (QEMU `-smp`; the domU's vCPUs in `xl` mode).
     pub smp: u32,
+    /// The domU type (`--mode xl` only; PV unless [`Boot::guest`] says).
+    pub guest: Guest,
 }
 
 const fn boot(
@@ -89,6 +97,7 @@ const fn boot(
         expect,
         check,
         smp: 1,
+        guest: Guest::Pv,
     }
 }
 
@@ -120,6 +129,8 @@ pub const BOOTS: &[Boot] = &[
     // Issue 5: a PV domU built by `xl create` in an emulated Linux dom0
     // (about 12 s warm, plus about 8 s for a cold dom0 fixture).
     boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite),
+    // Issue 14: the same ELF as an `xl` PVH domU: native paging under Xen.
+    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::LikeNative).guest(Guest::Pvh),
     // The deliberate failure: proves the harness tells FAIL from PASS.
     boot(Mode::Native, 512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
     boot(Mode::Xen,    512, FAIL_SELFTEST_KNOB,   Expect::Fail,     Check::Nothing),
@@ -193,6 +204,11 @@ pub const HOST_STAGES: &[(&str, &[&str])] = &[
 ];
 
 impl Boot {
+    /// This row with another `xl` guest type.
+    pub const fn guest(self, guest: Guest) -> Boot {
+        Boot { guest, ..self }
+    }
+
     /// The run options of this row.
     pub fn options(&self) -> RunOptions {
         RunOptions {
@@ -200,13 +216,19 @@ impl Boot {
             memory_mib: self.memory_mib,
             cmdline: self.cmdline.to_string(),
             smp: self.smp,
+            guest: self.guest,
             ..RunOptions::default()
         }
     }
 
-    /// `boot xen 512 MiB pvmmu.fail_selftest`.
+    /// `boot xen 512 MiB pvmmu.fail_selftest`, `boot xl pvh 512 MiB`.
     pub fn name(&self) -> String {
-        let mut name = format!("boot {} {} MiB", self.mode.name(), self.memory_mib);
+        let mut name = format!("boot {}", self.mode.name());
+        if self.guest != Guest::Pv {
+            name.push(' ');
+            name.push_str(self.guest.name());
+        }
+        name.push_str(&format!(" {} MiB", self.memory_mib));
         if self.smp > 1 {
             name.push_str(&format!(" smp {}", self.smp));
         }
@@ -218,11 +240,12 @@ impl Boot {
     }
 }
 
-/// The `platform` a passing report must show in each mode.
-pub fn expected_platform(mode: Mode) -> &'static str {
+/// The `platform` a passing report must show in each mode (and guest type).
+pub fn expected_platform(mode: Mode, guest: Guest) -> &'static str {
     match mode {
         Mode::Native => "native",
-        Mode::Xen | Mode::Xl => "xen-pv",
+        Mode::Xen => "xen-pv",
+        Mode::Xl => guest.platform(),
     }
 }
 
@@ -230,7 +253,7 @@ pub fn expected_platform(mode: Mode) -> &'static str {
 pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
     match (row.expect, verdict) {
         (Expect::Pass, Verdict::Pass(report)) => {
-            let want = expected_platform(row.mode);
+            let want = expected_platform(row.mode, row.guest);
             if report.platform != want {
                 return Err(format!(
                     "platform is {:?}, expected {want:?}",
@@ -412,6 +435,8 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
     let mut lines = Vec::new();
     // The Xen model's negative-suite answers, computed once if a row needs them.
     let mut model_negative: Option<Result<Vec<String>, String>> = None;
+    // The self-tests the plain native row passed, for `Check::LikeNative`.
+    let mut native_passed = std::collections::BTreeSet::new();
 
     for (name, args) in HOST_STAGES {
         let mut command = build::cargo(ws);
@@ -485,6 +510,24 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
                 line.detail = format!("no console line contains {text:?}");
             }
         }
+        if let (true, Ok(outcome)) = (line.ok, &outcome) {
+            if row.is_plain_native_pass() {
+                native_passed =
+                    selftests::with_outcome(&outcome.transcript, selftests::Outcome::Passed);
+            }
+            if row.check == Check::LikeNative {
+                match like_native(&native_passed, outcome) {
+                    Ok(()) => line
+                        .detail
+                        .push_str(&format!(" native-selftests={}", native_passed.len())),
+                    Err(why) => {
+                        line.ok = false;
+                        line.got = "DIFF".into();
+                        line.detail = why;
+                    }
+                }
+            }
+        }
         if !line.ok {
             if let Ok(outcome) = &outcome {
                 print_tail(outcome);
@@ -503,6 +546,29 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
     let all_ok = lines.iter().all(|l| l.ok);
     println!("\n{}", summary(&lines, start.elapsed()));
     Ok(all_ok)
+}
+
+impl Boot {
+    /// The row whose passed self-tests [`Check::LikeNative`] rows compare with.
+    fn is_plain_native_pass(&self) -> bool {
+        self.mode == Mode::Native && self.cmdline.is_empty() && self.expect == Expect::Pass
+    }
+}
+
+/// [`Check::LikeNative`] on a passing boot.
+fn like_native(
+    native_passed: &std::collections::BTreeSet<String>,
+    outcome: &Outcome,
+) -> Result<(), String> {
+    let report = outcome
+        .verdict
+        .report()
+        .ok_or("no report to check".to_string())?;
+    match report.counter("mmu_update_entries") {
+        Some(0) => {}
+        other => return Err(format!("mmu_update_entries is {other:?}, expected 0")),
+    }
+    selftests::compare_with_native(native_passed, &outcome.transcript)
 }
 
 /// The last lines of a failed boot's console, for the CI log.
@@ -547,6 +613,57 @@ mod tests {
             .any(|b| b.mode == Mode::Xen && b.expect == Expect::XenCrash));
         // The xl domU boot is part of `test` itself (issue 5).
         assert!(rows(false).iter().any(|b| b.mode == Mode::Xl));
+    }
+
+    #[test]
+    fn pvh_row_runs_after_the_native_row_it_is_compared_with() {
+        let rows = rows(false);
+        let pvh = rows
+            .iter()
+            .position(|b| b.mode == Mode::Xl && b.guest == Guest::Pvh)
+            .expect("an xl PVH row (issue 14)");
+        assert_eq!(rows[pvh].memory_mib, 512);
+        assert_eq!(rows[pvh].check, Check::LikeNative);
+        assert_eq!(rows[pvh].name(), "boot xl pvh 512 MiB");
+        assert_eq!(rows[pvh].options().guest, Guest::Pvh);
+        for (i, row) in rows.iter().enumerate() {
+            if row.check == Check::LikeNative {
+                assert!(rows[..i].iter().any(Boot::is_plain_native_pass), "{row:?}");
+            }
+            // Only xl rows choose a guest type.
+            assert!(row.mode == Mode::Xl || row.guest == Guest::Pv, "{row:?}");
+        }
+    }
+
+    fn outcome(report_json: &str, transcript: &str) -> Outcome {
+        Outcome {
+            verdict: Verdict::Pass(parse_report(report_json).unwrap()),
+            transcript: transcript.lines().map(str::to_string).collect(),
+            elapsed: Duration::ZERO,
+            log_path: Default::default(),
+        }
+    }
+
+    #[test]
+    fn like_native_needs_no_mmu_update_and_the_native_tests() {
+        let native: std::collections::BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let json = |entries: u64| {
+            format!(
+                r#"{{"platform":"xen-pvh","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":9,"mmu_update_entries":{entries},"map_cycles":1,"selftests_passed":3,"selftests_failed":0}}"#
+            )
+        };
+        let all = "selftest a ... ok
+selftest b ... ok
+selftest xen_pvh_c ... ok";
+        assert_eq!(like_native(&native, &outcome(&json(0), all)), Ok(()));
+        assert!(like_native(&native, &outcome(&json(1), all))
+            .unwrap_err()
+            .contains("mmu_update_entries"));
+        assert!(
+            like_native(&native, &outcome(&json(0), "selftest a ... ok"))
+                .unwrap_err()
+                .contains("b (not run)")
+        );
     }
 
     #[test]
@@ -607,6 +724,14 @@ mod tests {
             saw_report: false,
         });
         assert!(judge(&pass_xen, &timeout).unwrap_err().contains("timeout"));
+        let pass_pvh = boot(Mode::Xl, 512, "", Expect::Pass, Check::LikeNative).guest(Guest::Pvh);
+        assert_eq!(
+            judge(&pass_pvh, &Verdict::Pass(report("xen-pvh", 0))),
+            Ok(())
+        );
+        assert!(judge(&pass_pvh, &Verdict::Pass(report("xen-pv", 0)))
+            .unwrap_err()
+            .contains("platform"));
 
         let fail_native = boot(
             Mode::Native,

@@ -1,4 +1,5 @@
-//! `--mode xl`: the guest kernel as a PV domU started by the Xen toolstack.
+//! `--mode xl`: the guest kernel as a domU started by the Xen toolstack, PV
+//! or (`--guest pvh`) PVH.
 //!
 //! Two ways, same verdict:
 //! - **emulated** (any Linux host): QEMU -> Xen 4.17 -> a Debian Linux dom0
@@ -11,13 +12,15 @@
 //!   console read from `xl`'s standard output.
 //!
 //! Invariant: a run passes only if the harness's verdict is PASS *and* the
-//! report says `"platform":"xen-pv"` and `"xen_domain":"domU"`: a kernel that
-//! somehow ran as dom0, or not under PV, fails here. A domain this module
+//! report says the guest type's platform (`"xen-pv"`, or `"xen-pvh"` for
+//! `--guest pvh`) and `"xen_domain":"domU"`: a kernel that somehow ran as
+//! dom0, or as another kind of guest than asked, fails here. A domain this module
 //! created on a real dom0 is destroyed before [`run`] returns, whatever the
 //! verdict.
 
 pub mod bzimage;
 pub mod cpio;
+pub mod guest;
 
 use std::fs;
 use std::io;
@@ -34,6 +37,7 @@ use crate::qemu;
 use crate::report::ReportError;
 use crate::workspace::Workspace;
 use crate::xen;
+use guest::Guest;
 
 /// The domU's name in the emulated dom0 (one guest per boot).
 const EMULATED_NAME: &str = "pvmmu";
@@ -48,14 +52,15 @@ const EMULATED_KERNEL_PATH: &str = "/guest/kernel";
 /// the ~4 s it takes to reach /init under TCG).
 const DOM0_CMDLINE: &str = "console=hvc0 quiet loglevel=3 panic=-1 mitigations=off rodata=off";
 
-/// Boots `request.kernel` as a PV domU started by `xl create`.
+/// Boots `request.kernel` as a domU of the requested type started by `xl
+/// create`.
 pub fn run(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError> {
     let outcome = if in_real_dom0() {
         run_real(ws, request)?
     } else {
         run_emulated(ws, request)?
     };
-    Ok(require_domu(outcome))
+    Ok(require_domu(outcome, request.options.guest))
 }
 
 /// Whether the xtask runs inside a real Xen control domain with `xl`.
@@ -99,14 +104,17 @@ fn xl_command(xl: &Path, root: bool, args: &[&str]) -> Command {
     command
 }
 
-/// Turns a PASS whose report is not a PV domU's into a failure.
-fn require_domu(mut outcome: Outcome) -> Outcome {
+/// Turns a PASS whose report is not a domU of type `guest` into a failure.
+fn require_domu(mut outcome: Outcome, guest: Guest) -> Outcome {
     if let Verdict::Pass(report) = &outcome.verdict {
         let field = |key: &str| report.fields.get(key).and_then(|v| v.as_str());
-        let failure = if field("platform") != Some("xen-pv") {
+        let failure = if field("platform") != Some(guest.platform()) {
             Some(ReportError::WrongType {
                 key: "platform",
-                expected: "\"xen-pv\" under --mode xl",
+                expected: match guest {
+                    Guest::Pv => "\"xen-pv\" under --mode xl",
+                    Guest::Pvh => "\"xen-pvh\" under --mode xl --guest pvh",
+                },
             })
         } else if field("xen_domain").is_none() {
             Some(ReportError::MissingKey("xen_domain"))
@@ -147,7 +155,7 @@ fn xl_string(text: &str) -> String {
 pub fn guest_config(name: &str, kernel: &str, options: &RunOptions) -> String {
     let mut config = format!(
         "name = {}\n\
-         type = \"pv\"\n\
+         type = \"{}\"\n\
          kernel = {}\n\
          memory = {mib}\n\
          maxmem = {mib}\n\
@@ -156,6 +164,7 @@ pub fn guest_config(name: &str, kernel: &str, options: &RunOptions) -> String {
          on_reboot = \"destroy\"\n\
          on_crash = \"destroy\"\n",
         xl_string(name),
+        options.guest.xl_type(),
         xl_string(kernel),
         options.smp,
         mib = options.memory_mib,
@@ -383,6 +392,16 @@ mod tests {
         assert!(config.contains("extra = \"a=\\\"b\\\" pvmmu.fail_selftest\"\n"));
         let plain = guest_config("g", "/k", &options(64, "", false));
         assert!(!plain.contains("extra"));
+        let pvh = guest_config(
+            "g",
+            "/k",
+            &RunOptions {
+                guest: Guest::Pvh,
+                ..options(512, "", false)
+            },
+        );
+        assert!(pvh.contains("type = \"pvh\"\n"), "{pvh}");
+        assert!(pvh.contains("kernel = \"/k\"\n"));
     }
 
     #[test]
@@ -433,13 +452,13 @@ mod tests {
     fn pass_requires_a_pv_domu_report() {
         let domu = format!("{{\"platform\":\"xen-pv\",\"xen_domain\":\"domU\",{COUNTERS}}}");
         assert!(matches!(
-            require_domu(outcome_with(&domu)).verdict,
+            require_domu(outcome_with(&domu), Guest::Pv).verdict,
             Verdict::Pass(_)
         ));
 
         let dom0 = format!("{{\"platform\":\"xen-pv\",\"xen_domain\":\"dom0\",{COUNTERS}}}");
         assert_eq!(
-            require_domu(outcome_with(&dom0)).verdict,
+            require_domu(outcome_with(&dom0), Guest::Pv).verdict,
             Verdict::Fail(Failure::BadReport(ReportError::WrongType {
                 key: "xen_domain",
                 expected: "\"domU\" under --mode xl",
@@ -447,12 +466,12 @@ mod tests {
         );
         let missing = format!("{{\"platform\":\"xen-pv\",{COUNTERS}}}");
         assert_eq!(
-            require_domu(outcome_with(&missing)).verdict,
+            require_domu(outcome_with(&missing), Guest::Pv).verdict,
             Verdict::Fail(Failure::BadReport(ReportError::MissingKey("xen_domain")))
         );
         let native = format!("{{\"platform\":\"native\",\"xen_domain\":\"domU\",{COUNTERS}}}");
         assert!(matches!(
-            require_domu(outcome_with(&native)).verdict,
+            require_domu(outcome_with(&native), Guest::Pv).verdict,
             Verdict::Fail(Failure::BadReport(ReportError::WrongType {
                 key: "platform",
                 ..
@@ -509,14 +528,29 @@ mod tests {
     /// still exists for `domid`, and logs `destroy`.
     #[test]
     fn real_path_creates_reads_console_and_destroys_the_leftover() {
+        real_path_with_stand_in_xl(Guest::Pv);
+    }
+
+    /// The same for `--guest pvh`: the configuration asks for a PVH domain
+    /// and the guest's PVH report passes the domU check.
+    #[test]
+    fn real_path_creates_a_pvh_guest() {
+        real_path_with_stand_in_xl(Guest::Pvh);
+    }
+
+    fn real_path_with_stand_in_xl(guest: Guest) {
         use std::os::unix::fs::PermissionsExt;
 
-        let dir = std::env::temp_dir().join(format!("xl-real-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("xl-real-{}-{}", guest.name(), std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let calls = dir.join("calls");
         let kernel = dir.join("guest-kernel");
         fs::write(&kernel, b"\x7fELF").unwrap();
-        let report = format!("{{\"platform\":\"xen-pv\",\"xen_domain\":\"domU\",{COUNTERS}}}");
+        let report = format!(
+            "{{\"platform\":\"{}\",\"xen_domain\":\"domU\",{COUNTERS}}}",
+            guest.platform()
+        );
         let xl = dir.join("xl");
         fs::write(
             &xl,
@@ -539,11 +573,14 @@ mod tests {
         };
         let request = BootRequest {
             kernel: kernel.clone(),
-            options: options(128, "pvmmu.x", false),
+            options: RunOptions {
+                guest,
+                ..options(128, "pvmmu.x", false)
+            },
             echo: crate::harness::Echo::Markers,
             label: "xl-128".into(),
         };
-        let outcome = run_with_xl(&ws, &request, &xl, true).unwrap();
+        let outcome = require_domu(run_with_xl(&ws, &request, &xl, true).unwrap(), guest);
         assert!(
             matches!(outcome.verdict, Verdict::Pass(_)),
             "{:?}",
@@ -557,9 +594,43 @@ mod tests {
         assert!(lines[0].ends_with(&format!("{name}.cfg")));
         assert!(calls.contains(&format!("kernel = \"{}\"", kernel.display())));
         assert!(calls.contains("memory = 128"));
+        assert!(calls.contains(&format!("type = \"{}\"", guest.xl_type())));
         assert!(calls.contains("extra = \"pvmmu.x\""));
         assert!(calls.contains(&format!("domid {name}\ndestroy {name}\n")));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pvh_pass_requires_a_pvh_domu_report() {
+        let pvh = format!("{{\"platform\":\"xen-pvh\",\"xen_domain\":\"domU\",{COUNTERS}}}");
+        let pv = format!("{{\"platform\":\"xen-pv\",\"xen_domain\":\"domU\",{COUNTERS}}}");
+        assert!(matches!(
+            require_domu(outcome_with(&pvh), Guest::Pvh).verdict,
+            Verdict::Pass(_)
+        ));
+        // Each guest type refuses the other's report.
+        assert_eq!(
+            require_domu(outcome_with(&pv), Guest::Pvh).verdict,
+            Verdict::Fail(Failure::BadReport(ReportError::WrongType {
+                key: "platform",
+                expected: "\"xen-pvh\" under --mode xl --guest pvh",
+            }))
+        );
+        assert!(matches!(
+            require_domu(outcome_with(&pvh), Guest::Pv).verdict,
+            Verdict::Fail(Failure::BadReport(ReportError::WrongType {
+                key: "platform",
+                ..
+            }))
+        ));
+        let pvh_dom0 = format!("{{\"platform\":\"xen-pvh\",\"xen_domain\":\"dom0\",{COUNTERS}}}");
+        assert!(matches!(
+            require_domu(outcome_with(&pvh_dom0), Guest::Pvh).verdict,
+            Verdict::Fail(Failure::BadReport(ReportError::WrongType {
+                key: "xen_domain",
+                ..
+            }))
+        ));
     }
 
     #[test]

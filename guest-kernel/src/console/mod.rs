@@ -2,8 +2,8 @@
 //! the `kprint!`/`kprintln!` macros on top of it.
 //!
 //! Sinks: [`serial::Com1`] natively, Xen's `console_io` hypercall as a PV
-//! dom0 ([`XenConsoleIo`]), and the PV console ring of a domU
-//! ([`ring::RingConsole`]).
+//! dom0 ([`XenConsoleIo`]), and the PV console ring of a domU or a PVH
+//! guest ([`ring::RingConsole`]).
 //!
 //! Invariant: all output goes through the single [`CONSOLE`] lock, so lines
 //! from different paths never interleave mid-line; the panic path may break
@@ -51,7 +51,7 @@ pub enum Console {
     Serial(serial::Com1),
     /// Xen `console_io` (PV dom0).
     XenConsoleIo(XenConsoleIo),
-    /// PV console ring + event channel (PV domU).
+    /// PV console ring + event channel (PV domU, Xen PVH).
     Ring(ring::RingConsole),
 }
 

@@ -39,8 +39,9 @@ impl RingConsole {
     ///
     /// # Safety
     /// `page` must be the writable mapping of the console page named in
-    /// `start_info.console.domU`, mapped for as long as the console is used,
-    /// and we must be a Xen PV guest (notification is a hypercall).
+    /// `start_info.console.domU` (PV) or `HVM_PARAM_CONSOLE_PFN` (PVH),
+    /// mapped for as long as the console is used, and hypercalls must work
+    /// (PV, or PVH with the hypercall page installed): notification is one.
     pub unsafe fn new(page: NonNull<u8>, port: u32) -> Self {
         RingConsole { page, port }
     }
@@ -53,14 +54,14 @@ impl RingConsole {
     }
 
     fn notify(&self) {
-        // SAFETY: `new`'s contract: we are a PV guest. A failed send only
+        // SAFETY: `new`'s contract: hypercalls work. A failed send only
         // delays output until the backend polls.
         let _ = unsafe { hypercall::ops::evtchn_send(self.port) };
     }
 
     fn wait(&self) {
         self.notify();
-        // SAFETY: PV guest (see `new`).
+        // SAFETY: hypercalls work (see `new`).
         let _ = unsafe { hypercall::ops::sched_yield() };
     }
 
@@ -104,7 +105,13 @@ impl super::ConsoleSink for RingConsole {
                 _ => self.put_slice(line),
             }
         }
-        self.notify();
+        // One notification per completed line, not per formatted fragment
+        // (a `kprintln!` writes several): the backend prints whole lines
+        // anyway, a full ring notifies while it waits, and `flush` notifies
+        // whatever is left before shutdown.
+        if bytes.contains(&b'\n') {
+            self.notify();
+        }
     }
 
     fn flush(&mut self) {
