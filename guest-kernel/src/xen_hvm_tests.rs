@@ -149,7 +149,7 @@ fn console_ring(kernel: &mut Kernel) -> TestResult {
         )
     };
     let t = space
-        .translate(ConsoleRing::paddr(&xen.console))
+        .lookup(ConsoleRing::paddr(&xen.console))
         .map_err(|_| Failure::Check("console page not mapped in the live tree"))?;
     check_eq("console page frame", t.pfn.0, xen.console.pfn)?;
     check(
