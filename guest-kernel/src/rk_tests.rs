@@ -107,6 +107,7 @@ fn spinner(i: u64) -> u64 {
     SPIN_STARTED.fetch_add(1, Ordering::SeqCst);
     let min_end = clock::now_ns() + 20 * MS;
     loop {
+        SPIN_PROGRESS[i].fetch_add(1, Ordering::Relaxed);
         // The quorum first, then the clock: a time read before the last
         // spinner started must not be stored as this one's end.
         let q = SPIN_QUORUM.load(Ordering::SeqCst);
@@ -116,7 +117,6 @@ fn spinner(i: u64) -> u64 {
             SPIN_LAST_NS[i].store(now, Ordering::Relaxed);
             break;
         }
-        SPIN_PROGRESS[i].fetch_add(1, Ordering::Relaxed);
     }
     sched::preemptions_of(sched::current())
 }

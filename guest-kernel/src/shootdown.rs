@@ -12,15 +12,19 @@
 //! Under Xen PV none of this runs: pvmmu's PV backend asks Xen for
 //! `MMUEXT_INVLPG_ALL` / `MMUEXT_TLB_FLUSH_ALL` and Xen does the IPIs.
 //!
-//! Invariant: one request is in flight at a time (the initiator lock); the
-//! initiator holds it with interrupts on, so a CPU spinning for it still
-//! answers the request in flight; and an entry's old translation is gone
-//! from every online CPU when `flush_page` returns (or a timeout was
-//! counted).
+//! The request/acknowledge protocol itself is `pvmmu::shootdown`, which is
+//! model-checked with loom on the host; this file sends the IPIs, flushes,
+//! and bounds the wait with the clock.
+//!
+//! Invariant: one request is in flight at a time; the initiator waits with
+//! interrupts on, so a CPU spinning to start its own request still answers
+//! the one in flight; and an entry's old translation is gone from every
+//! online CPU when `flush_page` returns (or a timeout was counted).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use pvmmu::backend::Tlb;
+use pvmmu::shootdown::Shootdown;
 use pvmmu::Pfn;
 
 use crate::percpu::{self, MAX_CPUS};
@@ -31,13 +35,12 @@ pub const SHOOTDOWN_VECTOR: u8 = 0xfc;
 /// How long an initiator waits for every acknowledgement.
 pub const ACK_TIMEOUT_NS: u64 = 500_000_000;
 
-/// "Flush everything" in [`REQ_VA`].
+/// "Flush everything" as the request word.
 const ALL: u64 = u64::MAX;
 
-static INITIATOR: spin::Mutex<()> = spin::Mutex::new(());
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-static REQ_VA: AtomicU64 = AtomicU64::new(0);
-static ACKED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// The protocol (pvmmu's, model-checked with loom): one request at a time,
+/// generation-numbered acknowledgements.
+static PROTOCOL: Shootdown<MAX_CPUS> = Shootdown::new();
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
@@ -73,52 +76,56 @@ fn remote(va: u64) {
     if percpu::online_count() <= 1 {
         return;
     }
-    // Interrupts stay on while we wait for the lock and for the answers:
-    // another initiator's request to us must still be served.
-    let _one = INITIATOR.lock();
+    // Interrupts stay on while we wait (for the protocol and for the
+    // answers): another initiator's request to us is served by our own IPI
+    // handler meanwhile, so `serve` has nothing to do.
     let _p = crate::sched::preempt_disable();
     let me = percpu::cpu_id();
-    // The address first, then the generation that publishes it: a handler
-    // that sees the new generation sees its address.
-    let gen = GENERATION.load(Ordering::SeqCst) + 1;
-    REQ_VA.store(va, Ordering::SeqCst);
-    GENERATION.store(gen, Ordering::SeqCst);
-    let mut targets = [false; MAX_CPUS];
-    for (cpu, t) in targets.iter_mut().enumerate() {
+    let mut targets = [0usize; MAX_CPUS];
+    let mut n = 0;
+    for cpu in 0..MAX_CPUS {
         if cpu != me && percpu::CPUS[cpu].online.load(Ordering::Acquire) {
-            *t = true;
+            targets[n] = cpu;
+            n += 1;
+        }
+    }
+    SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
+    let end = clock::now_ns() + ACK_TIMEOUT_NS;
+    let result = PROTOCOL.initiate(
+        &targets[..n],
+        va,
+        |cpu| {
             IPIS.fetch_add(1, Ordering::Relaxed);
             apic::send_ipi(
                 percpu::CPUS[cpu].apic_id.load(Ordering::Acquire),
                 SHOOTDOWN_VECTOR,
             );
-        }
-    }
-    SHOOTDOWNS.fetch_add(1, Ordering::Relaxed);
-    let end = clock::now_ns() + ACK_TIMEOUT_NS;
-    for (cpu, _) in targets.iter().enumerate().filter(|(_, t)| **t) {
-        while ACKED[cpu].load(Ordering::Acquire) < gen {
-            if clock::now_ns() > end {
-                TIMEOUTS.fetch_add(1, Ordering::Relaxed);
-                log::error!("TLB shootdown: cpu {cpu} did not acknowledge generation {gen}");
-                break;
-            }
-            core::hint::spin_loop();
-        }
+        },
+        || {},
+        || clock::now_ns() <= end,
+    );
+    if let Err(t) = result {
+        TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+        log::error!(
+            "TLB shootdown: cpu {} did not acknowledge generation {}",
+            t.cpu,
+            t.generation
+        );
     }
 }
 
 /// The shootdown IPI (interrupts off).
 pub fn on_ipi() {
-    let gen = GENERATION.load(Ordering::SeqCst);
-    let va = REQ_VA.load(Ordering::SeqCst);
-    if va == ALL {
-        x86_64::instructions::tlb::flush_all();
-    } else {
-        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(va));
+    let handled = PROTOCOL.handle(percpu::cpu_id(), |va| {
+        if va == ALL {
+            x86_64::instructions::tlb::flush_all();
+        } else {
+            x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(va));
+        }
+    });
+    if handled {
+        HANDLED.fetch_add(1, Ordering::Relaxed);
     }
-    HANDLED.fetch_add(1, Ordering::Relaxed);
-    ACKED[percpu::cpu_id()].fetch_max(gen, Ordering::Release);
 }
 
 /// Counters: shootdowns initiated, IPIs sent, requests handled, timeouts.

@@ -18,6 +18,7 @@ pub mod lazy;
 pub mod model;
 pub mod negative;
 pub mod phys;
+pub mod shootdown;
 pub mod space;
 pub mod types;
 pub mod walk;

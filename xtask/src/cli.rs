@@ -148,7 +148,7 @@ impl RunOptions {
                 // Each further CPU: its bring-up, and the stale-translation
                 // rounds that run on two CPUs (tens of seconds under Xen).
                 base + 30 * self.memory_mib.div_ceil(1024)
-                    + 45 * u64::from(self.smp.saturating_sub(1))
+                    + 120 * u64::from(self.smp.saturating_sub(1))
             }
         };
         Duration::from_secs(secs)

@@ -162,6 +162,19 @@ pub const BOOTS: &[Boot] = &[
 pub const CI_BOOTS: &[Boot] = &[
 ];
 
+/// The loom stage (run with `RUSTFLAGS="--cfg loom"`, see `run`).
+pub const LOOM_STAGE: (&str, &[&str]) = (
+    "loom: TLB shootdown protocol (pvmmu)",
+    &[
+        "test",
+        "-p",
+        "pvmmu",
+        "--test",
+        "loom_shootdown",
+        "--release",
+    ],
+);
+
 /// The host stages: a name and cargo's arguments.
 pub const HOST_STAGES: &[(&str, &[&str])] = &[
     (
@@ -442,6 +455,27 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
         let mut command = build::cargo(ws);
         command.args(*args);
         eprintln!("\n==> {name}: {}", host::describe(&command));
+        let stage_start = Instant::now();
+        let result = host::run(&mut command);
+        lines.push(stage_line(
+            name,
+            result.as_ref().err(),
+            stage_start.elapsed(),
+        ));
+    }
+    {
+        // The TLB shootdown protocol, model-checked with loom. Everything
+        // is built with `--cfg loom`, so in its own target directory.
+        let (name, args) = LOOM_STAGE;
+        let mut command = build::cargo(ws);
+        command
+            .args(args)
+            .env("RUSTFLAGS", "--cfg loom")
+            .env("CARGO_TARGET_DIR", ws.target_dir.join("loom"));
+        eprintln!(
+            "\n==> {name}: RUSTFLAGS=\"--cfg loom\" {}",
+            host::describe(&command)
+        );
         let stage_start = Instant::now();
         let result = host::run(&mut command);
         lines.push(stage_line(
