@@ -85,7 +85,7 @@ pub(super) fn live(
     }
 }
 
-pub(super) fn run_live<B: LiveBackend>(cx: &mut Cx<'_, B>, body: Body<B>) -> TestResult {
+fn run_live<B: LiveBackend>(cx: &mut Cx<'_, B>, body: Body<B>) -> TestResult {
     check(!slot_in_use(cx), "test area in use before the test")?;
     let before = cx.space.allocator().free_count();
     let result = body(cx);
@@ -138,7 +138,7 @@ pub(super) fn tables_of<B: Backend, A: FrameAllocator>(
 
 /// Unmaps every leaf left in the test area; returns how many 4 KiB pages
 /// were still mapped.
-pub(super) fn clean_test_area<B: LiveBackend>(cx: &mut Cx<'_, B>) -> u64 {
+fn clean_test_area<B: LiveBackend>(cx: &mut Cx<'_, B>) -> u64 {
     let mut left = 0;
     let mut va = TEST_AREA;
     while va < TEST_AREA + TEST_AREA_BYTES {
@@ -173,15 +173,15 @@ pub(super) fn clean_test_area<B: LiveBackend>(cx: &mut Cx<'_, B>) -> u64 {
 
 /// A set of table frames collected by a walk of the live tree, sorted
 /// (`mfn << 2 | level - 1`), for the invariant walker's [`Oracle`].
-pub(super) const MAX_TABLES: usize = 8192;
-pub(super) static TABLE_SET: spin::Mutex<[u64; MAX_TABLES]> = spin::Mutex::new([0; MAX_TABLES]);
+const MAX_TABLES: usize = 8192;
+static TABLE_SET: spin::Mutex<[u64; MAX_TABLES]> = spin::Mutex::new([0; MAX_TABLES]);
 
 /// The oracle: a frame is a table at the level the walk met it; the root
 /// is pinned as far as Xen said. What it adds to the walk is the
 /// writable-table rule (a leaf mapping any walked table RW) and the root's
 /// pin; the types of walked tables agree with the walk by construction
 /// (Xen's own types are not readable by a guest).
-pub(super) struct WalkedTables<'a> {
+struct WalkedTables<'a> {
     set: &'a [u64],
     pinned_root: Option<Mfn>,
 }

@@ -99,7 +99,7 @@ pub(super) fn execute_mapped_code<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestRes
 
 /// A call to `va` must fault with a #PF whose error code says instruction
 /// fetch (bit 4).
-pub(super) fn expect_fetch_fault(what: &'static str, va: u64) -> TestResult {
+fn expect_fetch_fault(what: &'static str, va: u64) -> TestResult {
     // SAFETY: `va` holds `ret`; if it is (wrongly) executable, `ret` runs.
     match unsafe { probe_exec(va) } {
         Err(f) if f.vector == 14 && f.error_code & (1 << 4) != 0 && f.cr2 == va => Ok(()),

@@ -96,7 +96,7 @@ pub(super) fn fault(what: &'static str) -> impl Fn(Fault) -> Failure {
 
 /// Whether `va` lies where these tests only ever map RAM: the test area
 /// (frames from the allocator, or page tables) and the direct map.
-pub(super) fn maps_ram_only(va: u64) -> bool {
+fn maps_ram_only(va: u64) -> bool {
     (TEST_AREA..TEST_AREA + TEST_AREA_BYTES).contains(&va)
         || (DIRECT_MAP_BASE..DIRECT_MAP_BASE + (1 << 39)).contains(&va)
 }
