@@ -15,13 +15,13 @@ use crate::xen_pv::PvBoot;
 use super::PAGE;
 
 /// The PV backend over the live tree.
-pub(super) type PvBackend = XenPv<hypercall::Xen, DirectMem, PvBoot, KernelAliases>;
+pub(crate) type PvBackend = XenPv<hypercall::Xen, DirectMem, PvBoot, KernelAliases>;
 /// The native backend over the live tree.
-pub(super) type NativeBackend = Native<DirectMem, CpuTlb>;
+pub(crate) type NativeBackend = Native<DirectMem, CpuTlb>;
 
 /// What the tests need beyond [`Backend`] from the backend of the live
 /// tree.
-pub(super) trait LiveBackend: Backend {
+pub(crate) trait LiveBackend: Backend {
     /// Hypercall counters since boot (natively: no hypercall, all zero).
     fn counters(&self) -> HypercallStats;
     /// Whether Xen holds the root pinned (`None` natively: no pins).

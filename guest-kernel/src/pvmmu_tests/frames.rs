@@ -17,7 +17,7 @@ pub(super) const MAX_LOANS: usize = 8;
 
 /// The kernel's allocator as the address space sees it (tables), plus the
 /// runs of data frames the running test borrowed.
-pub(super) struct TableFrames<'k> {
+pub(crate) struct TableFrames<'k> {
     pub(super) frames: &'k mut Frames,
     pub(super) loans: [Option<(u64, u64)>; MAX_LOANS],
 }

@@ -16,15 +16,15 @@ use super::frames::{TableFrames, MAX_LOANS};
 use super::{Body, MIB2, PAGE, TEST_AREA, TEST_AREA_BYTES, TEST_SLOT};
 
 /// One test's view: an address space adopted over the live tree.
-pub(super) struct Cx<'k, B: LiveBackend> {
-    pub(super) space: AddressSpace<B, TableFrames<'k>>,
-    pub(super) mem: DirectMem,
-    pub(super) pv: bool,
+pub(crate) struct Cx<'k, B: LiveBackend> {
+    pub(crate) space: AddressSpace<B, TableFrames<'k>>,
+    pub(crate) mem: DirectMem,
+    pub(crate) pv: bool,
 }
 
 /// Runs `on_pv` or `on_native` on an address space over the live tree,
 /// then cleans up and checks (see the module invariant).
-pub(super) fn live(
+pub(crate) fn live(
     kernel: &mut Kernel,
     on_pv: Body<PvBackend>,
     on_native: Body<NativeBackend>,

@@ -36,7 +36,11 @@ use pvmmu::entry::Flags;
 use pvmmu::PAGE_SIZE;
 
 use crate::selftest::{Only, SelfTest, TestResult};
-use harness::{live, Cx};
+
+/// The live address space and its steps, for the in-kernel benchmarks.
+pub(crate) use backends::LiveBackend;
+pub(crate) use harness::{live, Cx};
+pub(crate) use steps::{failed, map, protect, unmap};
 
 /// L4 slot of the test area (where Linux keeps vmalloc).
 pub const TEST_SLOT: usize = 402;

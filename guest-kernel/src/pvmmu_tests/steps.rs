@@ -14,7 +14,7 @@ use super::harness::Cx;
 use super::{PAGE, TEST_AREA, TEST_AREA_BYTES};
 
 /// Turns a pvmmu error into a failure (logged with its details).
-pub(super) fn failed(what: &'static str) -> impl Fn(Error) -> Failure {
+pub(crate) fn failed(what: &'static str) -> impl Fn(Error) -> Failure {
     move |e| {
         log::error!("{what}: {e:?}");
         match e {
@@ -54,7 +54,7 @@ pub(super) fn give<B: LiveBackend>(cx: &mut Cx<'_, B>, pfn: Pfn) -> TestResult {
     cx.space.allocator_mut().give_back(pfn)
 }
 
-pub(super) fn map<B: LiveBackend>(
+pub(crate) fn map<B: LiveBackend>(
     cx: &mut Cx<'_, B>,
     va: u64,
     pfn: Pfn,
@@ -68,12 +68,12 @@ pub(super) fn map<B: LiveBackend>(
     cx.space.flush(f).map_err(failed("flush after map"))
 }
 
-pub(super) fn unmap<B: LiveBackend>(cx: &mut Cx<'_, B>, va: u64, pages: u64) -> TestResult {
+pub(crate) fn unmap<B: LiveBackend>(cx: &mut Cx<'_, B>, va: u64, pages: u64) -> TestResult {
     let f = cx.space.unmap(va, pages * PAGE).map_err(failed("unmap"))?;
     cx.space.flush(f).map_err(failed("flush after unmap"))
 }
 
-pub(super) fn protect<B: LiveBackend>(
+pub(crate) fn protect<B: LiveBackend>(
     cx: &mut Cx<'_, B>,
     va: u64,
     pages: u64,
