@@ -80,6 +80,9 @@ pub struct BootOptions {
     /// `pvmmu.4k`: natively, build the direct map from 4 KiB pages only, to
     /// compare table counts with Xen PV.
     pub only_4k: bool,
+    /// `pvmmu.bench`: run the in-kernel benchmarks after the self-tests
+    /// (`BENCH` lines, see `crate::bench`).
+    pub bench: bool,
     /// `pvmmu.crash=panic|ud|pf|stack|thread-stack`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
@@ -110,6 +113,7 @@ impl BootOptions {
         BootOptions {
             fail_selftest: line.flag("pvmmu.fail_selftest"),
             only_4k: line.flag("pvmmu.4k"),
+            bench: line.flag("pvmmu.bench"),
             crash: match line.value("pvmmu.crash") {
                 Some("panic") => Some(CrashKind::Panic),
                 Some("ud") => Some(CrashKind::InvalidOpcode),

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 mod apic;
+mod bench;
 mod boot;
 mod boot_tests;
 mod clock;
@@ -448,6 +449,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
 
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
+    }
+    // Before the tick: no interrupt in the timed runs, and the hypercall
+    // counts are the benchmarked calls' alone.
+    if kernel.options.bench {
+        selftest::run_suite(&mut kernel, bench::SUITE, &mut tally);
     }
 
     // The running kernel: interrupts, the tick, threads. The suites above

@@ -60,6 +60,16 @@ pub enum XtaskError {
     },
     /// `cargo xtask bench` found no benchmark output to collect.
     NoBenchmarks,
+    /// A bench boot of the kernel could not be run, did not pass, or
+    /// printed no figure.
+    BenchBoot {
+        /// The boot's label.
+        label: String,
+        /// What went wrong.
+        reason: String,
+        /// Its console log, if it ran.
+        log: Option<PathBuf>,
+    },
 }
 
 impl XtaskError {
@@ -99,6 +109,13 @@ impl fmt::Display for XtaskError {
                 f,
                 "no benchmarks: no bench target printed a `BENCH <name> <value> <unit>` line"
             ),
+            XtaskError::BenchBoot { label, reason, log } => {
+                write!(f, "bench boot {label}: {reason}")?;
+                match log {
+                    Some(log) => write!(f, " (console log: {})", log.display()),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }

@@ -310,6 +310,9 @@ pub enum Echo {
     All,
     /// Only report, result and crash lines, prefixed with the boot's label.
     Markers,
+    /// Nothing: the caller shows what it needs from the transcript
+    /// (`cargo xtask bench`, whose stdout carries only `BENCH` lines).
+    Quiet,
 }
 
 /// One QEMU process to run under the harness.
@@ -458,7 +461,7 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, XtaskError> {
                             {
                                 println!("[{}] {}", spec.label, line.trim())
                             }
-                            Echo::Markers => {}
+                            Echo::Markers | Echo::Quiet => {}
                         }
                         let grace = match event {
                             Event::Continue => None,

@@ -13,6 +13,7 @@ mod error;
 mod fixture;
 mod harness;
 mod host;
+mod kernel_bench;
 mod negative;
 mod qemu;
 mod report;
