@@ -64,8 +64,16 @@ pub unsafe fn init_pv(time: *mut VcpuTimeInfo) {
     PVCLOCK.store(time, Ordering::Release);
 }
 
+/// Why the TSC frequency could not be found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockError {
+    /// No CPUID leaf states it and there is no working PIT: channel 2's
+    /// output was already high right after it was armed, or never rose.
+    NoPit,
+}
+
 /// Calibrates the TSC (native); returns its frequency and the source.
-pub fn init_native() -> (u64, TscSource) {
+pub fn init_native() -> Result<(u64, TscSource), ClockError> {
     let xen = match platform::get() {
         Some(platform::Platform::XenPvh) => crate::xen_hvm::tsc_hz(),
         _ => None,
@@ -73,11 +81,11 @@ pub fn init_native() -> (u64, TscSource) {
     let (hz, source) = match (xen, cpuid_tsc_hz()) {
         (Some(hz), _) => (hz, TscSource::Xen),
         (None, Some(hz)) => (hz, TscSource::Cpuid),
-        (None, None) => (pit_calibrate_tsc(), TscSource::Pit),
+        (None, None) => (pit_calibrate_tsc()?, TscSource::Pit),
     };
     TSC_ZERO.store(rdtsc(), Ordering::Relaxed);
     TSC_HZ.store(hz, Ordering::Release);
-    (hz, source)
+    Ok((hz, source))
 }
 
 /// TSC frequency from CPUID 0x15 (crystal clock times ratio) or 0x16.
@@ -103,7 +111,11 @@ const PIT_HZ: u64 = 1_193_182;
 
 /// Counts TSC cycles over 10 ms of PIT channel 2 (mode 0, output read on
 /// port 0x61 bit 5), best of three (the shortest is the least disturbed).
-fn pit_calibrate_tsc() -> u64 {
+/// In mode 0 the output is low from the moment the count is loaded: an
+/// output already high there means nothing counts (no PIT, as in a Xen PVH
+/// guest, where the port reads all ones), which is refused rather than
+/// measured as a bogus frequency.
+fn pit_calibrate_tsc() -> Result<u64, ClockError> {
     const MS: u64 = 10;
     let latch = (PIT_HZ * MS / 1000) as u16;
     let mut best = u64::MAX;
@@ -120,19 +132,22 @@ fn pit_calibrate_tsc() -> u64 {
             cmd.write(0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
             ch2.write(latch as u8);
             ch2.write((latch >> 8) as u8);
+            if gate.read() & 0x20 != 0 {
+                return Err(ClockError::NoPit);
+            }
             let t0 = rdtsc();
             let mut spins = 0u64;
             while gate.read() & 0x20 == 0 {
                 spins += 1;
                 if spins > 100_000_000 {
-                    panic!("PIT channel 2 never reached 0 (no PIT?)");
+                    return Err(ClockError::NoPit);
                 }
             }
             rdtsc() - t0
         };
         best = best.min(cycles);
     }
-    best * (1000 / MS)
+    Ok(best * (1000 / MS))
 }
 
 /// The native TSC frequency in Hz (0 before calibration or under PV).

@@ -68,6 +68,8 @@ pub enum TimerError {
     Apic(ApicError),
     /// Xen refused the one-shot timer.
     Arm(XenError),
+    /// No way to know the TSC frequency.
+    Clock(clock::ClockError),
 }
 
 /// What drives the tick.
@@ -128,7 +130,7 @@ pub fn start_native_cpu() -> Result<TimerSource, TimerError> {
 
 /// Starts the tick natively: TSC calibration, the APIC, the first deadline.
 pub fn init_native() -> Result<TimerSource, TimerError> {
-    let (hz, source) = clock::init_native();
+    let (hz, source) = clock::init_native().map_err(TimerError::Clock)?;
     log::info!("TSC {hz} Hz ({source:?})");
     let info = apic::init().map_err(TimerError::Apic)?;
     crate::percpu::with_irqs_off(|pc| pc.apic_id.store(info.id, Ordering::Release));
