@@ -8,7 +8,6 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::qemu;
 use crate::xl::guest::Guest;
 
 /// Usage text printed by `help` and after a usage error.
@@ -459,11 +458,9 @@ fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
     Ok(options)
 }
 
-/// Checks a run's options against each other and against the host.
-///
-/// `available_mib` is the host's `MemAvailable`; `None` (unreadable) skips the
-/// upper memory check rather than guessing.
-pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<(), UsageError> {
+/// Checks a run's options against each other (the host's memory is checked
+/// by [`crate::qemu::check_host_memory`], which knows what each mode needs).
+pub fn validate_run(options: &RunOptions) -> Result<(), UsageError> {
     if options.memory_mib < MIN_GUEST_MIB {
         return Err(UsageError::MemoryTooSmall {
             mib: options.memory_mib,
@@ -481,27 +478,7 @@ pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<
     if options.timeout_secs == Some(0) {
         return Err(UsageError::TimeoutZero);
     }
-    if let Some(available_mib) = available_mib {
-        let needed_mib = qemu::host_mib_needed(options.mode, options.memory_mib);
-        if needed_mib > available_mib {
-            return Err(UsageError::MemoryTooLarge {
-                mib: options.memory_mib,
-                mode: options.mode,
-                needed_mib,
-                available_mib,
-            });
-        }
-    }
     Ok(())
-}
-
-/// Reads `MemAvailable` from a `/proc/meminfo` text, in MiB.
-pub fn mem_available_mib(meminfo: &str) -> Option<u64> {
-    meminfo.lines().find_map(|line| {
-        let rest = line.strip_prefix("MemAvailable:")?;
-        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
-        Some(kib / 1024)
-    })
 }
 
 #[cfg(test)]
@@ -659,77 +636,38 @@ mod tests {
     #[test]
     fn validation_limits() {
         let ok = RunOptions::default();
-        assert_eq!(validate_run(&ok, Some(24_000)), Ok(()));
-        assert_eq!(validate_run(&ok, None), Ok(()));
+        assert_eq!(validate_run(&ok), Ok(()));
+        assert_eq!(validate_run(&ok), Ok(()));
 
         let small = RunOptions {
             memory_mib: 63,
             ..ok.clone()
         };
         assert_eq!(
-            validate_run(&small, Some(24_000)),
+            validate_run(&small),
             Err(UsageError::MemoryTooSmall { mib: 63 })
         );
         let smallest = RunOptions {
             memory_mib: MIN_GUEST_MIB,
             ..ok.clone()
         };
-        assert_eq!(validate_run(&smallest, Some(24_000)), Ok(()));
+        assert_eq!(validate_run(&smallest), Ok(()));
 
         let zero_cpus = RunOptions {
             smp: 0,
             ..ok.clone()
         };
-        assert_eq!(validate_run(&zero_cpus, None), Err(UsageError::SmpZero));
+        assert_eq!(validate_run(&zero_cpus), Err(UsageError::SmpZero));
         let many_cpus = RunOptions {
             smp: 65,
             ..ok.clone()
         };
-        assert_eq!(
-            validate_run(&many_cpus, None),
-            Err(UsageError::SmpTooLarge(65))
-        );
+        assert_eq!(validate_run(&many_cpus), Err(UsageError::SmpTooLarge(65)));
         let no_time = RunOptions {
             timeout_secs: Some(0),
             ..ok.clone()
         };
-        assert_eq!(validate_run(&no_time, None), Err(UsageError::TimeoutZero));
-    }
-
-    #[test]
-    fn memory_too_large_counts_the_hypervisor_and_qemu() {
-        let native = RunOptions {
-            mode: Mode::Native,
-            memory_mib: 4096,
-            ..RunOptions::default()
-        };
-        let needed_native = qemu::host_mib_needed(Mode::Native, 4096);
-        assert!(needed_native > 4096);
-        assert_eq!(validate_run(&native, Some(needed_native)), Ok(()));
-        assert_eq!(
-            validate_run(&native, Some(needed_native - 1)),
-            Err(UsageError::MemoryTooLarge {
-                mib: 4096,
-                mode: Mode::Native,
-                needed_mib: needed_native,
-                available_mib: needed_native - 1
-            })
-        );
-        // Xen needs more than native for the same guest: a size that fits
-        // natively can be refused under Xen.
-        let xen = RunOptions {
-            mode: Mode::Xen,
-            ..native.clone()
-        };
-        assert!(matches!(
-            validate_run(&xen, Some(needed_native)),
-            Err(UsageError::MemoryTooLarge { .. })
-        ));
-        let huge = RunOptions {
-            memory_mib: 1 << 40,
-            ..native
-        };
-        assert!(validate_run(&huge, Some(24_000)).is_err());
+        assert_eq!(validate_run(&no_time), Err(UsageError::TimeoutZero));
     }
 
     #[test]
@@ -745,14 +683,5 @@ mod tests {
         assert!(large.timeout() > small.timeout());
         assert_eq!(small.timeout(), Duration::from_secs(75));
         assert_eq!(large.timeout(), Duration::from_secs(135));
-    }
-
-    #[test]
-    fn meminfo_parsing() {
-        let meminfo =
-            "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   24406268 kB\n";
-        assert_eq!(mem_available_mib(meminfo), Some(24406268 / 1024));
-        assert_eq!(mem_available_mib("MemTotal: 5 kB\n"), None);
-        assert_eq!(mem_available_mib("MemAvailable: lots kB\n"), None);
     }
 }

@@ -7,7 +7,6 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::cli;
 use crate::error::XtaskError;
 use crate::harness::display_command;
 
@@ -29,7 +28,16 @@ fn effective_uid(status: &str) -> Option<u32> {
 pub fn mem_available_mib() -> Option<u64> {
     fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|meminfo| cli::mem_available_mib(&meminfo))
+        .and_then(|meminfo| parse_mem_available_mib(&meminfo))
+}
+
+/// Reads `MemAvailable` from a `/proc/meminfo` text, in MiB.
+fn parse_mem_available_mib(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemAvailable:")?;
+        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib / 1024)
+    })
 }
 
 /// Whether `program` can be started (it is run with `--version`).
@@ -103,5 +111,14 @@ mod tests {
         assert_eq!(effective_uid("Name:\tx\nUid:\t1000\t0\t0\t0\n"), Some(0));
         assert_eq!(effective_uid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
         assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let meminfo =
+            "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   24406268 kB\n";
+        assert_eq!(parse_mem_available_mib(meminfo), Some(24406268 / 1024));
+        assert_eq!(parse_mem_available_mib("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available_mib("MemAvailable: lots kB\n"), None);
     }
 }

@@ -10,13 +10,13 @@ mod boot;
 mod build;
 mod cli;
 mod error;
-mod fixture;
 mod harness;
 mod host;
 mod negative;
 mod qemu;
 mod report;
 mod selftests;
+mod request;
 mod suite;
 mod workspace;
 mod xen;
@@ -25,10 +25,10 @@ mod xl;
 use std::env;
 use std::process::ExitCode;
 
-use crate::boot::BootRequest;
 use crate::cli::{Command, RunOptions, UsageError};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Verdict};
+use crate::request::BootRequest;
 use crate::workspace::Workspace;
 
 fn main() -> ExitCode {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             true
         }),
         Command::Run(options) => {
-            if let Err(error) = cli::validate_run(&options, host::mem_available_mib()) {
+            if let Err(error) = boot::validate(&options, host::mem_available_mib()) {
                 return usage_error(&error);
             }
             run(&ws, options)
@@ -82,7 +82,7 @@ fn run(ws: &Workspace, options: RunOptions) -> Result<bool, XtaskError> {
     let kernel = build::kernel(ws, options.profile)?;
     let request = BootRequest {
         kernel,
-        label: boot::label(&options),
+        label: request::label(&options),
         options,
         echo: Echo::All,
     };

@@ -10,15 +10,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::boot::{self, BootRequest};
+use crate::boot;
 use crate::build;
-use crate::cli::{self, Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_SELFTEST_KNOB};
+use crate::cli::{Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_SELFTEST_KNOB};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
 use crate::negative;
 use crate::qemu;
 use crate::selftests;
+use crate::request::{self, BootRequest};
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
 use crate::xl::guest::Guest;
 
@@ -321,7 +322,7 @@ pub fn rows(with_xl: bool) -> Vec<Boot> {
 /// Checks every row against the host before anything runs.
 pub fn validate(rows: &[Boot], available_mib: Option<u64>) -> Result<(), UsageError> {
     rows.iter()
-        .try_for_each(|row| cli::validate_run(&row.options(), available_mib))
+        .try_for_each(|row| boot::validate(&row.options(), available_mib))
 }
 
 /// One line of the summary.
@@ -476,7 +477,7 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
         let run_options = row.options();
         let request = BootRequest {
             kernel: kernel.clone(),
-            label: boot::label(&run_options),
+            label: request::label(&run_options),
             options: run_options,
             echo: if options.verbose {
                 Echo::All

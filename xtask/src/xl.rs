@@ -3,7 +3,7 @@
 //!
 //! Two ways, same verdict:
 //! - **emulated** (any Linux host): QEMU -> Xen 4.17 -> a Debian Linux dom0
-//!   booted from the initramfs of [`crate::fixture`] -> xenstored,
+//!   booted from the initramfs of [`fixture`] -> xenstored,
 //!   xen-init-dom0, xenconsoled -> `xl create` of the kernel. The dom0's
 //!   `/init` copies the guest's console log (written by xenconsoled) to its
 //!   own console, which Xen sends to the serial port QEMU gives the harness.
@@ -20,6 +20,7 @@
 
 pub mod bzimage;
 pub mod cpio;
+pub mod fixture;
 pub mod guest;
 
 use std::fs;
@@ -27,14 +28,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::boot::BootRequest;
 use crate::cli::{Mode, RunOptions};
 use crate::error::XtaskError;
-use crate::fixture;
 use crate::harness::{self, BootSpec, Failure, Outcome, Verdict};
 use crate::host;
 use crate::qemu;
 use crate::report::ReportError;
+use crate::request::BootRequest;
 use crate::workspace::Workspace;
 use crate::xen;
 use guest::Guest;

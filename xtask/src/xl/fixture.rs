@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use super::bzimage::{self, BzImageError};
+use super::cpio::CpioWriter;
 use crate::host;
-use crate::xl::bzimage::{self, BzImageError};
-use crate::xl::cpio::CpioWriter;
 
 /// Debian's metapackage whose dependency names the current 6.1 kernel.
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
@@ -97,7 +97,7 @@ const EXCLUDED_PREFIXES: &[&str] = &[
 ];
 
 /// The dom0 init script (see the script's own header).
-const DOM0_INIT: &str = include_str!("xl/dom0-init.sh");
+const DOM0_INIT: &str = include_str!("dom0-init.sh");
 
 /// Bumped whenever the layout of the cached outputs changes.
 const FORMAT: u32 = 1;
