@@ -18,6 +18,7 @@ mod report;
 mod selftests;
 mod request;
 mod suite;
+mod toolchain;
 mod workspace;
 mod xen;
 mod xl;

@@ -20,6 +20,7 @@ use crate::negative;
 use crate::qemu;
 use crate::selftests;
 use crate::request::{self, BootRequest};
+use crate::toolchain::{self, Component};
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
 use crate::xl::guest::Guest;
 
@@ -433,6 +434,7 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
     let rows = rows(with_xl);
     let start = Instant::now();
     qemu::ensure_installed()?;
+    toolchain::ensure(ws, &[Component::Rustfmt, Component::Clippy])?;
     let mut lines = Vec::new();
     // The Xen model's negative-suite answers, computed once if a row needs them.
     let mut model_negative: Option<Result<Vec<String>, String>> = None;
