@@ -5,6 +5,7 @@
 //! [`RunOptions`] against the host's available memory that the caller read.
 //! Nothing is built or booted until both have succeeded.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::time::Duration;
 
@@ -44,6 +45,10 @@ pub const DEFAULT_MEMORY_MIB: u64 = 512;
 
 /// The kernel command-line knob that makes a self-test fail on purpose.
 pub const FAIL_SELFTEST_KNOB: &str = "pvmmu.fail_selftest";
+
+/// The longest kernel command line, in bytes: Xen's `MAX_GUEST_CMDLINE`
+/// (1024) less the terminating NUL, which is also what the kernel keeps.
+pub const KERNEL_CMDLINE_MAX: usize = 1023;
 
 /// How the guest kernel is booted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +238,13 @@ pub enum UsageError {
     SmpTooLarge(u32),
     /// `--timeout 0`.
     TimeoutZero,
+    /// An argument that is not valid UTF-8 (shown with replacement chars).
+    NotUtf8(String),
+    /// The kernel command line is longer than the kernel can be given.
+    CmdlineTooLong {
+        /// Its length in bytes (with `pvmmu.fail_selftest` if added).
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for UsageError {
@@ -279,6 +291,14 @@ impl fmt::Display for UsageError {
             UsageError::SmpZero => write!(f, "--smp must be at least 1"),
             UsageError::SmpTooLarge(n) => write!(f, "--smp {n} is too many: at most {MAX_SMP}"),
             UsageError::TimeoutZero => write!(f, "--timeout must be at least 1 second"),
+            UsageError::NotUtf8(arg) => {
+                write!(f, "argument `{arg}` is not valid UTF-8")
+            }
+            UsageError::CmdlineTooLong { bytes } => write!(
+                f,
+                "the kernel command line is {bytes} bytes long: Xen and the kernel take at most \
+                 {KERNEL_CMDLINE_MAX}"
+            ),
         }
     }
 }
@@ -365,6 +385,19 @@ fn switch(flag: &Flag<'_>, name: &'static str) -> Result<(), UsageError> {
         Some(_) => Err(UsageError::UnexpectedValue(name)),
         None => Ok(()),
     }
+}
+
+/// Parses the arguments after `cargo xtask` as the OS gives them: an
+/// argument that is not UTF-8 is a usage error.
+pub fn parse_os<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, UsageError> {
+    let argv = args
+        .into_iter()
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| UsageError::NotUtf8(arg.to_string_lossy().into_owned()))
+        })
+        .collect::<Result<Vec<String>, UsageError>>()?;
+    parse(&argv)
 }
 
 /// Parses the arguments after `cargo xtask`.
@@ -478,6 +511,10 @@ pub fn validate_run(options: &RunOptions) -> Result<(), UsageError> {
     if options.timeout_secs == Some(0) {
         return Err(UsageError::TimeoutZero);
     }
+    let bytes = options.kernel_cmdline().len();
+    if bytes > KERNEL_CMDLINE_MAX {
+        return Err(UsageError::CmdlineTooLong { bytes });
+    }
     Ok(())
 }
 
@@ -522,7 +559,7 @@ mod tests {
         assert_eq!(run("run --mode xl").unwrap().guest, Guest::Pv);
         let pvh = run("run --mode xl --guest pvh").unwrap();
         assert_eq!(pvh.guest, Guest::Pvh);
-        assert_eq!(validate_run(&pvh, None), Ok(()));
+        assert_eq!(validate_run(&pvh), Ok(()));
         assert_eq!(run("run --guest=pv").unwrap().guest, Guest::Pv);
         assert_eq!(
             run("run --mode xl --guest hvm"),
@@ -534,7 +571,7 @@ mod tests {
                 ..pvh.clone()
             };
             assert_eq!(
-                validate_run(&options, None),
+                validate_run(&options),
                 Err(UsageError::GuestNeedsXl(mode))
             );
         }
@@ -683,5 +720,45 @@ mod tests {
         assert!(large.timeout() > small.timeout());
         assert_eq!(small.timeout(), Duration::from_secs(75));
         assert_eq!(large.timeout(), Duration::from_secs(135));
+    }
+
+    #[test]
+    fn a_non_utf8_argument_is_a_usage_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(b"--cmdline=\xff\xfe".to_vec());
+        assert_eq!(
+            parse_os([OsString::from("run"), bad]),
+            Err(UsageError::NotUtf8("--cmdline=\u{fffd}\u{fffd}".into()))
+        );
+        assert!(matches!(
+            parse_os([OsString::from("run"), OsString::from("--memory=128")]),
+            Ok(Command::Run(_))
+        ));
+    }
+
+    #[test]
+    fn the_command_line_may_be_as_long_as_the_kernel_takes() {
+        let at_limit = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX),
+            ..RunOptions::default()
+        };
+        assert_eq!(validate_run(&at_limit), Ok(()));
+        let over = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX + 1),
+            ..RunOptions::default()
+        };
+        assert_eq!(
+            validate_run(&over),
+            Err(UsageError::CmdlineTooLong {
+                bytes: KERNEL_CMDLINE_MAX + 1
+            })
+        );
+        // The failure knob counts: it is part of what the kernel is given.
+        let with_knob = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX - FAIL_SELFTEST_KNOB.len()),
+            fail_selftest: true,
+            ..RunOptions::default()
+        };
+        assert!(validate_run(&with_knob).is_err());
     }
 }

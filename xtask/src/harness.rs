@@ -17,6 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::children;
 use crate::error::XtaskError;
 use crate::report::{self, Report, ReportError, ResultLine};
 
@@ -404,13 +405,16 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, XtaskError> {
     eprintln!("[{}] $ {command_line}", spec.label);
 
     let start = Instant::now();
-    let mut child = Command::new(&spec.program)
+    let mut command = Command::new(&spec.program);
+    command
         .args(&spec.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| XtaskError::Spawn {
+        .stderr(Stdio::piped());
+    // QEMU leads its own process group: a signal to the xtask ends it and
+    // anything it started (see `children`), kept until QEMU is reaped.
+    let (mut child, _registration) =
+        children::spawn_group(&mut command).map_err(|source| XtaskError::Spawn {
             program: spec.program.clone(),
             source,
         })?;

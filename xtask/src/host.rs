@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use crate::children;
 use crate::error::XtaskError;
 use crate::harness::display_command;
 
@@ -40,6 +41,13 @@ fn parse_mem_available_mib(meminfo: &str) -> Option<u64> {
     })
 }
 
+/// 64-bit FNV-1a: a stable hash for stamps and names (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Whether `program` can be started (it is run with `--version`).
 pub fn program_exists(program: &str) -> bool {
     Command::new(program)
@@ -68,10 +76,16 @@ pub fn describe(command: &Command) -> String {
 
 /// Runs `command` to completion; an unsuccessful exit is an error.
 pub fn run(command: &mut Command) -> Result<(), XtaskError> {
-    let status = command.status().map_err(|source| XtaskError::Spawn {
-        program: command.get_program().to_string_lossy().into_owned(),
-        source,
-    })?;
+    let program = command.get_program().to_string_lossy().into_owned();
+    // Registered until reaped: a signal to the xtask ends this child too.
+    let (mut child, _registration) =
+        children::spawn(command).map_err(|source| XtaskError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    let status = child
+        .wait()
+        .map_err(|source| XtaskError::Spawn { program, source })?;
     if status.success() {
         Ok(())
     } else {

@@ -8,6 +8,7 @@
 mod bench;
 mod boot;
 mod build;
+mod children;
 mod cli;
 mod error;
 mod harness;
@@ -33,8 +34,8 @@ use crate::request::BootRequest;
 use crate::workspace::Workspace;
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = env::args().skip(1).collect();
-    let command = match cli::parse(&argv) {
+    children::install_signal_handling();
+    let command = match cli::parse_os(env::args_os().skip(1)) {
         Ok(command) => command,
         Err(error) => return usage_error(&error),
     };

@@ -15,6 +15,15 @@ use crate::host;
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// The environment variable that names another QEMU binary (a build of
+/// one's own, or a stand-in in the xtask's tests).
+pub const QEMU_ENV: &str = "XTASK_QEMU";
+
+/// The QEMU program the boots run: `$XTASK_QEMU`, else [`QEMU`] on PATH.
+pub fn program() -> String {
+    std::env::var(QEMU_ENV).unwrap_or_else(|_| QEMU.to_string())
+}
+
 /// The Debian package that provides it.
 pub const QEMU_PACKAGE: &str = "qemu-system-x86";
 
@@ -155,7 +164,7 @@ pub fn xen_args(
 /// Makes sure QEMU is installed: installs it with apt-get as root, else says
 /// how.
 pub fn ensure_installed() -> Result<(), XtaskError> {
-    if host::program_exists(QEMU) {
+    if host::program_exists(&program()) {
         return Ok(());
     }
     if !host::is_root() {

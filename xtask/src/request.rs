@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use crate::cli::RunOptions;
 use crate::harness::{BootSpec, Echo};
+use crate::host;
 use crate::qemu;
 use crate::workspace::Workspace;
 
@@ -30,7 +31,7 @@ impl BootRequest {
     pub fn spec(&self, ws: &Workspace, args: Vec<String>) -> BootSpec {
         BootSpec {
             label: self.label.clone(),
-            program: qemu::QEMU.to_string(),
+            program: qemu::program(),
             args,
             timeout: self.options.timeout(),
             echo: self.echo,
@@ -39,9 +40,17 @@ impl BootRequest {
     }
 }
 
+/// The longest label, so that `<label>.log` is a valid file name whatever
+/// the command line (file names end at 255 bytes).
+pub const LABEL_MAX: usize = 64;
+
 /// A label such as `xen-512` or `native-512-fail_selftest`: the mode, the
-/// memory and the kernel command line's words, safe as a file name.
+/// memory and the kernel command line's words, safe as a file name (ASCII
+/// letters, digits, `-` and `_` only). A label that would be longer than
+/// [`LABEL_MAX`] is cut and ends in a hash of the whole command line, so
+/// two long command lines still get two logs.
 pub fn label(options: &RunOptions) -> String {
+    let cmdline = options.kernel_cmdline();
     let mut label = options.mode.name().to_string();
     if options.guest != crate::xl::guest::Guest::Pv {
         label.push('-');
@@ -51,16 +60,19 @@ pub fn label(options: &RunOptions) -> String {
     if options.smp > 1 {
         label.push_str(&format!("-smp{}", options.smp));
     }
-    if options.smp > 1 {
-        label.push_str(&format!("-smp{}", options.smp));
-    }
-    for word in options.kernel_cmdline().split_whitespace() {
+    for word in cmdline.split_whitespace() {
         let word = word.strip_prefix("pvmmu.").unwrap_or(word);
         label.push('-');
         label.extend(
             word.chars()
                 .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
         );
+    }
+    if label.len() > LABEL_MAX {
+        let hash = format!("-{:016x}", host::fnv1a(cmdline.as_bytes()));
+        // Only ASCII is left, so any byte index is a char boundary.
+        label.truncate(LABEL_MAX - hash.len());
+        label.push_str(&hash);
     }
     label
 }
@@ -102,5 +114,29 @@ mod tests {
             ..RunOptions::default()
         };
         assert_eq!(label(&smp), "xen-512-smp4");
+    }
+
+    #[test]
+    fn labels_are_bounded_and_safe_whatever_the_command_line() {
+        let long = |tail: &str| RunOptions {
+            mode: Mode::Native,
+            cmdline: format!("{} é/../\\x {tail}", "pvmmu.option=value ".repeat(200)),
+            ..RunOptions::default()
+        };
+        let a = label(&long("a"));
+        let b = label(&long("b"));
+        assert!(a.len() <= LABEL_MAX, "{a}");
+        assert!(a.starts_with("native-512-option_value-"), "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+            "{a}"
+        );
+        assert_ne!(a, b, "two long command lines share a log");
+        let unicode = RunOptions {
+            cmdline: "ü".repeat(300),
+            ..RunOptions::default()
+        };
+        assert!(label(&unicode).len() <= LABEL_MAX);
     }
 }
