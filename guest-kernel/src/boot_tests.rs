@@ -19,6 +19,7 @@ use crate::Kernel;
 /// The boot suite, in order.
 pub const SUITE: &[SelfTest] = &[
     SelfTest::new("fail_knob", fail_knob),
+    SelfTest::new("cmdline_intact", cmdline_intact),
     SelfTest::new("tsc_increases", tsc_increases),
     SelfTest::new("memory_map", memory_map),
     SelfTest::new("image_reserved", image_reserved),
@@ -62,6 +63,15 @@ fn fail_knob(kernel: &mut Kernel) -> TestResult {
     check(
         !kernel.options.fail_selftest,
         "pvmmu.fail_selftest is set: failing on purpose",
+    )
+}
+
+/// The command line arrived whole: a truncated or non-UTF-8 line lost
+/// options, so the boot cannot be trusted to have run what was asked.
+fn cmdline_intact(kernel: &mut Kernel) -> TestResult {
+    check(
+        kernel.cmdline.problem().is_none(),
+        "the command line was truncated or is not UTF-8: options were lost (see PVMMU-WARNING)",
     )
 }
 

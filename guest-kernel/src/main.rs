@@ -358,6 +358,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     log::info!("console {}", console::name());
     log::info!("command line {:?}", kernel.cmdline);
     log::info!("options {:?}", kernel.options);
+    cmdline::warn_about(&kernel.cmdline, &kernel.options, kernel.platform);
     if let Some(sig) = kernel.report.hypervisor {
         log::info!("hypervisor signature {sig:?}");
     }

@@ -33,6 +33,8 @@ pub enum Expect {
     Fail,
     /// A crash that Xen reports (the kernel cannot report it itself).
     XenCrash,
+    /// A PASS but for the kernel's `PVMMU-WARNING` lines (a bad option).
+    Warning,
 }
 
 impl Expect {
@@ -41,6 +43,7 @@ impl Expect {
             Expect::Pass => "PASS",
             Expect::Fail => "FAIL",
             Expect::XenCrash => "CRASH",
+            Expect::Warning => "WARNING",
         }
     }
 }
@@ -156,6 +159,8 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
     boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
+    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus", Expect::Warning, Check::Nothing),
+    boot(Mode::Xen,    512, "pvmmu.4k",           Expect::Warning,  Check::Nothing),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
@@ -282,6 +287,13 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
         (Expect::XenCrash, Verdict::Fail(failure)) => {
             Err(format!("expected Xen to report a crash, got: {failure}"))
         }
+        (Expect::Warning, Verdict::Fail(Failure::Warnings { .. })) => Ok(()),
+        (Expect::Warning, Verdict::Fail(failure)) => Err(format!(
+            "expected a PASS with PVMMU-WARNING lines for a bad option, got: {failure}"
+        )),
+        (Expect::Warning, Verdict::Pass(_)) => {
+            Err("PASS without the PVMMU-WARNING line a bad option must give".into())
+        }
         (Expect::XenCrash, Verdict::Pass(_)) => {
             Err("PASS although the kernel was made to crash".into())
         }
@@ -354,6 +366,7 @@ fn got_name(verdict: &Verdict) -> String {
         Verdict::Fail(Failure::ResultFail { .. }) => "FAIL".into(),
         Verdict::Fail(Failure::Timeout { .. }) => "TIMEOUT".into(),
         Verdict::Fail(Failure::XenCrash { .. }) => "CRASH".into(),
+        Verdict::Fail(Failure::Warnings { .. }) => "WARNING".into(),
         Verdict::Fail(Failure::QemuExited { .. }) => "EXITED".into(),
         Verdict::Fail(_) => "BAD".into(),
     }
