@@ -10,7 +10,7 @@
 //! turns into a FAIL unless the boot expects it, and a line that lost
 //! options fails the `cmdline_intact` self-test.
 
-pub use hypercall::boot::cmdline::{Cmdline, CMDLINE_MAX};
+pub use hypercall::boot::cmdline::Cmdline;
 use hypercall::boot::cmdline::{OptionKind, OptionSpec};
 
 use crate::platform::Platform;
