@@ -396,6 +396,15 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         img.to_phys().0,
         img.to_phys().1
     );
+    let max_bytes = hypercall::boot::MAX_GUEST_MIB << 20;
+    if kernel.memmap.ram_bytes() > max_bytes {
+        panic!(
+            "{} MiB of RAM: this kernel supports at most {} MiB (its page-table checks are sized \
+             for that)",
+            kernel.memmap.ram_bytes() >> 20,
+            hypercall::boot::MAX_GUEST_MIB
+        );
+    }
     kernel.build_frames();
     for r in kernel.reservations() {
         log::info!(

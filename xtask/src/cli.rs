@@ -37,6 +37,10 @@ commands:
 /// The smallest guest the reference kernel supports, in MiB.
 pub const MIN_GUEST_MIB: u64 = 64;
 
+/// The largest guest the reference kernel supports, in MiB (its fixed
+/// capacities are sized for it; see `hypercall::boot::MAX_GUEST_MIB`).
+pub const MAX_GUEST_MIB: u64 = hypercall::boot::MAX_GUEST_MIB;
+
 /// The largest number of virtual CPUs the xtask will ask QEMU for.
 pub const MAX_SMP: u32 = 64;
 
@@ -221,6 +225,11 @@ pub enum UsageError {
         /// What was asked.
         mib: u64,
     },
+    /// `--memory` above what the kernel supports ([`MAX_GUEST_MIB`]).
+    MemoryAboveSupported {
+        /// What was asked.
+        mib: u64,
+    },
     /// QEMU would need more memory than the host has available.
     MemoryTooLarge {
         /// The guest memory asked for.
@@ -275,6 +284,11 @@ impl fmt::Display for UsageError {
             UsageError::MemoryTooSmall { mib } => write!(
                 f,
                 "--memory {mib} is too small: the guest kernel needs at least {MIN_GUEST_MIB} MiB"
+            ),
+            UsageError::MemoryAboveSupported { mib } => write!(
+                f,
+                "--memory {mib} is more than the guest kernel supports: at most {MAX_GUEST_MIB} MiB \
+                 (its page-table self-tests and checks are sized for that much RAM)"
             ),
             UsageError::MemoryTooLarge {
                 mib,
@@ -501,6 +515,11 @@ pub fn validate_run(options: &RunOptions) -> Result<(), UsageError> {
     }
     if options.guest != Guest::Pv && options.mode != Mode::Xl {
         return Err(UsageError::GuestNeedsXl(options.mode));
+    }
+    if options.memory_mib > MAX_GUEST_MIB {
+        return Err(UsageError::MemoryAboveSupported {
+            mib: options.memory_mib,
+        });
     }
     if options.smp == 0 {
         return Err(UsageError::SmpZero);
@@ -760,5 +779,28 @@ mod tests {
             ..RunOptions::default()
         };
         assert!(validate_run(&with_knob).is_err());
+    }
+
+    #[test]
+    fn memory_above_what_the_kernel_supports_is_refused() {
+        let largest = RunOptions {
+            memory_mib: MAX_GUEST_MIB,
+            ..RunOptions::default()
+        };
+        assert_eq!(validate_run(&largest), Ok(()));
+        let above = RunOptions {
+            memory_mib: MAX_GUEST_MIB + 1,
+            ..RunOptions::default()
+        };
+        assert_eq!(
+            validate_run(&above),
+            Err(UsageError::MemoryAboveSupported {
+                mib: MAX_GUEST_MIB + 1
+            })
+        );
+        assert!(validate_run(&above)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 65536 MiB"));
     }
 }

@@ -9,6 +9,13 @@
 //! made and random. Each bad input is a typed error whose `Display` names
 //! the field and the value; nothing here panics on any input.
 
+/// The largest guest the reference kernel supports, in MiB. Its fixed
+/// capacities (the self-tests' table set, the frame allocator's ranges) are
+/// sized for a direct map of this much RAM in 4 KiB pages, as Xen PV
+/// builds it; the kernel refuses more RAM at boot and the xtask refuses a
+/// larger `--memory` before booting.
+pub const MAX_GUEST_MIB: u64 = 64 * 1024;
+
 pub mod cmdline;
 pub mod hvm;
 pub mod memmap;
