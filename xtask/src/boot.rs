@@ -30,7 +30,7 @@ pub fn boot(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError
         }
         Mode::Xen => {
             qemu::ensure_installed()?;
-            let xen_elf = xen::ensure_cached(ws)?;
+            let xen_elf = xen::ensure_cached(ws, request.options.xen)?;
             let args = qemu::xen_args(&xen_elf, &request.kernel, &request.options)?;
             harness::boot(&request.spec(ws, args))
         }

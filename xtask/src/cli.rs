@@ -28,6 +28,7 @@ commands:
       --cmdline \"...\"       extra kernel command line
       --fail-selftest       add `pvmmu.fail_selftest`: a self-test fails on purpose, run must exit non-zero
       --timeout SECS        give up after SECS seconds (default: grows with --memory)
+      --xen 4.17|4.20       which Xen --mode xen boots (default: 4.17, Debian 12; 4.20 is Debian 13's)
       --debug               boot a debug build of the kernel
   test [--verbose]          host tests, clippy, fmt, then every boot of the boot table
   ci [--verbose]            everything `test` does, plus the `--mode xl` boots
@@ -85,6 +86,34 @@ impl Mode {
     }
 }
 
+/// Which Xen hypervisor `--mode xen` boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XenVersion {
+    /// Xen 4.17, Debian 12 (bookworm): the default, and the only one the
+    /// `--mode xl` dom0's toolstack matches.
+    V4_17,
+    /// Xen 4.20, Debian 13 (trixie).
+    V4_20,
+}
+
+impl XenVersion {
+    /// The version as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            XenVersion::V4_17 => "4.17",
+            XenVersion::V4_20 => "4.20",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<XenVersion> {
+        match name {
+            "4.17" => Some(XenVersion::V4_17),
+            "4.20" => Some(XenVersion::V4_20),
+            _ => None,
+        }
+    }
+}
+
 /// Which cargo profile the guest kernel is built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {
@@ -113,6 +142,8 @@ pub struct RunOptions {
     pub profile: Profile,
     /// The domU type under `--mode xl` (`--guest`).
     pub guest: Guest,
+    /// The Xen of `--mode xen`.
+    pub xen: XenVersion,
 }
 
 impl Default for RunOptions {
@@ -126,6 +157,7 @@ impl Default for RunOptions {
             timeout_secs: None,
             profile: Profile::Release,
             guest: Guest::Pv,
+            xen: XenVersion::V4_17,
         }
     }
 }
@@ -220,6 +252,10 @@ pub enum UsageError {
     UnknownGuest(String),
     /// `--guest pvh` without `--mode xl`.
     GuestNeedsXl(Mode),
+    /// `--xen` is not 4.17 or 4.20.
+    UnknownXen(String),
+    /// `--xen 4.20` with a mode other than `xen`.
+    XenVersionNeedsModeXen(Mode),
     /// `--memory` below [`MIN_GUEST_MIB`].
     MemoryTooSmall {
         /// What was asked.
@@ -280,6 +316,18 @@ impl fmt::Display for UsageError {
                 f,
                 "--guest pvh needs --mode xl (--mode {} boots the kernel itself)",
                 mode.name()
+            ),
+            UsageError::UnknownXen(version) => {
+                write!(f, "unknown Xen `{version}`: use 4.17 or 4.20")
+            }
+            UsageError::XenVersionNeedsModeXen(mode) => write!(
+                f,
+                "--xen 4.20 boots the kernel as dom0 and needs --mode xen (--mode {} uses {})",
+                mode.name(),
+                match mode {
+                    Mode::Native => "no Xen",
+                    _ => "Xen 4.17, whose toolstack the xl dom0 carries",
+                }
             ),
             UsageError::MemoryTooSmall { mib } => write!(
                 f,
@@ -491,6 +539,11 @@ fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
             "--smp" => options.smp = args.number(&flag, "--smp")?,
             "--cmdline" => options.cmdline = args.value(&flag, "--cmdline")?.to_string(),
             "--timeout" => options.timeout_secs = Some(args.number(&flag, "--timeout")?),
+            "--xen" => {
+                let name = args.value(&flag, "--xen")?;
+                options.xen = XenVersion::from_name(name)
+                    .ok_or_else(|| UsageError::UnknownXen(name.to_string()))?;
+            }
             "--fail-selftest" => {
                 switch(&flag, "--fail-selftest")?;
                 options.fail_selftest = true;
@@ -515,6 +568,9 @@ pub fn validate_run(options: &RunOptions) -> Result<(), UsageError> {
     }
     if options.guest != Guest::Pv && options.mode != Mode::Xl {
         return Err(UsageError::GuestNeedsXl(options.mode));
+    }
+    if options.xen != XenVersion::V4_17 && options.mode != Mode::Xen {
+        return Err(UsageError::XenVersionNeedsModeXen(options.mode));
     }
     if options.memory_mib > MAX_GUEST_MIB {
         return Err(UsageError::MemoryAboveSupported {
@@ -802,5 +858,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 65536 MiB"));
+    }
+
+    #[test]
+    fn xen_version_is_chosen_for_mode_xen_only() {
+        assert_eq!(run("run").unwrap().xen, XenVersion::V4_17);
+        let v420 = run("run --xen 4.20").unwrap();
+        assert_eq!(v420.xen, XenVersion::V4_20);
+        assert_eq!(validate_run(&v420), Ok(()));
+        assert_eq!(run("run --xen=4.17").unwrap().xen, XenVersion::V4_17);
+        assert_eq!(
+            run("run --xen 4.18"),
+            Err(UsageError::UnknownXen("4.18".into()))
+        );
+        let xl = run("run --mode xl --xen 4.20").unwrap();
+        assert_eq!(
+            validate_run(&xl),
+            Err(UsageError::XenVersionNeedsModeXen(Mode::Xl))
+        );
     }
 }

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use crate::cli::RunOptions;
+use crate::cli::{RunOptions, XenVersion};
 use crate::harness::{BootSpec, Echo};
 use crate::host;
 use crate::qemu;
@@ -59,6 +59,10 @@ pub fn label(options: &RunOptions) -> String {
     label.push_str(&format!("-{}", options.memory_mib));
     if options.smp > 1 {
         label.push_str(&format!("-smp{}", options.smp));
+    }
+    if options.xen != XenVersion::V4_17 {
+        label.push_str("-xen");
+        label.push_str(&options.xen.name().replace('.', "_"));
     }
     for word in cmdline.split_whitespace() {
         let word = word.strip_prefix("pvmmu.").unwrap_or(word);

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::boot;
 use crate::build;
-use crate::cli::{Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_SELFTEST_KNOB};
+use crate::cli::{
+    Mode, Profile, RunOptions, TestOptions, UsageError, XenVersion, FAIL_SELFTEST_KNOB,
+};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
@@ -86,6 +88,15 @@ pub struct Boot {
     pub smp: u32,
     /// The domU type (`--mode xl` only; PV unless [`Boot::guest`] says).
     pub guest: Guest,
+    /// The Xen of a `--mode xen` row (4.17 unless [`Boot::on`] says).
+    pub xen: XenVersion,
+}
+
+impl Boot {
+    /// The same row under another Xen.
+    const fn on(self, xen: XenVersion) -> Boot {
+        Boot { xen, ..self }
+    }
 }
 
 const fn boot(
@@ -103,6 +114,7 @@ const fn boot(
         check,
         smp: 1,
         guest: Guest::Pv,
+        xen: XenVersion::V4_17,
     }
 }
 
@@ -122,6 +134,7 @@ pub const BOOTS: &[Boot] = &[
     //   mode          MiB  kernel command line   expected          extra check
     boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite),
+    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).on(XenVersion::V4_20),
     // Issue 4: the direct-map bootstrap at several sizes (every page mapped
     // and touched; under PV within 8 hypercalls and 1,100 entries per GiB).
     boot(Mode::Xen,    256, "",                   Expect::Pass,     Check::NegativeSuite),
@@ -224,6 +237,7 @@ impl Boot {
             cmdline: self.cmdline.to_string(),
             smp: self.smp,
             guest: self.guest,
+            xen: self.xen,
             ..RunOptions::default()
         }
     }
@@ -238,6 +252,9 @@ impl Boot {
         name.push_str(&format!(" {} MiB", self.memory_mib));
         if self.smp > 1 {
             name.push_str(&format!(" smp {}", self.smp));
+        }
+        if self.xen != XenVersion::V4_17 {
+            name.push_str(&format!(" (Xen {})", self.xen.name()));
         }
         if !self.cmdline.is_empty() {
             name.push(' ');
@@ -696,6 +713,42 @@ selftest xen_pvh_c ... ok";
         for row in xen_pass {
             assert_eq!(row.check, Check::NegativeSuite, "{row:?}");
         }
+    }
+
+    #[test]
+    fn a_dom0_row_runs_under_xen_4_20_with_the_model_comparison() {
+        let rows: Vec<_> = BOOTS
+            .iter()
+            .filter(|b| b.xen == XenVersion::V4_20)
+            .collect();
+        assert!(!rows.is_empty());
+        for row in rows {
+            assert_eq!((row.mode, row.check), (Mode::Xen, Check::NegativeSuite));
+            assert_eq!(row.options().xen, XenVersion::V4_20);
+            assert!(row.name().contains("Xen 4.20"), "{}", row.name());
+        }
+    }
+
+    #[test]
+    fn bad_option_rows_expect_the_warning() {
+        for cmdline in ["pvmmu.bogus", "pvmmu.crash=bogus", "pvmmu.4k"] {
+            assert!(BOOTS
+                .iter()
+                .any(|b| b.cmdline.contains(cmdline) && b.expect == Expect::Warning));
+        }
+        let row = boot(
+            Mode::Native,
+            512,
+            "pvmmu.bogus",
+            Expect::Warning,
+            Check::Nothing,
+        );
+        let warned = Verdict::Fail(Failure::Warnings {
+            first: "cmdline: unknown option `pvmmu.bogus` ignored".into(),
+            count: 1,
+        });
+        assert_eq!(judge(&row, &warned), Ok(()));
+        assert!(judge(&row, &Verdict::Fail(Failure::DuplicateResult)).is_err());
     }
 
     #[test]

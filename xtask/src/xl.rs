@@ -28,7 +28,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::cli::{Mode, RunOptions};
+use crate::cli::{Mode, RunOptions, XenVersion};
 use crate::error::XtaskError;
 use crate::harness::{self, BootSpec, Failure, Outcome, Verdict};
 use crate::host;
@@ -234,7 +234,8 @@ fn fixture_error(error: fixture::FixtureError) -> XtaskError {
 /// The emulated chain: QEMU -> Xen -> Linux dom0 -> `xl create`.
 fn run_emulated(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError> {
     qemu::ensure_installed()?;
-    let xen_elf = xen::ensure_cached(ws)?;
+    // The dom0's toolstack is 4.17's: so must the hypervisor be.
+    let xen_elf = xen::ensure_cached(ws, XenVersion::V4_17)?;
     let fixture = fixture::ensure(&ws.cache_dir().join("xl")).map_err(fixture_error)?;
     eprintln!(
         "[{}] xl fixture: dom0 Linux {} ({}), base initramfs {}",
