@@ -11,7 +11,7 @@
 //! options fails the `cmdline_intact` self-test.
 
 pub use hypercall::boot::cmdline::Cmdline;
-use hypercall::boot::cmdline::{OptionKind, OptionSpec};
+use hypercall::boot::cmdline::{parse_number, OptionKind, OptionSpec};
 
 use crate::platform::Platform;
 
@@ -27,6 +27,10 @@ pub struct BootOptions {
     /// `pvmmu.crash=panic|ud|pf|stack|thread-stack`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
+    /// `pvmmu.seed=N`: the randomized stress replays this seed.
+    pub seed: Option<u64>,
+    /// `pvmmu.stress_ops=N`: operations of the randomized stress.
+    pub stress_ops: Option<u64>,
 }
 
 /// A deliberate crash (`pvmmu.crash=`).
@@ -62,6 +66,14 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "pvmmu.crash",
         // Every value `BootOptions::parse` maps to a `CrashKind`.
         kind: OptionKind::Choice(&["panic", "ud", "pf", "stack", "thread-stack"]),
+    },
+    OptionSpec {
+        name: "pvmmu.seed",
+        kind: OptionKind::Number,
+    },
+    OptionSpec {
+        name: "pvmmu.stress_ops",
+        kind: OptionKind::Number,
     },
 ];
 
@@ -108,6 +120,8 @@ impl BootOptions {
                 Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
                 _ => None,
             },
+            seed: line.value("pvmmu.seed").and_then(parse_number),
+            stress_ops: line.value("pvmmu.stress_ops").and_then(parse_number),
         }
     }
 }

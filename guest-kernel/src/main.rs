@@ -39,6 +39,7 @@ mod shootdown;
 mod shutdown;
 mod smp;
 mod smp_tests;
+mod stress;
 mod timer;
 mod trampoline;
 mod traps;
@@ -518,6 +519,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
+    (
+        kernel.report.random_ops,
+        kernel.report.random_mismatches,
+        kernel.report.random_seed,
+    ) = stress::figures();
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
     kernel.report.mmu_update_entries = hypercall::mmu::issued_stats().mmu_update_entries;
     report::print(&kernel.report);

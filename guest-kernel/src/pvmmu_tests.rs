@@ -55,7 +55,7 @@ type PvBackend = XenPv<hypercall::Xen, DirectMem, PvBoot, KernelAliases>;
 type NativeBackend = Native<DirectMem, CpuTlb>;
 
 /// A test body, run on either backend.
-type Body<B> = fn(&mut Cx<'_, B>) -> TestResult;
+pub(crate) type Body<B> = fn(&mut Cx<'_, B>) -> TestResult;
 
 /// Registers a test that runs on both backends.
 macro_rules! live_test {
@@ -94,6 +94,7 @@ pub const SUITE: &[SelfTest] = &[
     live_test!("pvmmu_lazy_batch_few_hypercalls", lazy_batch_hypercalls),
     live_test!("pvmmu_large_pages_2m", Only::HardwarePaging, large_pages),
     live_test!("pvmmu_x86_64_mapper_translate", x86_64_traits),
+    SelfTest::new("pvmmu_random_stress", crate::stress::test),
 ];
 
 // ---- the frames a test uses ------------------------------------------------
@@ -257,14 +258,18 @@ impl LiveBackend for NativeBackend {
 
 /// One test's view: an address space adopted over the live tree.
 pub struct Cx<'k, B: LiveBackend> {
-    space: AddressSpace<B, TableFrames<'k>>,
+    pub(crate) space: AddressSpace<B, TableFrames<'k>>,
     mem: DirectMem,
-    pv: bool,
+    pub(crate) pv: bool,
 }
 
 /// Runs `on_pv` or `on_native` on an address space over the live tree,
 /// then cleans up and checks (see the module invariant).
-fn live(kernel: &mut Kernel, on_pv: Body<PvBackend>, on_native: Body<NativeBackend>) -> TestResult {
+pub(crate) fn live(
+    kernel: &mut Kernel,
+    on_pv: Body<PvBackend>,
+    on_native: Body<NativeBackend>,
+) -> TestResult {
     let dm = kernel
         .direct_map
         .clone()
@@ -440,7 +445,7 @@ impl Oracle for WalkedTables<'_> {
 
 /// pvmmu's invariant walker over the whole live tree (under PV with an
 /// oracle of the walked tables and Xen's answer on the root's pin).
-fn check_invariants<B: LiveBackend>(
+pub(crate) fn check_invariants<B: LiveBackend>(
     cx: &mut Cx<'_, B>,
     report: &mut dyn FnMut(Violation),
 ) -> Result<u64, Failure> {
@@ -477,7 +482,7 @@ fn check_invariants<B: LiveBackend>(
 // ---- small helpers -------------------------------------------------------------
 
 /// Turns a pvmmu error into a failure (logged with its details).
-fn failed(what: &'static str) -> impl Fn(Error) -> Failure {
+pub(crate) fn failed(what: &'static str) -> impl Fn(Error) -> Failure {
     move |e| {
         log::error!("{what}: {e:?}");
         match e {
@@ -502,14 +507,14 @@ fn expect_error<T>(what: &'static str, got: Result<T, Error>, want: Error) -> Te
     }
 }
 
-fn take<B: LiveBackend>(cx: &mut Cx<'_, B>, n: u64) -> Result<Pfn, Failure> {
+pub(crate) fn take<B: LiveBackend>(cx: &mut Cx<'_, B>, n: u64) -> Result<Pfn, Failure> {
     cx.space
         .allocator_mut()
         .take_run(n, 1)
         .ok_or(Failure::Check("no run of free frames"))
 }
 
-fn give<B: LiveBackend>(cx: &mut Cx<'_, B>, pfn: Pfn) -> TestResult {
+pub(crate) fn give<B: LiveBackend>(cx: &mut Cx<'_, B>, pfn: Pfn) -> TestResult {
     cx.space.allocator_mut().give_back(pfn)
 }
 
@@ -556,7 +561,7 @@ fn maps_ram_only(va: u64) -> bool {
 }
 
 /// Reads the word at `va` (test area or direct map only).
-fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
+pub(crate) fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
     check(
         maps_ram_only(va),
         "read outside the test area and direct map",
@@ -570,7 +575,7 @@ fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
 /// # Safety
 /// If `va` is mapped writable, its 8 bytes belong to a frame the running
 /// test borrowed.
-unsafe fn write(what: &'static str, va: u64, value: u64) -> TestResult {
+pub(crate) unsafe fn write(what: &'static str, va: u64, value: u64) -> TestResult {
     check(
         maps_ram_only(va),
         "write outside the test area and direct map",
@@ -599,7 +604,7 @@ fn expect_page_fault<T>(
     }
 }
 
-fn pattern(pfn: Pfn, word: u64, round: u64) -> u64 {
+pub(crate) fn pattern(pfn: Pfn, word: u64, round: u64) -> u64 {
     ((pfn.0 << 24) | (word << 4) | round).wrapping_mul(0x2545_f491_4f6c_dd1d)
         ^ 0x0123_4567_89ab_cdef
 }

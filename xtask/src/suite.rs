@@ -71,6 +71,10 @@ pub enum Check {
 /// kernel (interrupts, the tick, threads) is part of every boot.
 pub const RUNNING_KERNEL_COUNTERS: &[&str] = &["timer_irqs", "context_switches"];
 
+/// Random operations a passing Xen boot must report (`random_ops`, the
+/// kernel's randomized stress on the live tree).
+pub const MIN_RANDOM_OPS_UNDER_XEN: u64 = 200_000;
+
 /// One row of the boot table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boot {
@@ -282,6 +286,14 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
                 return Err(format!(
                     "platform is {:?}, expected {want:?}",
                     report.platform
+                ));
+            }
+            // Under real Xen the randomized stress must have run in full.
+            let random_ops = report.counter("random_ops").unwrap_or(0);
+            if row.mode != Mode::Native && random_ops < MIN_RANDOM_OPS_UNDER_XEN {
+                return Err(format!(
+                    "random_ops is {random_ops}: a Xen boot must run at least \
+                     {MIN_RANDOM_OPS_UNDER_XEN} random operations"
                 ));
             }
             if let Some(key) = RUNNING_KERNEL_COUNTERS
@@ -626,7 +638,7 @@ mod tests {
 
     fn report(platform: &str, failed: u64) -> crate::report::Report {
         parse_report(&format!(
-            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"timer_irqs":7,"context_switches":5}}"#
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5}}"#
         ))
         .unwrap()
     }
@@ -763,7 +775,7 @@ selftest xen_pvh_c ... ok";
             .contains("platform"));
         // A kernel that never took a tick or switched threads does not pass.
         let still = parse_report(
-            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":0,"context_switches":5}"#,
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":0,"context_switches":5}"#,
         )
         .unwrap();
         assert!(judge(&pass_xen, &Verdict::Pass(still))
@@ -773,7 +785,7 @@ selftest xen_pvh_c ... ok";
         let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let smp_report = |cpus: u64, rounds: u64, stale: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
             ))
             .unwrap()
         };
@@ -801,6 +813,14 @@ selftest xen_pvh_c ... ok";
         assert!(judge(&pass_pvh, &Verdict::Pass(report("xen-pv", 0)))
             .unwrap_err()
             .contains("platform"));
+        // Under Xen the randomized stress must have run its 200,000 ops.
+        let short = parse_report(
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":199999,"timer_irqs":7,"context_switches":5}"#,
+        )
+        .unwrap();
+        assert!(judge(&pass_xen, &Verdict::Pass(short))
+            .unwrap_err()
+            .contains("random_ops is 199999"));
 
         let fail_native = boot(
             Mode::Native,

@@ -154,6 +154,8 @@ impl Cmdline {
                     (OptionKind::Flag, Some(v)) => FLAG_ON.contains(&v) || FLAG_OFF.contains(&v),
                     (OptionKind::Choice(_), None) => false,
                     (OptionKind::Choice(choices), Some(v)) => choices.contains(&v),
+                    (OptionKind::Number, None) => false,
+                    (OptionKind::Number, Some(v)) => parse_number(v).is_some(),
                 };
                 (!accepted).then_some(OptionWarning::BadValue {
                     name,
@@ -183,6 +185,16 @@ pub enum OptionKind {
     Flag,
     /// `name=` one of these values.
     Choice(&'static [&'static str]),
+    /// `name=` a 64-bit number, decimal or `0x` hexadecimal.
+    Number,
+}
+
+/// A 64-bit number written in decimal or with a `0x` prefix in hex.
+pub fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
 }
 
 /// One option a kernel accepts.
@@ -221,6 +233,7 @@ impl fmt::Display for OptionWarning<'_> {
                 write!(f, "`{name}={value}` is not a valid value; {name} takes ")?;
                 match spec.kind {
                     OptionKind::Flag => write!(f, "no value (or 1/0, on/off, yes/no, true/false)"),
+                    OptionKind::Number => write!(f, "a number (decimal or 0x hex)"),
                     OptionKind::Choice(choices) => {
                         for (i, c) in choices.iter().enumerate() {
                             let sep = if i == 0 { "" } else { "|" };
@@ -249,6 +262,10 @@ mod tests {
         OptionSpec {
             name: "pvmmu.crash",
             kind: OptionKind::Choice(&["panic", "ud", "pf", "stack"]),
+        },
+        OptionSpec {
+            name: "pvmmu.seed",
+            kind: OptionKind::Number,
         },
     ];
 
