@@ -650,10 +650,7 @@ mod tests {
                 mode,
                 ..pvh.clone()
             };
-            assert_eq!(
-                validate_run(&options),
-                Err(UsageError::GuestNeedsXl(mode))
-            );
+            assert_eq!(validate_run(&options), Err(UsageError::GuestNeedsXl(mode)));
         }
     }
 
