@@ -2,74 +2,18 @@
 //!
 //! Invariant: the command line is copied into the kernel's own buffer at
 //! entry (from `start_info.cmd_line` or `hvm_start_info.cmdline_paddr`), so
-//! it stays valid after the loader's memory is reused; it is truncated, never
-//! overrun, at [`CMDLINE_MAX`] bytes.
+//! it stays valid after the loader's memory is reused (the buffer and its
+//! checks are `hypercall::boot::cmdline`, tested on the host). Nothing is
+//! dropped silently: a truncated or non-UTF-8 line, an unknown `pvmmu.*`
+//! option, a bad value or an option that does not apply on this platform
+//! each print a `PVMMU-WARNING` line ([`warn_about`]), which the harness
+//! turns into a FAIL unless the boot expects it, and a line that lost
+//! options fails the `cmdline_intact` self-test.
 
-/// Longest command line kept (Xen's `MAX_GUEST_CMDLINE`).
-pub const CMDLINE_MAX: usize = 1024;
+pub use hypercall::boot::cmdline::Cmdline;
+use hypercall::boot::cmdline::{parse_number, OptionKind, OptionSpec};
 
-/// A copied command line.
-#[derive(Clone)]
-pub struct Cmdline {
-    bytes: [u8; CMDLINE_MAX],
-    len: usize,
-}
-
-impl Cmdline {
-    /// An empty command line.
-    pub const fn empty() -> Self {
-        Cmdline {
-            bytes: [0; CMDLINE_MAX],
-            len: 0,
-        }
-    }
-
-    /// Copies a NUL-terminated (or full-length) byte string, truncating at
-    /// the first NUL or at [`CMDLINE_MAX`].
-    pub fn from_nul_terminated(src: &[u8]) -> Self {
-        let mut line = Self::empty();
-        let len = src
-            .iter()
-            .take(CMDLINE_MAX)
-            .position(|&b| b == 0)
-            .unwrap_or(src.len().min(CMDLINE_MAX));
-        line.bytes[..len].copy_from_slice(&src[..len]);
-        line.len = len;
-        line
-    }
-
-    /// The text; bytes that are not UTF-8 make it empty (options are ASCII).
-    pub fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
-    }
-
-    /// Whitespace-separated words.
-    pub fn words(&self) -> impl Iterator<Item = &str> {
-        self.as_str().split_ascii_whitespace()
-    }
-
-    /// The value of the first `name=value` word.
-    pub fn value(&self, name: &str) -> Option<&str> {
-        self.words()
-            .filter_map(|w| w.split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v)
-    }
-
-    /// Whether the flag `name` is present (`name` or `name=1`/`name=on`).
-    pub fn flag(&self, name: &str) -> bool {
-        self.words().any(|w| match w.split_once('=') {
-            None => w == name,
-            Some((k, v)) => k == name && matches!(v, "1" | "on" | "yes" | "true"),
-        })
-    }
-}
-
-impl core::fmt::Debug for Cmdline {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{:?}", self.as_str())
-    }
-}
+use crate::platform::Platform;
 
 /// Options that change what the kernel does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +30,10 @@ pub struct BootOptions {
     /// `pvmmu.crash=panic|ud|pf|stack|thread-stack`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
+    /// `pvmmu.seed=N`: the randomized stress replays this seed.
+    pub seed: Option<u64>,
+    /// `pvmmu.stress_ops=N`: operations of the randomized stress.
+    pub stress_ops: Option<u64>,
 }
 
 /// A deliberate crash (`pvmmu.crash=`).
@@ -107,8 +55,62 @@ pub enum CrashKind {
     ThreadStackOverflow,
 }
 
+/// Every `pvmmu.*` option the kernel knows.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "pvmmu.fail_selftest",
+        kind: OptionKind::Flag,
+    },
+    OptionSpec {
+        name: "pvmmu.4k",
+        kind: OptionKind::Flag,
+    },
+    OptionSpec {
+        name: "pvmmu.crash",
+        // Every value `BootOptions::parse` maps to a `CrashKind`.
+        kind: OptionKind::Choice(&["panic", "ud", "pf", "stack", "thread-stack"]),
+    },
+    OptionSpec {
+        name: "pvmmu.seed",
+        kind: OptionKind::Number,
+    },
+    OptionSpec {
+        name: "pvmmu.stress_ops",
+        kind: OptionKind::Number,
+    },
+];
+
+/// The prefix of the kernel's own options.
+pub const OPTION_PREFIX: &str = "pvmmu.";
+
+/// The marker of a warning line the harness fails a boot on.
+pub const WARNING_MARKER: &str = "PVMMU-WARNING";
+
+/// Prints one `PVMMU-WARNING cmdline: ...` line for each thing wrong with
+/// `line` on `platform`, and returns how many.
+pub fn warn_about(line: &Cmdline, options: &BootOptions, platform: Platform) -> u64 {
+    let mut count = 0;
+    if let Some(problem) = line.problem() {
+        crate::kprintln!("{WARNING_MARKER} cmdline: {problem}");
+        count += 1;
+    }
+    for warning in line.check_options(OPTION_PREFIX, OPTIONS) {
+        crate::kprintln!("{WARNING_MARKER} cmdline: {warning}");
+        count += 1;
+    }
+    if options.only_4k && platform == Platform::XenPv {
+        crate::kprintln!(
+            "{WARNING_MARKER} cmdline: pvmmu.4k has no effect under Xen PV (the direct map is \
+             always built from 4 KiB pages there)"
+        );
+        count += 1;
+    }
+    count
+}
+
 impl BootOptions {
-    /// Parses the options out of `line`; unknown words are ignored.
+    /// Parses the options out of `line`; what it does not accept is reported
+    /// by [`warn_about`].
     pub fn parse(line: &Cmdline) -> Self {
         BootOptions {
             fail_selftest: line.flag("pvmmu.fail_selftest"),
@@ -122,6 +124,8 @@ impl BootOptions {
                 Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
                 _ => None,
             },
+            seed: line.value("pvmmu.seed").and_then(parse_number),
+            stress_ops: line.value("pvmmu.stress_ops").and_then(parse_number),
         }
     }
 }

@@ -30,6 +30,17 @@ use crate::Kernel;
 /// Virtual base of the direct map (L4 slot 273, clear of Xen's hole).
 pub const DIRECT_MAP_BASE: u64 = 0xffff_8880_0000_0000;
 
+/// Page-table frames a live tree can hold: a direct map of the largest
+/// supported guest (`hypercall::boot::MAX_GUEST_MIB`) in 4 KiB pages (one
+/// L1 per 2 MiB, one L2 per GiB, one L3 per 512 GiB, the L4), plus 2,048
+/// for the kernel image, RAM above a 4 GiB hole natively and the
+/// self-tests' own mappings. Sets of tables collected by a walk are this
+/// large, so no guest the kernel accepts overflows them.
+pub const MAX_LIVE_TABLES: usize = {
+    let mib = hypercall::boot::MAX_GUEST_MIB as usize;
+    mib / 2 + mib / 1024 + mib / (512 * 1024) + 1 + 1 + 2048
+};
+
 /// Most RAM ranges the direct map tracks.
 pub const MAX_RAM_RANGES: usize = 32;
 

@@ -207,7 +207,9 @@ fn tables_read_only(kernel: &mut Kernel) -> TestResult {
     // SAFETY: PV guest.
     let xen = unsafe { hypercall::Xen::new() };
     let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, Some(pvmmu::Mfn(root_mfn)));
-    let mut tables = [(Pfn(0), pvmmu::entry::Level::L1); 64];
+    // Room for every upper table of the largest supported guest (one L2
+    // per GiB) and a sample of L1s.
+    let mut tables = [(Pfn(0), pvmmu::entry::Level::L1); 256];
     let mut n = 0;
     let mut seen = 0u64;
     invariants::for_each_table(&backend, dm.root, &mut |pfn, level| {

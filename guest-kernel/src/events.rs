@@ -90,7 +90,7 @@ fn this_vcpu() -> Option<&'static VcpuInfo> {
 /// Maps shared info, registers the callbacks, stops the periodic timer and
 /// hands the interrupt flag and the clock their `vcpu_info`.
 pub fn init(pv: &PvBoot) -> Result<(), EventError> {
-    let va = kspace::map_foreign_pv(Fixmap::SharedInfo, pv.shared_info_maddr >> 12)
+    let va = kspace::map_foreign_pv(Fixmap::SharedInfo, pv.shared_info >> 12)
         .map_err(EventError::Map)?;
     let shared = va as *mut SharedInfo;
     SHARED.store(shared, Ordering::Release);

@@ -40,6 +40,7 @@ mod shootdown;
 mod shutdown;
 mod smp;
 mod smp_tests;
+mod stress;
 mod timer;
 mod trampoline;
 mod traps;
@@ -55,7 +56,7 @@ use boot::ImageLayout;
 use cmdline::{BootOptions, Cmdline};
 use console::Console;
 use frames::{FrameRange, Frames};
-use memmap::{MapSource, MemoryMap, RegionKind};
+use memmap::{MapSource, MemoryMap};
 use platform::{Platform, XenDomain};
 use report::Report;
 use selftest::{SelfTest, Tally};
@@ -73,8 +74,9 @@ const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_te
 /// Self-test suites run once interrupts, the tick and threads are up.
 const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE];
 
-/// Most reservations remembered (for the self-tests).
-pub const MAX_RESERVATIONS: usize = 16;
+/// Most reservations remembered (for the self-tests): the fixed ones and
+/// one per boot module.
+pub const MAX_RESERVATIONS: usize = 8 + pvh::MAX_MODULES;
 
 /// A range of frames taken out of the allocator at boot, and why.
 #[derive(Debug, Clone, Copy)]
@@ -185,12 +187,8 @@ impl Kernel {
         match self.pv.clone() {
             Some(pv) => {
                 self.reserve("xen bootstrap area", 0, pv.bootstrap_end_pfn());
-                if pv.nr_p2m_frames != 0 {
-                    self.reserve(
-                        "p2m list",
-                        pv.first_p2m_pfn,
-                        pv.first_p2m_pfn + pv.nr_p2m_frames,
-                    );
+                if let Some((start, end)) = pv.layout.p2m_frames {
+                    self.reserve("p2m list", start, end);
                 }
                 if let Some((start, end)) = pv.module_pfns() {
                     self.reserve("module", start, end);
@@ -218,7 +216,15 @@ extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
         shutdown::power_off(Verdict::Fail);
     }
     // SAFETY: `pv_entry` passes Xen's start_info pointer unchanged.
-    let pv = unsafe { PvBoot::from_start_info(start_info) };
+    let pv = match unsafe { PvBoot::from_start_info(start_info) } {
+        Ok(pv) => pv,
+        Err(e) => {
+            // Nothing from start_info can be trusted, not even the console
+            // ring: say why through Xen's console and stop.
+            console::init(Console::XenConsoleIo(console::XenConsoleIo));
+            panic!("start_info at {start_info:p} refused: {e}");
+        }
+    };
     console::init(pv_console(&pv));
     kprintln!("pvmmu guest kernel: Xen PV entry, start_info at {start_info:p}");
     if let Err(e) = traps::init() {
@@ -228,21 +234,22 @@ extern "C" fn pv_main(start_info: *const hypercall::abi::start_info) -> ! {
 
     let mut buf = [hypercall::abi::E820Entry::default(); memmap::MAX_REGIONS];
     // SAFETY: we are a PV guest; `buf` is a valid buffer.
-    let memmap = match unsafe { hypercall::ops::memory_map(&mut buf) } {
-        Ok(n) if n > 0 => {
-            let mut map = MemoryMap::new(MapSource::XenMemoryMap);
-            for e in &buf[..n.min(buf.len())] {
-                let (addr, size, kind) = (e.addr, e.size, e.kind);
-                map.push(addr, size, RegionKind::from_e820(kind));
-            }
-            map
-        }
+    let map = match unsafe { hypercall::ops::memory_map(&mut buf) } {
+        Ok(n) if n > 0 => MemoryMap::from_entries(
+            MapSource::XenMemoryMap,
+            buf[..n.min(buf.len())]
+                .iter()
+                .map(|e| (e.addr, e.size, e.kind)),
+        ),
         other => {
             log::info!("XENMEM_memory_map: {other:?}; using nr_pages");
-            let mut map = MemoryMap::new(MapSource::NrPages);
-            map.push(0, pv.nr_pages * 4096, RegionKind::Ram);
-            map
+            // `nr_pages` was checked against MAX_NR_PAGES: no overflow.
+            MemoryMap::from_entries(MapSource::NrPages, [(0, pv.nr_pages * 4096, 1)])
         }
+    };
+    let memmap = match map {
+        Ok(map) => map,
+        Err(e) => panic!("the memory map Xen gave is refused: {e}"),
     };
 
     let mut kernel = Kernel::new(Platform::XenPv, pv.cmdline.clone(), memmap);
@@ -278,7 +285,8 @@ fn pv_console(pv: &PvBoot) -> Console {
     // The toolstack maps the ring inside Xen's start-of-day area; walk Xen's
     // tables to check that its address really maps the ring's frame writable.
     let page = pv
-        .mfn_to_pfn(pv.console_mfn)
+        .console_pfn()
+        .ok()
         .map(PvBoot::pfn_to_va)
         .filter(|&va| {
             pv.translate_initial(va)
@@ -332,7 +340,7 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
     traps::init().unwrap_or_else(|e| panic!("traps: {e:?}"));
     let boot = match pvh::parse(hvm_start_info) {
         Ok(boot) => boot,
-        Err(e) => panic!("bad hvm_start_info at {hvm_start_info:#x}: {e:?}"),
+        Err(e) => panic!("hvm_start_info at {hvm_start_info:#x} refused: {e}"),
     };
     let mut kernel = Kernel::new(platform, boot.cmdline.clone(), boot.memmap.clone());
     kernel.hvm_start_info = hvm_start_info;
@@ -359,6 +367,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     log::info!("console {}", console::name());
     log::info!("command line {:?}", kernel.cmdline);
     log::info!("options {:?}", kernel.options);
+    cmdline::warn_about(&kernel.cmdline, &kernel.options, kernel.platform);
     if let Some(sig) = kernel.report.hypervisor {
         log::info!("hypervisor signature {sig:?}");
     }
@@ -389,6 +398,15 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         img.to_phys().0,
         img.to_phys().1
     );
+    let max_bytes = hypercall::boot::MAX_GUEST_MIB << 20;
+    if kernel.memmap.ram_bytes() > max_bytes {
+        panic!(
+            "{} MiB of RAM: this kernel supports at most {} MiB (its page-table checks are sized \
+             for that)",
+            kernel.memmap.ram_bytes() >> 20,
+            hypercall::boot::MAX_GUEST_MIB
+        );
+    }
     kernel.build_frames();
     for r in kernel.reservations() {
         log::info!(
@@ -507,6 +525,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
+    (
+        kernel.report.random_ops,
+        kernel.report.random_mismatches,
+        kernel.report.random_seed,
+    ) = stress::figures();
     kernel.report.hypercalls = hypercall::raw::hypercall_count();
     kernel.report.mmu_update_entries = hypercall::mmu::issued_stats().mmu_update_entries;
     report::print(&kernel.report);

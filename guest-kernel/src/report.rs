@@ -35,6 +35,12 @@ pub struct Report {
     pub selftests_passed: u64,
     /// Self-tests failed.
     pub selftests_failed: u64,
+    /// Operations of the randomized stress (`stress.rs`).
+    pub random_ops: u64,
+    /// Its steps that disagreed with the reference map.
+    pub random_mismatches: u64,
+    /// Its seed (`pvmmu.seed=` replays it).
+    pub random_seed: u64,
     /// Xen PV: dom0 or domU.
     pub xen_domain: Option<XenDomain>,
     /// Hypervisor CPUID signature seen (PVH entry only).
@@ -81,6 +87,9 @@ impl Report {
             bootstrap_entries: 0,
             selftests_passed: 0,
             selftests_failed: 0,
+            random_ops: 0,
+            random_mismatches: 0,
+            random_seed: 0,
             xen_domain: None,
             hypervisor: None,
             cpus: 1,
@@ -143,6 +152,11 @@ impl fmt::Display for Report {
             self.bootstrap_entries,
             self.selftests_passed,
             self.selftests_failed
+        )?;
+        write!(
+            f,
+            ",\"random_ops\":{},\"random_mismatches\":{},\"random_seed\":{}",
+            self.random_ops, self.random_mismatches, self.random_seed
         )?;
         write!(
             f,

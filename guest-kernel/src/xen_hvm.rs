@@ -32,7 +32,7 @@ use pvmmu::bootstrap::{Access, PfnRange, Region};
 
 use crate::boot::KERNEL_VMA;
 use crate::console::{ring::RingConsole, Console};
-use crate::memmap::{MapSource, MemoryMap, RegionKind};
+use crate::memmap::{MapSource, MemoryMap};
 use crate::platform::XenDomain;
 use crate::pvh::IDENTITY_LIMIT;
 
@@ -167,12 +167,15 @@ pub unsafe fn xen_memory_map() -> Result<MemoryMap, hypercall::XenError> {
     let mut buf = [hypercall::abi::E820Entry::default(); crate::memmap::MAX_REGIONS];
     // SAFETY: forwarded contract; `buf` is a valid buffer.
     let n = unsafe { hypercall::ops::memory_map(&mut buf) }?;
-    let mut map = MemoryMap::new(MapSource::XenMemoryMap);
-    for e in &buf[..n.min(buf.len())] {
-        let (addr, size, kind) = (e.addr, e.size, e.kind);
-        map.push(addr, size, RegionKind::from_e820(kind));
+    let entries = buf[..n.min(buf.len())]
+        .iter()
+        .map(|e| (e.addr, e.size, e.kind));
+    match MemoryMap::from_entries(MapSource::XenMemoryMap, entries) {
+        Ok(map) => Ok(map),
+        // Sorted, merged or refused (hypercall::boot::memmap): a map with
+        // conflicting regions cannot be used at all.
+        Err(e) => panic!("the memory map Xen gave is refused: {e}"),
     }
-    Ok(map)
 }
 
 /// Records what the PVH setup found in `kernel` (before its frame

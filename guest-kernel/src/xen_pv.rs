@@ -9,22 +9,24 @@
 //! The tables are walked, not assumed: [`PvBoot::translate_initial`] reads
 //! them through that linear mapping.
 //!
-//! Invariant: [`PvBoot`] is a copy taken at entry; the pointers it keeps
-//! (p2m list, M2P) stay valid until pvmmu replaces Xen's tables, and every
-//! read through them is bounds-checked against `nr_pages` or the bootstrap
-//! area first.
+//! Invariant: [`PvBoot`] is a copy taken at entry of a `start_info` that
+//! passed `hypercall::boot::start_info::validate` (magic, every range
+//! overflow-checked and inside what Xen mapped or inside `nr_pages`); the
+//! pointers it keeps (p2m list, M2P) stay valid until pvmmu replaces Xen's
+//! tables, and every read through them is bounds-checked against `nr_pages`
+//! or the bootstrap area first.
 
 use crate::boot::KERNEL_VMA;
 use crate::cmdline::Cmdline;
-use hypercall::abi::{start_info, SIF_INITDOMAIN, SIF_MOD_START_PFN};
+use hypercall::abi::start_info;
+pub use hypercall::boot::start_info::START_INFO_MAGIC;
+use hypercall::boot::start_info::{self as si_check, PvLayout, StartInfoError, StartInfoFields};
 
 /// Start of the read-only machine-to-phys table Xen maps into every 64-bit
 /// PV guest (`RO_MPT_VIRT_START`).
 pub const M2P_VIRT_START: u64 = 0xffff_8000_0000_0000;
 /// End of the M2P area (`RO_MPT_VIRT_END`).
 pub const M2P_VIRT_END: u64 = 0xffff_8040_0000_0000;
-/// Magic prefix of a 64-bit PV `start_info`.
-pub const START_INFO_MAGIC: &[u8] = b"xen-3.0-x86_64";
 
 /// Page-table entry bits used by the walk (pvmmu's definitions).
 const PTE_PRESENT: u64 = pvmmu::entry::Flags::PRESENT.bits();
@@ -32,43 +34,26 @@ const PTE_WRITABLE: u64 = pvmmu::entry::Flags::WRITABLE.bits();
 const PTE_PSE: u64 = pvmmu::entry::Flags::HUGE_PAGE.bits();
 const PTE_FRAME: u64 = pvmmu::types::ENTRY_FRAME_MASK;
 
-/// The fields of `start_info` the kernel uses, copied at entry.
+/// `start_info` as copied and validated at entry; its fields are read
+/// through `Deref` (`pv.nr_pages`, `pv.pt_base`, ...).
 #[derive(Clone)]
 pub struct PvBoot {
     /// Virtual address of `start_info`.
     pub start_info_va: u64,
-    /// `magic` ("xen-3.0-x86_64").
-    pub magic: [u8; 32],
-    /// Pages the domain has.
-    pub nr_pages: u64,
-    /// Machine address of the shared-info page.
-    pub shared_info_maddr: u64,
-    /// `SIF_*` flags.
-    pub flags: u32,
-    /// Xenstore ring MFN (domU).
-    pub store_mfn: u64,
-    /// Xenstore event channel (domU).
-    pub store_evtchn: u32,
-    /// Console ring MFN (domU; 0 for dom0).
-    pub console_mfn: u64,
-    /// Console event channel (domU).
-    pub console_evtchn: u32,
-    /// Virtual address of the bootstrap L4.
-    pub pt_base: u64,
-    /// Number of bootstrap page-table frames.
-    pub nr_pt_frames: u64,
-    /// Virtual address of the p2m list (`nr_pages` MFNs).
-    pub mfn_list: u64,
-    /// Module start (virtual address, or PFN with `SIF_MOD_START_PFN`).
-    pub mod_start: u64,
-    /// Module length in bytes.
-    pub mod_len: u64,
-    /// First PFN of a separately placed p2m list (0 if none).
-    pub first_p2m_pfn: u64,
-    /// Frames of that p2m list.
-    pub nr_p2m_frames: u64,
+    /// The fields, copied.
+    pub fields: StartInfoFields,
     /// Command line.
     pub cmdline: Cmdline,
+    /// Where things are, as validated.
+    pub layout: PvLayout,
+}
+
+impl core::ops::Deref for PvBoot {
+    type Target = StartInfoFields;
+
+    fn deref(&self) -> &StartInfoFields {
+        &self.fields
+    }
 }
 
 /// A translation found in Xen's start-of-day tables.
@@ -88,43 +73,22 @@ impl InitialMapping {
 }
 
 impl PvBoot {
-    /// Copies what the kernel needs out of `start_info`.
+    /// Copies what the kernel needs out of `start_info`, after checking
+    /// every field it will use (see `hypercall::boot::start_info`).
     ///
     /// # Safety
     /// `si` must be the `start_info` pointer Xen passed to the PV entry
-    /// (mapped, readable, and describing this domain).
-    pub unsafe fn from_start_info(si: *const start_info) -> Self {
+    /// (mapped and readable).
+    pub unsafe fn from_start_info(si: *const start_info) -> Result<Self, StartInfoError> {
         // SAFETY: caller's contract: `si` is Xen's mapped start_info.
-        let s = unsafe { &*si };
-        let magic = s.magic.map(|c| c as u8);
-        let cmd_bytes = s.cmd_line.map(|c| c as u8);
-        // SAFETY: reading the union as domU is always defined (plain
-        // integers); for dom0 the values are simply not used as a ring.
-        let (console_mfn, console_evtchn) = unsafe { (s.console.domU.mfn, s.console.domU.evtchn) };
-        PvBoot {
+        let f = StartInfoFields::from_abi(unsafe { &*si });
+        let layout = si_check::validate(&f, si as u64, KERNEL_VMA)?;
+        Ok(PvBoot {
             start_info_va: si as u64,
-            magic,
-            nr_pages: s.nr_pages,
-            shared_info_maddr: s.shared_info,
-            flags: s.flags,
-            store_mfn: s.store_mfn,
-            store_evtchn: s.store_evtchn,
-            console_mfn,
-            console_evtchn,
-            pt_base: s.pt_base,
-            nr_pt_frames: s.nr_pt_frames,
-            mfn_list: s.mfn_list,
-            mod_start: s.mod_start,
-            mod_len: s.mod_len,
-            first_p2m_pfn: s.first_p2m_pfn,
-            nr_p2m_frames: s.nr_p2m_frames,
-            cmdline: Cmdline::from_nul_terminated(&cmd_bytes),
-        }
-    }
-
-    /// Whether this is dom0.
-    pub fn is_dom0(&self) -> bool {
-        self.flags & SIF_INITDOMAIN != 0
+            cmdline: f.cmdline(),
+            fields: f,
+            layout,
+        })
     }
 
     /// The magic string up to its NUL.
@@ -135,9 +99,18 @@ impl PvBoot {
 
     /// The p2m list: `p2m()[pfn]` is the MFN backing `pfn`.
     pub fn p2m(&self) -> &'static [u64] {
-        // SAFETY: Xen maps `nr_pages` 8-byte entries at `mfn_list` (in the
-        // start-of-day area) and keeps them there until the guest remaps.
-        unsafe { core::slice::from_raw_parts(self.mfn_list as *const u64, self.nr_pages as usize) }
+        // SAFETY: `validate` checked that the `nr_pages` 8-byte entries at
+        // `mfn_list` are aligned and inside the start-of-day mapping, where
+        // Xen keeps them until the guest remaps.
+        unsafe {
+            core::slice::from_raw_parts(self.layout.p2m_va as *const u64, self.nr_pages as usize)
+        }
+    }
+
+    /// The PFN of a domU's console ring, if its MFN is the domain's (found
+    /// in the p2m list, without reading the M2P for a foreign MFN).
+    pub fn console_pfn(&self) -> Result<u64, StartInfoError> {
+        si_check::console_pfn(self.p2m(), self.console_mfn)
     }
 
     /// MFN of `pfn`, if the domain has that frame.
@@ -177,20 +150,12 @@ impl PvBoot {
     /// One past the last PFN of Xen's bootstrap area: the bootstrap tables
     /// end here, followed by one boot-stack page, which is included.
     pub fn bootstrap_end_pfn(&self) -> u64 {
-        Self::va_to_pfn(self.pt_base).unwrap_or(0) + self.nr_pt_frames + 1
+        self.layout.bootstrap_end_pfn
     }
 
     /// The module (initrd) as a PFN range, if any.
     pub fn module_pfns(&self) -> Option<(u64, u64)> {
-        if self.mod_len == 0 {
-            return None;
-        }
-        let first = if self.flags & SIF_MOD_START_PFN != 0 {
-            self.mod_start
-        } else {
-            Self::va_to_pfn(self.mod_start)?
-        };
-        Some((first, first + self.mod_len.div_ceil(4096)))
+        self.layout.module_pfns
     }
 
     /// One past the last PFN of the start-of-day linear mapping: the first

@@ -1,6 +1,8 @@
 //! The Xen hypercall ABI boundary for pvmmu and the reference kernel.
 //!
 //! * [`abi`]: the structures passed to Xen, layouts checked at compile time.
+//! * [`boot`]: what the loader hands the guest at entry, parsed and checked
+//!   (host-testable).
 //! * [`raw`]: the hypercall instruction (`syscall` from PV kernel mode, or a
 //!   call into the hypercall page of an HVM/PVH guest).
 //! * [`hvm`]: what an HVM/PVH guest needs first: Xen's CPUID leaves, the
@@ -17,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod abi;
+pub mod boot;
 mod errno;
 pub mod hvm;
 pub mod mmu;

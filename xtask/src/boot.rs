@@ -4,65 +4,20 @@
 //! through [`boot`], so the same QEMU command lines and the same verdict logic
 //! serve both; only the echo mode and the label differ.
 
-use std::path::PathBuf;
-
-use crate::cli::{Mode, RunOptions};
+use crate::cli::{self, Mode, RunOptions, UsageError};
 use crate::error::XtaskError;
-use crate::harness::{self, BootSpec, Echo, Outcome};
+use crate::harness::{self, Outcome};
 use crate::qemu;
+use crate::request::BootRequest;
 use crate::workspace::Workspace;
 use crate::xen;
 use crate::xl;
 
-/// A boot to perform: which kernel, how, and what to show.
-#[derive(Clone, Debug)]
-pub struct BootRequest {
-    /// The guest kernel ELF.
-    pub kernel: PathBuf,
-    /// Mode, memory, command line, timeout.
-    pub options: RunOptions,
-    /// What the terminal shows.
-    pub echo: Echo,
-    /// Name for messages and the log file.
-    pub label: String,
-}
-
-impl BootRequest {
-    /// The harness parameters for a QEMU command line built for this request.
-    pub fn spec(&self, ws: &Workspace, args: Vec<String>) -> BootSpec {
-        BootSpec {
-            label: self.label.clone(),
-            program: qemu::QEMU.to_string(),
-            args,
-            timeout: self.options.timeout(),
-            echo: self.echo,
-            log_path: ws.logs_dir().join(format!("{}.log", self.label)),
-        }
-    }
-}
-
-/// A label such as `xen-512`, `xl-pvh-512` or `native-512-fail_selftest`:
-/// the mode (and a guest type other than PV), the memory and the kernel
-/// command line's words, safe as a file name.
-pub fn label(options: &RunOptions) -> String {
-    let mut label = options.mode.name().to_string();
-    if options.guest != crate::xl::guest::Guest::Pv {
-        label.push('-');
-        label.push_str(options.guest.name());
-    }
-    label.push_str(&format!("-{}", options.memory_mib));
-    if options.smp > 1 {
-        label.push_str(&format!("-smp{}", options.smp));
-    }
-    for word in options.kernel_cmdline().split_whitespace() {
-        let word = word.strip_prefix("pvmmu.").unwrap_or(word);
-        label.push('-');
-        label.extend(
-            word.chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
-        );
-    }
-    label
+/// Checks a run before anything is built: its options against each other,
+/// then what it needs against the host's available memory.
+pub fn validate(options: &RunOptions, available_mib: Option<u64>) -> Result<(), UsageError> {
+    cli::validate_run(options)?;
+    qemu::check_host_memory(options, available_mib)
 }
 
 /// Boots `request.kernel` in the requested mode and returns the outcome.
@@ -75,42 +30,10 @@ pub fn boot(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError
         }
         Mode::Xen => {
             qemu::ensure_installed()?;
-            let xen_elf = xen::ensure_cached(ws)?;
+            let xen_elf = xen::ensure_cached(ws, request.options.xen)?;
             let args = qemu::xen_args(&xen_elf, &request.kernel, &request.options)?;
             harness::boot(&request.spec(ws, args))
         }
         Mode::Xl => xl::run(ws, request),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_are_distinct_per_boot_kind() {
-        let plain = RunOptions {
-            mode: Mode::Xen,
-            memory_mib: 256,
-            ..RunOptions::default()
-        };
-        assert_eq!(label(&plain), "xen-256");
-        let failing = RunOptions {
-            fail_selftest: true,
-            ..plain.clone()
-        };
-        assert_eq!(label(&failing), "xen-256-fail_selftest");
-        let pvh = RunOptions {
-            mode: Mode::Xl,
-            guest: crate::xl::guest::Guest::Pvh,
-            ..plain.clone()
-        };
-        assert_eq!(label(&pvh), "xl-pvh-256");
-        let with_cmdline = RunOptions {
-            mode: Mode::Native,
-            cmdline: "pvmmu.small_pages log=a/b".into(),
-            ..plain
-        };
-        assert_eq!(label(&with_cmdline), "native-256-small_pages-log_a_b");
     }
 }

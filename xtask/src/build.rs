@@ -13,6 +13,7 @@ use std::process::Command;
 use crate::cli::Profile;
 use crate::error::XtaskError;
 use crate::host;
+use crate::toolchain;
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
 
 /// A `cargo` command run from the workspace root.
@@ -34,7 +35,9 @@ pub fn kernel_build_args(profile: Profile) -> Vec<&'static str> {
 }
 
 /// Builds the guest kernel and returns the path of its ELF.
+/// A missing kernel target is added first (see [`toolchain::ensure`]).
 pub fn kernel(ws: &Workspace, profile: Profile) -> Result<PathBuf, XtaskError> {
+    toolchain::ensure(ws, &[])?;
     let mut command = cargo(ws);
     command.args(kernel_build_args(profile));
     eprintln!("xtask: $ {}", host::describe(&command));

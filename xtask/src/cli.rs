@@ -5,10 +5,10 @@
 //! [`RunOptions`] against the host's available memory that the caller read.
 //! Nothing is built or booted until both have succeeded.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::time::Duration;
 
-use crate::qemu;
 use crate::xl::guest::Guest;
 
 /// Usage text printed by `help` and after a usage error.
@@ -28,6 +28,7 @@ commands:
       --cmdline \"...\"       extra kernel command line
       --fail-selftest       add `pvmmu.fail_selftest`: a self-test fails on purpose, run must exit non-zero
       --timeout SECS        give up after SECS seconds (default: grows with --memory)
+      --xen 4.17|4.20       which Xen --mode xen boots (default: 4.17, Debian 12; 4.20 is Debian 13's)
       --debug               boot a debug build of the kernel
   test [--verbose]          host tests, clippy, fmt, then every boot of the boot table
   ci [--verbose]            everything `test` does, plus the `--mode xl` boots
@@ -37,6 +38,10 @@ commands:
 /// The smallest guest the reference kernel supports, in MiB.
 pub const MIN_GUEST_MIB: u64 = 64;
 
+/// The largest guest the reference kernel supports, in MiB (its fixed
+/// capacities are sized for it; see `hypercall::boot::MAX_GUEST_MIB`).
+pub const MAX_GUEST_MIB: u64 = hypercall::boot::MAX_GUEST_MIB;
+
 /// The largest number of virtual CPUs the xtask will ask QEMU for.
 pub const MAX_SMP: u32 = 64;
 
@@ -45,6 +50,10 @@ pub const DEFAULT_MEMORY_MIB: u64 = 512;
 
 /// The kernel command-line knob that makes a self-test fail on purpose.
 pub const FAIL_SELFTEST_KNOB: &str = "pvmmu.fail_selftest";
+
+/// The longest kernel command line, in bytes: Xen's `MAX_GUEST_CMDLINE`
+/// (1024) less the terminating NUL, which is also what the kernel keeps.
+pub const KERNEL_CMDLINE_MAX: usize = 1023;
 
 /// How the guest kernel is booted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +81,34 @@ impl Mode {
             "native" => Some(Mode::Native),
             "xen" => Some(Mode::Xen),
             "xl" => Some(Mode::Xl),
+            _ => None,
+        }
+    }
+}
+
+/// Which Xen hypervisor `--mode xen` boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XenVersion {
+    /// Xen 4.17, Debian 12 (bookworm): the default, and the only one the
+    /// `--mode xl` dom0's toolstack matches.
+    V4_17,
+    /// Xen 4.20, Debian 13 (trixie).
+    V4_20,
+}
+
+impl XenVersion {
+    /// The version as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            XenVersion::V4_17 => "4.17",
+            XenVersion::V4_20 => "4.20",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<XenVersion> {
+        match name {
+            "4.17" => Some(XenVersion::V4_17),
+            "4.20" => Some(XenVersion::V4_20),
             _ => None,
         }
     }
@@ -105,6 +142,8 @@ pub struct RunOptions {
     pub profile: Profile,
     /// The domU type under `--mode xl` (`--guest`).
     pub guest: Guest,
+    /// The Xen of `--mode xen`.
+    pub xen: XenVersion,
 }
 
 impl Default for RunOptions {
@@ -118,6 +157,7 @@ impl Default for RunOptions {
             timeout_secs: None,
             profile: Profile::Release,
             guest: Guest::Pv,
+            xen: XenVersion::V4_17,
         }
     }
 }
@@ -142,8 +182,13 @@ impl RunOptions {
             Some(secs) => secs,
             None => {
                 let base = match self.mode {
-                    Mode::Native | Mode::Xen => 45,
-                    Mode::Xl => 150,
+                    Mode::Native => 45,
+                    // Under Xen the kernel's randomized stress (200,000
+                    // operations, each a hypercall or more) takes about 8 s
+                    // of TCG on its own: 30 s more leave room for a loaded
+                    // machine.
+                    Mode::Xen => 45 + 30,
+                    Mode::Xl => 150 + 30,
                 };
                 // Each further CPU: its bring-up, and the stale-translation
                 // rounds that run on two CPUs (tens of seconds under Xen).
@@ -212,8 +257,17 @@ pub enum UsageError {
     UnknownGuest(String),
     /// `--guest pvh` without `--mode xl`.
     GuestNeedsXl(Mode),
+    /// `--xen` is not 4.17 or 4.20.
+    UnknownXen(String),
+    /// `--xen 4.20` with a mode other than `xen`.
+    XenVersionNeedsModeXen(Mode),
     /// `--memory` below [`MIN_GUEST_MIB`].
     MemoryTooSmall {
+        /// What was asked.
+        mib: u64,
+    },
+    /// `--memory` above what the kernel supports ([`MAX_GUEST_MIB`]).
+    MemoryAboveSupported {
         /// What was asked.
         mib: u64,
     },
@@ -234,6 +288,13 @@ pub enum UsageError {
     SmpTooLarge(u32),
     /// `--timeout 0`.
     TimeoutZero,
+    /// An argument that is not valid UTF-8 (shown with replacement chars).
+    NotUtf8(String),
+    /// The kernel command line is longer than the kernel can be given.
+    CmdlineTooLong {
+        /// Its length in bytes (with `pvmmu.fail_selftest` if added).
+        bytes: usize,
+    },
 }
 
 impl fmt::Display for UsageError {
@@ -261,9 +322,26 @@ impl fmt::Display for UsageError {
                 "--guest pvh needs --mode xl (--mode {} boots the kernel itself)",
                 mode.name()
             ),
+            UsageError::UnknownXen(version) => {
+                write!(f, "unknown Xen `{version}`: use 4.17 or 4.20")
+            }
+            UsageError::XenVersionNeedsModeXen(mode) => write!(
+                f,
+                "--xen 4.20 boots the kernel as dom0 and needs --mode xen (--mode {} uses {})",
+                mode.name(),
+                match mode {
+                    Mode::Native => "no Xen",
+                    _ => "Xen 4.17, whose toolstack the xl dom0 carries",
+                }
+            ),
             UsageError::MemoryTooSmall { mib } => write!(
                 f,
                 "--memory {mib} is too small: the guest kernel needs at least {MIN_GUEST_MIB} MiB"
+            ),
+            UsageError::MemoryAboveSupported { mib } => write!(
+                f,
+                "--memory {mib} is more than the guest kernel supports: at most {MAX_GUEST_MIB} MiB \
+                 (its page-table self-tests and checks are sized for that much RAM)"
             ),
             UsageError::MemoryTooLarge {
                 mib,
@@ -280,6 +358,14 @@ impl fmt::Display for UsageError {
             UsageError::SmpZero => write!(f, "--smp must be at least 1"),
             UsageError::SmpTooLarge(n) => write!(f, "--smp {n} is too many: at most {MAX_SMP}"),
             UsageError::TimeoutZero => write!(f, "--timeout must be at least 1 second"),
+            UsageError::NotUtf8(arg) => {
+                write!(f, "argument `{arg}` is not valid UTF-8")
+            }
+            UsageError::CmdlineTooLong { bytes } => write!(
+                f,
+                "the kernel command line is {bytes} bytes long: Xen and the kernel take at most \
+                 {KERNEL_CMDLINE_MAX}"
+            ),
         }
     }
 }
@@ -368,6 +454,19 @@ fn switch(flag: &Flag<'_>, name: &'static str) -> Result<(), UsageError> {
     }
 }
 
+/// Parses the arguments after `cargo xtask` as the OS gives them: an
+/// argument that is not UTF-8 is a usage error.
+pub fn parse_os<I: IntoIterator<Item = OsString>>(args: I) -> Result<Command, UsageError> {
+    let argv = args
+        .into_iter()
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| UsageError::NotUtf8(arg.to_string_lossy().into_owned()))
+        })
+        .collect::<Result<Vec<String>, UsageError>>()?;
+    parse(&argv)
+}
+
 /// Parses the arguments after `cargo xtask`.
 pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
     let Some((command, rest)) = argv.split_first() else {
@@ -445,6 +544,11 @@ fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
             "--smp" => options.smp = args.number(&flag, "--smp")?,
             "--cmdline" => options.cmdline = args.value(&flag, "--cmdline")?.to_string(),
             "--timeout" => options.timeout_secs = Some(args.number(&flag, "--timeout")?),
+            "--xen" => {
+                let name = args.value(&flag, "--xen")?;
+                options.xen = XenVersion::from_name(name)
+                    .ok_or_else(|| UsageError::UnknownXen(name.to_string()))?;
+            }
             "--fail-selftest" => {
                 switch(&flag, "--fail-selftest")?;
                 options.fail_selftest = true;
@@ -459,11 +563,9 @@ fn parse_run(args: &mut Args<'_>) -> Result<RunOptions, UsageError> {
     Ok(options)
 }
 
-/// Checks a run's options against each other and against the host.
-///
-/// `available_mib` is the host's `MemAvailable`; `None` (unreadable) skips the
-/// upper memory check rather than guessing.
-pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<(), UsageError> {
+/// Checks a run's options against each other (the host's memory is checked
+/// by [`crate::qemu::check_host_memory`], which knows what each mode needs).
+pub fn validate_run(options: &RunOptions) -> Result<(), UsageError> {
     if options.memory_mib < MIN_GUEST_MIB {
         return Err(UsageError::MemoryTooSmall {
             mib: options.memory_mib,
@@ -471,6 +573,14 @@ pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<
     }
     if options.guest != Guest::Pv && options.mode != Mode::Xl {
         return Err(UsageError::GuestNeedsXl(options.mode));
+    }
+    if options.xen != XenVersion::V4_17 && options.mode != Mode::Xen {
+        return Err(UsageError::XenVersionNeedsModeXen(options.mode));
+    }
+    if options.memory_mib > MAX_GUEST_MIB {
+        return Err(UsageError::MemoryAboveSupported {
+            mib: options.memory_mib,
+        });
     }
     if options.smp == 0 {
         return Err(UsageError::SmpZero);
@@ -481,27 +591,11 @@ pub fn validate_run(options: &RunOptions, available_mib: Option<u64>) -> Result<
     if options.timeout_secs == Some(0) {
         return Err(UsageError::TimeoutZero);
     }
-    if let Some(available_mib) = available_mib {
-        let needed_mib = qemu::host_mib_needed(options.mode, options.memory_mib);
-        if needed_mib > available_mib {
-            return Err(UsageError::MemoryTooLarge {
-                mib: options.memory_mib,
-                mode: options.mode,
-                needed_mib,
-                available_mib,
-            });
-        }
+    let bytes = options.kernel_cmdline().len();
+    if bytes > KERNEL_CMDLINE_MAX {
+        return Err(UsageError::CmdlineTooLong { bytes });
     }
     Ok(())
-}
-
-/// Reads `MemAvailable` from a `/proc/meminfo` text, in MiB.
-pub fn mem_available_mib(meminfo: &str) -> Option<u64> {
-    meminfo.lines().find_map(|line| {
-        let rest = line.strip_prefix("MemAvailable:")?;
-        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
-        Some(kib / 1024)
-    })
 }
 
 #[cfg(test)]
@@ -545,7 +639,7 @@ mod tests {
         assert_eq!(run("run --mode xl").unwrap().guest, Guest::Pv);
         let pvh = run("run --mode xl --guest pvh").unwrap();
         assert_eq!(pvh.guest, Guest::Pvh);
-        assert_eq!(validate_run(&pvh, None), Ok(()));
+        assert_eq!(validate_run(&pvh), Ok(()));
         assert_eq!(run("run --guest=pv").unwrap().guest, Guest::Pv);
         assert_eq!(
             run("run --mode xl --guest hvm"),
@@ -556,10 +650,7 @@ mod tests {
                 mode,
                 ..pvh.clone()
             };
-            assert_eq!(
-                validate_run(&options, None),
-                Err(UsageError::GuestNeedsXl(mode))
-            );
+            assert_eq!(validate_run(&options), Err(UsageError::GuestNeedsXl(mode)));
         }
     }
 
@@ -659,77 +750,38 @@ mod tests {
     #[test]
     fn validation_limits() {
         let ok = RunOptions::default();
-        assert_eq!(validate_run(&ok, Some(24_000)), Ok(()));
-        assert_eq!(validate_run(&ok, None), Ok(()));
+        assert_eq!(validate_run(&ok), Ok(()));
+        assert_eq!(validate_run(&ok), Ok(()));
 
         let small = RunOptions {
             memory_mib: 63,
             ..ok.clone()
         };
         assert_eq!(
-            validate_run(&small, Some(24_000)),
+            validate_run(&small),
             Err(UsageError::MemoryTooSmall { mib: 63 })
         );
         let smallest = RunOptions {
             memory_mib: MIN_GUEST_MIB,
             ..ok.clone()
         };
-        assert_eq!(validate_run(&smallest, Some(24_000)), Ok(()));
+        assert_eq!(validate_run(&smallest), Ok(()));
 
         let zero_cpus = RunOptions {
             smp: 0,
             ..ok.clone()
         };
-        assert_eq!(validate_run(&zero_cpus, None), Err(UsageError::SmpZero));
+        assert_eq!(validate_run(&zero_cpus), Err(UsageError::SmpZero));
         let many_cpus = RunOptions {
             smp: 65,
             ..ok.clone()
         };
-        assert_eq!(
-            validate_run(&many_cpus, None),
-            Err(UsageError::SmpTooLarge(65))
-        );
+        assert_eq!(validate_run(&many_cpus), Err(UsageError::SmpTooLarge(65)));
         let no_time = RunOptions {
             timeout_secs: Some(0),
             ..ok.clone()
         };
-        assert_eq!(validate_run(&no_time, None), Err(UsageError::TimeoutZero));
-    }
-
-    #[test]
-    fn memory_too_large_counts_the_hypervisor_and_qemu() {
-        let native = RunOptions {
-            mode: Mode::Native,
-            memory_mib: 4096,
-            ..RunOptions::default()
-        };
-        let needed_native = qemu::host_mib_needed(Mode::Native, 4096);
-        assert!(needed_native > 4096);
-        assert_eq!(validate_run(&native, Some(needed_native)), Ok(()));
-        assert_eq!(
-            validate_run(&native, Some(needed_native - 1)),
-            Err(UsageError::MemoryTooLarge {
-                mib: 4096,
-                mode: Mode::Native,
-                needed_mib: needed_native,
-                available_mib: needed_native - 1
-            })
-        );
-        // Xen needs more than native for the same guest: a size that fits
-        // natively can be refused under Xen.
-        let xen = RunOptions {
-            mode: Mode::Xen,
-            ..native.clone()
-        };
-        assert!(matches!(
-            validate_run(&xen, Some(needed_native)),
-            Err(UsageError::MemoryTooLarge { .. })
-        ));
-        let huge = RunOptions {
-            memory_mib: 1 << 40,
-            ..native
-        };
-        assert!(validate_run(&huge, Some(24_000)).is_err());
+        assert_eq!(validate_run(&no_time), Err(UsageError::TimeoutZero));
     }
 
     #[test]
@@ -743,16 +795,88 @@ mod tests {
             ..RunOptions::default()
         };
         assert!(large.timeout() > small.timeout());
-        assert_eq!(small.timeout(), Duration::from_secs(75));
-        assert_eq!(large.timeout(), Duration::from_secs(135));
+        assert_eq!(small.timeout(), Duration::from_secs(105));
+        assert_eq!(large.timeout(), Duration::from_secs(165));
     }
 
     #[test]
-    fn meminfo_parsing() {
-        let meminfo =
-            "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   24406268 kB\n";
-        assert_eq!(mem_available_mib(meminfo), Some(24406268 / 1024));
-        assert_eq!(mem_available_mib("MemTotal: 5 kB\n"), None);
-        assert_eq!(mem_available_mib("MemAvailable: lots kB\n"), None);
+    fn a_non_utf8_argument_is_a_usage_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(b"--cmdline=\xff\xfe".to_vec());
+        assert_eq!(
+            parse_os([OsString::from("run"), bad]),
+            Err(UsageError::NotUtf8("--cmdline=\u{fffd}\u{fffd}".into()))
+        );
+        assert!(matches!(
+            parse_os([OsString::from("run"), OsString::from("--memory=128")]),
+            Ok(Command::Run(_))
+        ));
+    }
+
+    #[test]
+    fn the_command_line_may_be_as_long_as_the_kernel_takes() {
+        let at_limit = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX),
+            ..RunOptions::default()
+        };
+        assert_eq!(validate_run(&at_limit), Ok(()));
+        let over = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX + 1),
+            ..RunOptions::default()
+        };
+        assert_eq!(
+            validate_run(&over),
+            Err(UsageError::CmdlineTooLong {
+                bytes: KERNEL_CMDLINE_MAX + 1
+            })
+        );
+        // The failure knob counts: it is part of what the kernel is given.
+        let with_knob = RunOptions {
+            cmdline: "x".repeat(KERNEL_CMDLINE_MAX - FAIL_SELFTEST_KNOB.len()),
+            fail_selftest: true,
+            ..RunOptions::default()
+        };
+        assert!(validate_run(&with_knob).is_err());
+    }
+
+    #[test]
+    fn memory_above_what_the_kernel_supports_is_refused() {
+        let largest = RunOptions {
+            memory_mib: MAX_GUEST_MIB,
+            ..RunOptions::default()
+        };
+        assert_eq!(validate_run(&largest), Ok(()));
+        let above = RunOptions {
+            memory_mib: MAX_GUEST_MIB + 1,
+            ..RunOptions::default()
+        };
+        assert_eq!(
+            validate_run(&above),
+            Err(UsageError::MemoryAboveSupported {
+                mib: MAX_GUEST_MIB + 1
+            })
+        );
+        assert!(validate_run(&above)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 65536 MiB"));
+    }
+
+    #[test]
+    fn xen_version_is_chosen_for_mode_xen_only() {
+        assert_eq!(run("run").unwrap().xen, XenVersion::V4_17);
+        let v420 = run("run --xen 4.20").unwrap();
+        assert_eq!(v420.xen, XenVersion::V4_20);
+        assert_eq!(validate_run(&v420), Ok(()));
+        assert_eq!(run("run --xen=4.17").unwrap().xen, XenVersion::V4_17);
+        assert_eq!(
+            run("run --xen 4.18"),
+            Err(UsageError::UnknownXen("4.18".into()))
+        );
+        let xl = run("run --mode xl --xen 4.20").unwrap();
+        assert_eq!(
+            validate_run(&xl),
+            Err(UsageError::XenVersionNeedsModeXen(Mode::Xl))
+        );
     }
 }

@@ -41,6 +41,14 @@ pub enum XtaskError {
         /// The exact command that installs it.
         install: String,
     },
+    /// A piece of the Rust toolchain is missing and rustup, which would add
+    /// it, is not installed (or did not add it).
+    MissingRust {
+        /// What is missing (`the Rust target x86_64-unknown-none`).
+        what: String,
+        /// The rustup command(s) that add it.
+        install: String,
+    },
     /// The Xen hypervisor package could not be fetched into the cache.
     XenFetch {
         /// What went wrong, and what to run by hand.
@@ -95,6 +103,11 @@ impl fmt::Display for XtaskError {
             XtaskError::MissingTool { tool, install } => write!(
                 f,
                 "`{tool}` is not installed and the xtask is not running as root; install it with:\n    {install}"
+            ),
+            XtaskError::MissingRust { what, install } => write!(
+                f,
+                "the Rust toolchain lacks {what} and rustup could not add it (is rustup installed? \
+                 see https://rustup.rs); with rustup, run:\n    {install}"
             ),
             XtaskError::XenFetch { reason } => {
                 write!(f, "could not fetch the Xen hypervisor: {reason}")

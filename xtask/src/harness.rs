@@ -17,6 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::children;
 use crate::error::XtaskError;
 use crate::report::{self, Report, ReportError, ResultLine};
 
@@ -30,6 +31,11 @@ pub const XEN_CRASH_MARKERS: [&str; 7] = [
     "crashed on cpu#",
     "Xen BUG at",
 ];
+
+/// The start of a line where the kernel says it ignored or lost part of
+/// what it was asked (a bad command-line option): a boot with one fails
+/// unless it expects it.
+pub const WARNING_MARKER: &str = "PVMMU-WARNING";
 
 /// How long the console may keep talking after the result line (Xen prints
 /// its shutdown lines; natively QEMU exits by itself through isa-debug-exit).
@@ -86,6 +92,14 @@ pub enum Failure {
     BadReport(ReportError),
     /// PASS although the report counts failed self-tests.
     PassWithFailedSelftests(u64),
+    /// PASS, but the kernel printed `PVMMU-WARNING` lines (the first one,
+    /// and how many in all).
+    Warnings {
+        /// The first warning's text.
+        first: String,
+        /// How many warning lines.
+        count: usize,
+    },
 }
 
 impl Failure {
@@ -149,6 +163,10 @@ impl fmt::Display for Failure {
                 f,
                 "PVMMU-RESULT PASS contradicts the report's selftests_failed = {n}"
             ),
+            Failure::Warnings { first, count } => write!(
+                f,
+                "the kernel printed {count} {WARNING_MARKER} line(s), the first: {first}"
+            ),
         }
     }
 }
@@ -198,6 +216,8 @@ pub enum Event {
     Result,
     /// A crash line: collect the dump that follows, then stop.
     Crash,
+    /// A `PVMMU-WARNING` line: the boot goes on, the verdict will fail.
+    Warning,
 }
 
 /// Watches console lines and decides the verdict.
@@ -206,6 +226,7 @@ pub struct Watcher {
     reports: Vec<Result<Report, ReportError>>,
     results: Vec<(ResultLine, String)>,
     crash: Option<(String, Vec<String>)>,
+    warnings: Vec<String>,
 }
 
 /// How many lines after a crash line are kept as its reason.
@@ -242,6 +263,11 @@ impl Watcher {
             self.results.push((result, line.trim().to_string()));
             return Event::Result;
         }
+        if let Some(at) = line.find(WARNING_MARKER) {
+            let text = line[at + WARNING_MARKER.len()..].trim();
+            self.warnings.push(text.to_string());
+            return Event::Warning;
+        }
         Event::Continue
     }
 
@@ -251,7 +277,7 @@ impl Watcher {
     }
 
     /// The verdict, given how the stream ended.
-    pub fn verdict(self, end: End) -> Verdict {
+    pub fn verdict(mut self, end: End) -> Verdict {
         let saw_report = self.saw_report();
         if let Some((line, reason)) = self.crash {
             return Verdict::Fail(Failure::XenCrash { line, reason });
@@ -296,6 +322,10 @@ impl Watcher {
                     Some(failed) if failed > 0 => {
                         Verdict::Fail(Failure::PassWithFailedSelftests(failed))
                     }
+                    _ if !self.warnings.is_empty() => Verdict::Fail(Failure::Warnings {
+                        count: self.warnings.len(),
+                        first: self.warnings.swap_remove(0),
+                    }),
                     _ => Verdict::Pass(report),
                 },
             },
@@ -407,13 +437,16 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, XtaskError> {
     eprintln!("[{}] $ {command_line}", spec.label);
 
     let start = Instant::now();
-    let mut child = Command::new(&spec.program)
+    let mut command = Command::new(&spec.program);
+    command
         .args(&spec.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| XtaskError::Spawn {
+        .stderr(Stdio::piped());
+    // QEMU leads its own process group: a signal to the xtask ends it and
+    // anything it started (see `children`), kept until QEMU is reaped.
+    let (mut child, _registration) =
+        children::spawn_group(&mut command).map_err(|source| XtaskError::Spawn {
             program: spec.program.clone(),
             source,
         })?;
@@ -464,7 +497,7 @@ pub fn boot(spec: &BootSpec) -> Result<Outcome, XtaskError> {
                             Echo::Markers | Echo::Quiet => {}
                         }
                         let grace = match event {
-                            Event::Continue => None,
+                            Event::Continue | Event::Warning => None,
                             Event::Result => Some(RESULT_GRACE),
                             Event::Crash => Some(CRASH_GRACE),
                         };
@@ -574,6 +607,24 @@ mod tests {
         let mut watcher = Watcher::default();
         let events = transcript.lines().map(|l| watcher.observe(l)).collect();
         (watcher.verdict(end), events)
+    }
+
+    #[test]
+    fn a_warning_line_fails_an_otherwise_passing_boot() {
+        let warned = format!(
+            "PVMMU-WARNING cmdline: unknown option `pvmmu.bogus` ignored\n{REPORT_PASS}\nPVMMU-RESULT PASS\n"
+        );
+        let (verdict, events) = judge(&warned, End::Stopped);
+        assert_eq!(events[0], Event::Warning);
+        assert_eq!(
+            verdict,
+            Verdict::Fail(Failure::Warnings {
+                first: "cmdline: unknown option `pvmmu.bogus` ignored".into(),
+                count: 1
+            })
+        );
+        let (clean, _) = judge(&format!("{REPORT_PASS}\nPVMMU-RESULT PASS\n"), End::Stopped);
+        assert!(matches!(clean, Verdict::Pass(_)), "{clean:?}");
     }
 
     fn xen_boot_log(kernel_lines: &[&str]) -> String {

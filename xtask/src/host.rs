@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::cli;
+use crate::children;
 use crate::error::XtaskError;
 use crate::harness::display_command;
 
@@ -29,7 +29,23 @@ fn effective_uid(status: &str) -> Option<u32> {
 pub fn mem_available_mib() -> Option<u64> {
     fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|meminfo| cli::mem_available_mib(&meminfo))
+        .and_then(|meminfo| parse_mem_available_mib(&meminfo))
+}
+
+/// Reads `MemAvailable` from a `/proc/meminfo` text, in MiB.
+fn parse_mem_available_mib(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix("MemAvailable:")?;
+        let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib / 1024)
+    })
+}
+
+/// 64-bit FNV-1a: a stable hash for stamps and names (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Whether `program` can be started (it is run with `--version`).
@@ -60,10 +76,16 @@ pub fn describe(command: &Command) -> String {
 
 /// Runs `command` to completion; an unsuccessful exit is an error.
 pub fn run(command: &mut Command) -> Result<(), XtaskError> {
-    let status = command.status().map_err(|source| XtaskError::Spawn {
-        program: command.get_program().to_string_lossy().into_owned(),
-        source,
-    })?;
+    let program = command.get_program().to_string_lossy().into_owned();
+    // Registered until reaped: a signal to the xtask ends this child too.
+    let (mut child, _registration) =
+        children::spawn(command).map_err(|source| XtaskError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    let status = child
+        .wait()
+        .map_err(|source| XtaskError::Spawn { program, source })?;
     if status.success() {
         Ok(())
     } else {
@@ -103,5 +125,14 @@ mod tests {
         assert_eq!(effective_uid("Name:\tx\nUid:\t1000\t0\t0\t0\n"), Some(0));
         assert_eq!(effective_uid("Uid:\t0\t1000\t1000\t1000\n"), Some(1000));
         assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let meminfo =
+            "MemTotal:       24684092 kB\nMemFree:        1000 kB\nMemAvailable:   24406268 kB\n";
+        assert_eq!(parse_mem_available_mib(meminfo), Some(24406268 / 1024));
+        assert_eq!(parse_mem_available_mib("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available_mib("MemAvailable: lots kB\n"), None);
     }
 }

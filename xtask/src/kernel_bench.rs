@@ -14,11 +14,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::bench::{parse_line, BenchLine};
-use crate::boot::{self, BootRequest};
-use crate::cli::{self, Mode, RunOptions};
+use crate::boot;
+use crate::cli::{Mode, RunOptions};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Verdict};
 use crate::host;
+use crate::request::{self, BootRequest};
 use crate::workspace::Workspace;
 
 /// Guest memory of both bench boots: the bootstraps are compared at this
@@ -67,16 +68,16 @@ pub struct KernelFigures {
 pub fn run(ws: &Workspace, kernel: PathBuf) -> Result<KernelFigures, XtaskError> {
     let mut figures = KernelFigures::default();
     for options in boots() {
-        if let Err(e) = cli::validate_run(&options, host::mem_available_mib()) {
+        if let Err(e) = boot::validate(&options, host::mem_available_mib()) {
             return Err(XtaskError::BenchBoot {
-                label: boot::label(&options),
+                label: request::label(&options),
                 reason: e.to_string(),
                 log: None,
             });
         }
         let request = BootRequest {
             kernel: kernel.clone(),
-            label: boot::label(&options),
+            label: request::label(&options),
             options,
             echo: Echo::Quiet,
         };

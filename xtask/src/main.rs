@@ -8,17 +8,19 @@
 mod bench;
 mod boot;
 mod build;
+mod children;
 mod cli;
 mod error;
-mod fixture;
 mod harness;
 mod host;
 mod kernel_bench;
 mod negative;
 mod qemu;
 mod report;
+mod request;
 mod selftests;
 mod suite;
+mod toolchain;
 mod workspace;
 mod xen;
 mod xl;
@@ -26,15 +28,15 @@ mod xl;
 use std::env;
 use std::process::ExitCode;
 
-use crate::boot::BootRequest;
 use crate::cli::{Command, RunOptions, UsageError};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Verdict};
+use crate::request::BootRequest;
 use crate::workspace::Workspace;
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = env::args().skip(1).collect();
-    let command = match cli::parse(&argv) {
+    children::install_signal_handling();
+    let command = match cli::parse_os(env::args_os().skip(1)) {
         Ok(command) => command,
         Err(error) => return usage_error(&error),
     };
@@ -49,7 +51,7 @@ fn main() -> ExitCode {
             true
         }),
         Command::Run(options) => {
-            if let Err(error) = cli::validate_run(&options, host::mem_available_mib()) {
+            if let Err(error) = boot::validate(&options, host::mem_available_mib()) {
                 return usage_error(&error);
             }
             run(&ws, options)
@@ -83,7 +85,7 @@ fn run(ws: &Workspace, options: RunOptions) -> Result<bool, XtaskError> {
     let kernel = build::kernel(ws, options.profile)?;
     let request = BootRequest {
         kernel,
-        label: boot::label(&options),
+        label: request::label(&options),
         options,
         echo: Echo::All,
     };

@@ -8,12 +8,21 @@
 
 use std::path::Path;
 
-use crate::cli::{Mode, RunOptions};
+use crate::cli::{Mode, RunOptions, UsageError};
 use crate::error::XtaskError;
 use crate::host;
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
+
+/// The environment variable that names another QEMU binary (a build of
+/// one's own, or a stand-in in the xtask's tests).
+pub const QEMU_ENV: &str = "XTASK_QEMU";
+
+/// The QEMU program the boots run: `$XTASK_QEMU`, else [`QEMU`] on PATH.
+pub fn program() -> String {
+    std::env::var(QEMU_ENV).unwrap_or_else(|_| QEMU.to_string())
+}
 
 /// The Debian package that provides it.
 pub const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -49,6 +58,28 @@ pub fn machine_mib(mode: Mode, guest_mib: u64) -> u64 {
 /// Host memory a boot needs in all: QEMU's RAM plus QEMU itself.
 pub fn host_mib_needed(mode: Mode, guest_mib: u64) -> u64 {
     machine_mib(mode, guest_mib).saturating_add(QEMU_PROCESS_MIB)
+}
+
+/// Refuses a run that would need more host memory than `available_mib`
+/// (the host's `MemAvailable`; `None`, unreadable, skips the check rather
+/// than guessing).
+pub fn check_host_memory(
+    options: &RunOptions,
+    available_mib: Option<u64>,
+) -> Result<(), UsageError> {
+    let Some(available_mib) = available_mib else {
+        return Ok(());
+    };
+    let needed_mib = host_mib_needed(options.mode, options.memory_mib);
+    if needed_mib > available_mib {
+        return Err(UsageError::MemoryTooLarge {
+            mib: options.memory_mib,
+            mode: options.mode,
+            needed_mib,
+            available_mib,
+        });
+    }
+    Ok(())
 }
 
 /// `qemu-system-x86_64` arguments for a native (PVH) boot of `kernel`.
@@ -133,7 +164,7 @@ pub fn xen_args(
 /// Makes sure QEMU is installed: installs it with apt-get as root, else says
 /// how.
 pub fn ensure_installed() -> Result<(), XtaskError> {
-    if host::program_exists(QEMU) {
+    if host::program_exists(&program()) {
         return Ok(());
     }
     if !host::is_root() {
@@ -232,5 +263,41 @@ mod tests {
         assert!(machine_mib(Mode::Xl, 512) > machine_mib(Mode::Xen, 512) + XL_DOM0_MIB - 1);
         assert_eq!(host_mib_needed(Mode::Native, 512), 512 + QEMU_PROCESS_MIB);
         assert_eq!(host_mib_needed(Mode::Xen, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn memory_too_large_counts_the_hypervisor_and_qemu() {
+        let native = RunOptions {
+            mode: Mode::Native,
+            memory_mib: 4096,
+            ..RunOptions::default()
+        };
+        let needed_native = host_mib_needed(Mode::Native, 4096);
+        assert!(needed_native > 4096);
+        assert_eq!(check_host_memory(&native, Some(needed_native)), Ok(()));
+        assert_eq!(
+            check_host_memory(&native, Some(needed_native - 1)),
+            Err(UsageError::MemoryTooLarge {
+                mib: 4096,
+                mode: Mode::Native,
+                needed_mib: needed_native,
+                available_mib: needed_native - 1
+            })
+        );
+        // Xen needs more than native for the same guest: a size that fits
+        // natively can be refused under Xen.
+        let xen = RunOptions {
+            mode: Mode::Xen,
+            ..native.clone()
+        };
+        assert!(matches!(
+            check_host_memory(&xen, Some(needed_native)),
+            Err(UsageError::MemoryTooLarge { .. })
+        ));
+        let huge = RunOptions {
+            memory_mib: 1 << 40,
+            ..native
+        };
+        assert!(check_host_memory(&huge, Some(24_000)).is_err());
     }
 }

@@ -10,15 +10,19 @@
 
 use std::time::{Duration, Instant};
 
-use crate::boot::{self, BootRequest};
+use crate::boot;
 use crate::build;
-use crate::cli::{self, Mode, Profile, RunOptions, TestOptions, UsageError, FAIL_SELFTEST_KNOB};
+use crate::cli::{
+    Mode, Profile, RunOptions, TestOptions, UsageError, XenVersion, FAIL_SELFTEST_KNOB,
+};
 use crate::error::XtaskError;
 use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
 use crate::negative;
 use crate::qemu;
+use crate::request::{self, BootRequest};
 use crate::selftests;
+use crate::toolchain::{self, Component};
 use crate::workspace::{Workspace, KERNEL_PACKAGE, KERNEL_TARGET};
 use crate::xl::guest::Guest;
 
@@ -31,6 +35,8 @@ pub enum Expect {
     Fail,
     /// A crash that Xen reports (the kernel cannot report it itself).
     XenCrash,
+    /// A PASS but for the kernel's `PVMMU-WARNING` lines (a bad option).
+    Warning,
 }
 
 impl Expect {
@@ -39,6 +45,7 @@ impl Expect {
             Expect::Pass => "PASS",
             Expect::Fail => "FAIL",
             Expect::XenCrash => "CRASH",
+            Expect::Warning => "WARNING",
         }
     }
 }
@@ -64,6 +71,10 @@ pub enum Check {
 /// kernel (interrupts, the tick, threads) is part of every boot.
 pub const RUNNING_KERNEL_COUNTERS: &[&str] = &["timer_irqs", "context_switches"];
 
+/// Random operations a passing Xen boot must report (`random_ops`, the
+/// kernel's randomized stress on the live tree).
+pub const MIN_RANDOM_OPS_UNDER_XEN: u64 = 200_000;
+
 /// One row of the boot table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Boot {
@@ -81,6 +92,15 @@ pub struct Boot {
     pub smp: u32,
     /// The domU type (`--mode xl` only; PV unless [`Boot::guest`] says).
     pub guest: Guest,
+    /// The Xen of a `--mode xen` row (4.17 unless [`Boot::on`] says).
+    pub xen: XenVersion,
+}
+
+impl Boot {
+    /// The same row under another Xen.
+    const fn on(self, xen: XenVersion) -> Boot {
+        Boot { xen, ..self }
+    }
 }
 
 const fn boot(
@@ -98,6 +118,7 @@ const fn boot(
         check,
         smp: 1,
         guest: Guest::Pv,
+        xen: XenVersion::V4_17,
     }
 }
 
@@ -117,6 +138,7 @@ pub const BOOTS: &[Boot] = &[
     //   mode          MiB  kernel command line   expected          extra check
     boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite),
+    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).on(XenVersion::V4_20),
     // Issue 4: the direct-map bootstrap at several sizes (every page mapped
     // and touched; under PV within 8 hypercalls and 1,100 entries per GiB).
     boot(Mode::Xen,    256, "",                   Expect::Pass,     Check::NegativeSuite),
@@ -154,6 +176,8 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
     boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
+    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus", Expect::Warning, Check::Nothing),
+    boot(Mode::Xen,    512, "pvmmu.4k",           Expect::Warning,  Check::Nothing),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
@@ -230,6 +254,7 @@ impl Boot {
             cmdline: self.cmdline.to_string(),
             smp: self.smp,
             guest: self.guest,
+            xen: self.xen,
             ..RunOptions::default()
         }
     }
@@ -244,6 +269,9 @@ impl Boot {
         name.push_str(&format!(" {} MiB", self.memory_mib));
         if self.smp > 1 {
             name.push_str(&format!(" smp {}", self.smp));
+        }
+        if self.xen != XenVersion::V4_17 {
+            name.push_str(&format!(" (Xen {})", self.xen.name()));
         }
         if !self.cmdline.is_empty() {
             name.push(' ');
@@ -273,6 +301,14 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
                     report.platform
                 ));
             }
+            // Under real Xen the randomized stress must have run in full.
+            let random_ops = report.counter("random_ops").unwrap_or(0);
+            if row.mode != Mode::Native && random_ops < MIN_RANDOM_OPS_UNDER_XEN {
+                return Err(format!(
+                    "random_ops is {random_ops}: a Xen boot must run at least \
+                     {MIN_RANDOM_OPS_UNDER_XEN} random operations"
+                ));
+            }
             if let Some(key) = RUNNING_KERNEL_COUNTERS
                 .iter()
                 .find(|key| report.counter(key).unwrap_or(0) == 0)
@@ -292,6 +328,13 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
         (Expect::XenCrash, Verdict::Fail(Failure::XenCrash { .. })) => Ok(()),
         (Expect::XenCrash, Verdict::Fail(failure)) => {
             Err(format!("expected Xen to report a crash, got: {failure}"))
+        }
+        (Expect::Warning, Verdict::Fail(Failure::Warnings { .. })) => Ok(()),
+        (Expect::Warning, Verdict::Fail(failure)) => Err(format!(
+            "expected a PASS with PVMMU-WARNING lines for a bad option, got: {failure}"
+        )),
+        (Expect::Warning, Verdict::Pass(_)) => {
+            Err("PASS without the PVMMU-WARNING line a bad option must give".into())
         }
         (Expect::XenCrash, Verdict::Pass(_)) => {
             Err("PASS although the kernel was made to crash".into())
@@ -334,7 +377,7 @@ pub fn rows(with_xl: bool) -> Vec<Boot> {
 /// Checks every row against the host before anything runs.
 pub fn validate(rows: &[Boot], available_mib: Option<u64>) -> Result<(), UsageError> {
     rows.iter()
-        .try_for_each(|row| cli::validate_run(&row.options(), available_mib))
+        .try_for_each(|row| boot::validate(&row.options(), available_mib))
 }
 
 /// One line of the summary.
@@ -365,6 +408,7 @@ fn got_name(verdict: &Verdict) -> String {
         Verdict::Fail(Failure::ResultFail { .. }) => "FAIL".into(),
         Verdict::Fail(Failure::Timeout { .. }) => "TIMEOUT".into(),
         Verdict::Fail(Failure::XenCrash { .. }) => "CRASH".into(),
+        Verdict::Fail(Failure::Warnings { .. }) => "WARNING".into(),
         Verdict::Fail(Failure::QemuExited { .. }) => "EXITED".into(),
         Verdict::Fail(_) => "BAD".into(),
     }
@@ -445,6 +489,7 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
     let rows = rows(with_xl);
     let start = Instant::now();
     qemu::ensure_installed()?;
+    toolchain::ensure(ws, &[Component::Rustfmt, Component::Clippy])?;
     let mut lines = Vec::new();
     // The Xen model's negative-suite answers, computed once if a row needs them.
     let mut model_negative: Option<Result<Vec<String>, String>> = None;
@@ -510,7 +555,7 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
         let run_options = row.options();
         let request = BootRequest {
             kernel: kernel.clone(),
-            label: boot::label(&run_options),
+            label: request::label(&run_options),
             options: run_options,
             echo: if options.verbose {
                 Echo::All
@@ -627,7 +672,7 @@ mod tests {
 
     fn report(platform: &str, failed: u64) -> crate::report::Report {
         parse_report(&format!(
-            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"timer_irqs":7,"context_switches":5}}"#
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5}}"#
         ))
         .unwrap()
     }
@@ -717,6 +762,42 @@ selftest xen_pvh_c ... ok";
     }
 
     #[test]
+    fn a_dom0_row_runs_under_xen_4_20_with_the_model_comparison() {
+        let rows: Vec<_> = BOOTS
+            .iter()
+            .filter(|b| b.xen == XenVersion::V4_20)
+            .collect();
+        assert!(!rows.is_empty());
+        for row in rows {
+            assert_eq!((row.mode, row.check), (Mode::Xen, Check::NegativeSuite));
+            assert_eq!(row.options().xen, XenVersion::V4_20);
+            assert!(row.name().contains("Xen 4.20"), "{}", row.name());
+        }
+    }
+
+    #[test]
+    fn bad_option_rows_expect_the_warning() {
+        for cmdline in ["pvmmu.bogus", "pvmmu.crash=bogus", "pvmmu.4k"] {
+            assert!(BOOTS
+                .iter()
+                .any(|b| b.cmdline.contains(cmdline) && b.expect == Expect::Warning));
+        }
+        let row = boot(
+            Mode::Native,
+            512,
+            "pvmmu.bogus",
+            Expect::Warning,
+            Check::Nothing,
+        );
+        let warned = Verdict::Fail(Failure::Warnings {
+            first: "cmdline: unknown option `pvmmu.bogus` ignored".into(),
+            count: 1,
+        });
+        assert_eq!(judge(&row, &warned), Ok(()));
+        assert!(judge(&row, &Verdict::Fail(Failure::DuplicateResult)).is_err());
+    }
+
+    #[test]
     fn judging_rows() {
         let pass_xen = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing);
         assert_eq!(
@@ -728,7 +809,7 @@ selftest xen_pvh_c ... ok";
             .contains("platform"));
         // A kernel that never took a tick or switched threads does not pass.
         let still = parse_report(
-            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":0,"context_switches":5}"#,
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":0,"context_switches":5}"#,
         )
         .unwrap();
         assert!(judge(&pass_xen, &Verdict::Pass(still))
@@ -738,7 +819,7 @@ selftest xen_pvh_c ... ok";
         let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let smp_report = |cpus: u64, rounds: u64, stale: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
             ))
             .unwrap()
         };
@@ -766,6 +847,14 @@ selftest xen_pvh_c ... ok";
         assert!(judge(&pass_pvh, &Verdict::Pass(report("xen-pv", 0)))
             .unwrap_err()
             .contains("platform"));
+        // Under Xen the randomized stress must have run its 200,000 ops.
+        let short = parse_report(
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":199999,"timer_irqs":7,"context_switches":5}"#,
+        )
+        .unwrap();
+        assert!(judge(&pass_xen, &Verdict::Pass(short))
+            .unwrap_err()
+            .contains("random_ops is 199999"));
 
         let fail_native = boot(
             Mode::Native,

@@ -3,7 +3,7 @@
 //!
 //! Two ways, same verdict:
 //! - **emulated** (any Linux host): QEMU -> Xen 4.17 -> a Debian Linux dom0
-//!   booted from the initramfs of [`crate::fixture`] -> xenstored,
+//!   booted from the initramfs of [`fixture`] -> xenstored,
 //!   xen-init-dom0, xenconsoled -> `xl create` of the kernel. The dom0's
 //!   `/init` copies the guest's console log (written by xenconsoled) to its
 //!   own console, which Xen sends to the serial port QEMU gives the harness.
@@ -20,6 +20,7 @@
 
 pub mod bzimage;
 pub mod cpio;
+pub mod fixture;
 pub mod guest;
 
 use std::fs;
@@ -27,14 +28,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::boot::BootRequest;
-use crate::cli::{Mode, RunOptions};
+use crate::cli::{Mode, RunOptions, XenVersion};
 use crate::error::XtaskError;
-use crate::fixture;
 use crate::harness::{self, BootSpec, Failure, Outcome, Verdict};
 use crate::host;
 use crate::qemu;
 use crate::report::ReportError;
+use crate::request::BootRequest;
 use crate::workspace::Workspace;
 use crate::xen;
 use guest::Guest;
@@ -234,7 +234,8 @@ fn fixture_error(error: fixture::FixtureError) -> XtaskError {
 /// The emulated chain: QEMU -> Xen -> Linux dom0 -> `xl create`.
 fn run_emulated(ws: &Workspace, request: &BootRequest) -> Result<Outcome, XtaskError> {
     qemu::ensure_installed()?;
-    let xen_elf = xen::ensure_cached(ws)?;
+    // The dom0's toolstack is 4.17's: so must the hypervisor be.
+    let xen_elf = xen::ensure_cached(ws, XenVersion::V4_17)?;
     let fixture = fixture::ensure(&ws.cache_dir().join("xl")).map_err(fixture_error)?;
     eprintln!(
         "[{}] xl fixture: dom0 Linux {} ({}), base initramfs {}",

@@ -173,7 +173,7 @@ fn clean_test_area<B: LiveBackend>(cx: &mut Cx<'_, B>) -> u64 {
 
 /// A set of table frames collected by a walk of the live tree, sorted
 /// (`mfn << 2 | level - 1`), for the invariant walker's [`Oracle`].
-const MAX_TABLES: usize = 8192;
+const MAX_TABLES: usize = crate::directmap::MAX_LIVE_TABLES;
 static TABLE_SET: spin::Mutex<[u64; MAX_TABLES]> = spin::Mutex::new([0; MAX_TABLES]);
 
 /// The oracle: a frame is a table at the level the walk met it; the root
@@ -204,7 +204,7 @@ impl Oracle for WalkedTables<'_> {
 
 /// pvmmu's invariant walker over the whole live tree (under PV with an
 /// oracle of the walked tables and Xen's answer on the root's pin).
-pub(super) fn check_invariants<B: LiveBackend>(
+pub(crate) fn check_invariants<B: LiveBackend>(
     cx: &mut Cx<'_, B>,
     report: &mut dyn FnMut(Violation),
 ) -> Result<u64, Failure> {

@@ -39,8 +39,8 @@ use crate::selftest::{Only, SelfTest, TestResult};
 
 /// The live address space and its steps, for the in-kernel benchmarks.
 pub(crate) use backends::LiveBackend;
-pub(crate) use harness::{live, Cx};
-pub(crate) use steps::{failed, map, protect, unmap};
+pub(crate) use harness::{check_invariants, live, Cx};
+pub(crate) use steps::{failed, give, map, pattern, protect, read, take, unmap, write};
 
 /// L4 slot of the test area (where Linux keeps vmalloc).
 pub const TEST_SLOT: usize = 402;
@@ -117,4 +117,5 @@ pub const SUITE: &[SelfTest] = &[
         "pvmmu_x86_64_mapper_translate",
         x86_64_traits::x86_64_traits
     ),
+    SelfTest::new("pvmmu_random_stress", crate::stress::test),
 ];

@@ -43,14 +43,14 @@ pub(super) fn expect_error<T>(
     }
 }
 
-pub(super) fn take<B: LiveBackend>(cx: &mut Cx<'_, B>, n: u64) -> Result<Pfn, Failure> {
+pub(crate) fn take<B: LiveBackend>(cx: &mut Cx<'_, B>, n: u64) -> Result<Pfn, Failure> {
     cx.space
         .allocator_mut()
         .take_run(n, 1)
         .ok_or(Failure::Check("no run of free frames"))
 }
 
-pub(super) fn give<B: LiveBackend>(cx: &mut Cx<'_, B>, pfn: Pfn) -> TestResult {
+pub(crate) fn give<B: LiveBackend>(cx: &mut Cx<'_, B>, pfn: Pfn) -> TestResult {
     cx.space.allocator_mut().give_back(pfn)
 }
 
@@ -102,7 +102,7 @@ fn maps_ram_only(va: u64) -> bool {
 }
 
 /// Reads the word at `va` (test area or direct map only).
-pub(super) fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
+pub(crate) fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
     check(
         maps_ram_only(va),
         "read outside the test area and direct map",
@@ -116,7 +116,7 @@ pub(super) fn read(what: &'static str, va: u64) -> Result<u64, Failure> {
 /// # Safety
 /// If `va` is mapped writable, its 8 bytes belong to a frame the running
 /// test borrowed.
-pub(super) unsafe fn write(what: &'static str, va: u64, value: u64) -> TestResult {
+pub(crate) unsafe fn write(what: &'static str, va: u64, value: u64) -> TestResult {
     check(
         maps_ram_only(va),
         "write outside the test area and direct map",
@@ -145,7 +145,7 @@ pub(super) fn expect_page_fault<T>(
     }
 }
 
-pub(super) fn pattern(pfn: Pfn, word: u64, round: u64) -> u64 {
+pub(crate) fn pattern(pfn: Pfn, word: u64, round: u64) -> u64 {
     ((pfn.0 << 24) | (word << 4) | round).wrapping_mul(0x2545_f491_4f6c_dd1d)
         ^ 0x0123_4567_89ab_cdef
 }

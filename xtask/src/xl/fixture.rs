@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::host;
-use crate::xl::bzimage::{self, BzImageError};
-use crate::xl::cpio::CpioWriter;
+use super::bzimage::{self, BzImageError};
+use super::cpio::CpioWriter;
+use crate::host::{self, fnv1a};
 
 /// Debian's metapackage whose dependency names the current 6.1 kernel.
 const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
@@ -97,7 +97,7 @@ const EXCLUDED_PREFIXES: &[&str] = &[
 ];
 
 /// The dom0 init script (see the script's own header).
-const DOM0_INIT: &str = include_str!("xl/dom0-init.sh");
+const DOM0_INIT: &str = include_str!("dom0-init.sh");
 
 /// Bumped whenever the layout of the cached outputs changes.
 const FORMAT: u32 = 1;
@@ -296,13 +296,6 @@ pub fn parse_print_uris(text: &str, packages: &[&str]) -> Option<Vec<DebFile>> {
         .iter()
         .map(|package| files.iter().find(|deb| deb.package == *package).cloned())
         .collect()
-}
-
-/// 64-bit FNV-1a: a stable hash for the stamp (not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// The stamp text for a set of inputs.
