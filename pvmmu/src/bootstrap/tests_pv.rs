@@ -186,3 +186,43 @@ fn pv_scaling_is_logarithmic_and_within_bounds() {
     // 64x more memory costs at most two more rounds.
     assert!(rows[3].1 <= rows[0].1 + 2, "{rows:?}");
 }
+
+/// The design's central rule under PV: each round's new tables are the top
+/// free frames of the memory mapped before it (round 0: the top of the
+/// boot-mapped frames; round r + 1: the top of chunk r), never the bottom.
+#[test]
+fn pv_new_tables_are_the_top_frames_of_the_previous_chunk() {
+    for gib in [1u64, 4] {
+        let run = run_pv(gib << 18, 0x400, 1024).unwrap();
+        let r = &run.report;
+        assert!(r.rounds >= 2, "{r:?}");
+        let chunks = &r.chunks[..r.rounds as usize];
+        // Every round but the last placed the next round's tables at the
+        // very top of its chunk.
+        for (k, c) in chunks[..chunks.len() - 1].iter().enumerate() {
+            assert!(
+                r.tables.contains(Pfn(c.end.0 - 1)),
+                "{gib} GiB, round {}: top frame {:#x} of chunk {k} is no table",
+                k + 1,
+                c.end.0 - 1,
+            );
+        }
+        // Above any table frame, the rest of its chunk is tables too, but
+        // for the holes a top-down placement leaves: tables retired during
+        // the run and Xen's initial tables given back.
+        let holes_allowed = r.tables_replaced + r.freed.frames();
+        let reserved_end = run.image - 256;
+        for t in r.tables.ranges() {
+            let p = t.start.0;
+            let c = chunks.iter().find(|c| c.contains(Pfn(p))).unwrap();
+            let holes = (p..c.end.0)
+                .filter(|&q| q >= reserved_end && !r.tables.contains(Pfn(q)))
+                .count() as u64;
+            assert!(
+                holes <= holes_allowed,
+                "{gib} GiB: table frame {p:#x} has {holes} free frames above it in \
+                 chunk {c:?} (at most {holes_allowed} expected): not the top"
+            );
+        }
+    }
+}
