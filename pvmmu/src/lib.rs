@@ -27,3 +27,15 @@ pub use backend::{Backend, Native, XenPv};
 pub use phys::{FrameAllocator, FrameMap, Identity, PhysMem};
 pub use space::{AddressSpace, Error, Flush, Granule, Translation};
 pub use types::{Mfn, Pfn, PAGE_SIZE};
+
+/// The README's examples ("Using pvmmu from your kernel"), compiled and run
+/// by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
+/// The examples of `docs/pvmmu-api.md`, compiled and run by
+/// `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/pvmmu-api.md")]
+pub struct ApiDoctests;
