@@ -1,7 +1,7 @@
 //! The negative suite: requests Xen must refuse (and two it must accept),
 //! sent through the raw hypercall paths, each reporting the result it got.
 //! The guest kernel runs it under real Xen, the host runs it against the
-//! model ([`crate::model::ModelNegativeEnv`]); the two lists of
+//! model (`model::ModelNegativeEnv`, feature `model`); the two lists of
 //! `NEGATIVE <name> <errno-name> <errno>` lines must be identical.
 //!
 //! Invariant: every case leaves the environment as it found it: each table
