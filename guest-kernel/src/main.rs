@@ -503,7 +503,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         let (upcalls, events, stray) = events::counts();
         log::info!("events: {upcalls} upcalls, {events} port events, {stray} on unbound ports");
     }
-    negative_env::run(&mut kernel);
+    match negative_env::run(&mut kernel) {
+        Some(0) => tally.passed += 1,
+        Some(_) => tally.failed += 1,
+        None => {}
+    }
     if let Some(kind) = kernel.options.crash {
         crash(kind);
     }

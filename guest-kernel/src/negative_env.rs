@@ -111,16 +111,19 @@ impl NegativeEnv for XenNegativeEnv<'_> {
     }
 }
 
-/// Runs the negative suite under Xen PV (does nothing on other platforms)
-/// and prints one line per case. Results go to the console only: the
-/// harness judges them against the model.
-pub fn run(kernel: &mut Kernel) {
+/// Runs the negative suite under Xen PV (does nothing and returns `None` on
+/// other platforms) and prints one line per case for the harness, which
+/// compares them with the model. Each answer is also checked here against
+/// `negative::EXPECTED` (expected and got errno per case, an error line per
+/// mismatch), so a boot fails by itself: returns how many cases did not
+/// answer as expected (missing or extra cases count).
+pub fn run(kernel: &mut Kernel) -> Option<usize> {
     let (Some(pv), Some(dm)) = (kernel.pv.clone(), kernel.direct_map.as_ref()) else {
-        return;
+        return None;
     };
     let Some(root) = pv.pfn_to_mfn(dm.root.0).map(Mfn) else {
         crate::kprintln!("NEGATIVE setup EINVAL 22");
-        return;
+        return Some(negative::EXPECTED.len().max(1));
     };
     let (mem, aliases) = (dm.mem, dm.aliases);
     let before = kernel.frames.free_count();
@@ -137,11 +140,47 @@ pub fn run(kernel: &mut Kernel) {
         "negative suite: {} cases against Xen",
         negative::EXPECTED.len()
     );
+    let mut seen = 0usize;
+    let mut mismatches = 0usize;
     negative::run(&mut env, &mut |name, result| {
         crate::kprintln!("{}", Line { name, result });
+        let want = negative::EXPECTED.get(seen).copied();
+        seen += 1;
+        match want {
+            Some((want_name, want_result)) if want_name == name && want_result == result => {}
+            Some((want_name, want_result)) => {
+                mismatches += 1;
+                log::error!(
+                    "negative case {seen} {name}: expected {} ({want_name}), got {}",
+                    Line {
+                        name: want_name,
+                        result: want_result
+                    },
+                    Line { name, result }
+                );
+            }
+            None => {
+                mismatches += 1;
+                log::error!("negative case {seen} {name}: not in the expected list");
+            }
+        }
     });
+    if seen < negative::EXPECTED.len() {
+        log::error!(
+            "negative suite: {seen} cases ran, {} expected",
+            negative::EXPECTED.len()
+        );
+        mismatches += negative::EXPECTED.len() - seen;
+    }
+    log::info!(
+        "negative suite: {} of {} cases answered as expected",
+        seen - mismatches.min(seen),
+        negative::EXPECTED.len()
+    );
     let after = kernel.frames.free_count();
     if after != before {
         log::error!("negative suite: {before} free frames before, {after} after");
+        mismatches += 1;
     }
+    Some(mismatches)
 }
