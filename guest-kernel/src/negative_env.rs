@@ -151,7 +151,7 @@ pub fn run(kernel: &mut Kernel) -> Option<usize> {
             Some((want_name, want_result)) => {
                 mismatches += 1;
                 log::error!(
-                    "negative case {seen} {name}: expected {} ({want_name}), got {}",
+                    "negative case {seen}: expected {}, got {}",
                     Line {
                         name: want_name,
                         result: want_result
