@@ -981,15 +981,19 @@ fn run_seeds_sized(
         PROTECT_REFUSED.load(Ordering::Relaxed),
         PROTECT_SKIPPED.load(Ordering::Relaxed)
     );
-    println!(
+    // Written to the process's stdout, past libtest's capture: `cargo test`
+    // shows the counts of passing runs too.
+    let line = format!(
         "{name}: {} operations counted ({} calls issued: {} succeeded, {} refused as \
-         predicted; {} not issued) over seeds 0x5eed0001, 0x5eed0002, {random:#x}",
+         predicted; {} not issued) over seeds 0x5eed0001, 0x5eed0002, {random:#x}\n",
         counted.steps,
         counted.issued(),
         counted.succeeded,
         counted.refused,
         counted.not_issued
     );
+    // Best effort: a closed stdout must not fail the test.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), line.as_bytes());
     assert_eq!(
         counted.steps,
         counted.issued() + counted.not_issued,
