@@ -9,7 +9,8 @@
 //! * Nothing is written unless the check pass accepted every page: all
 //!   mapped (present, or parked non-present by an earlier `np`), the new
 //!   attributes acceptable (never W+X, the backend's entry rules, under PV
-//!   no page-table frame made writable, no large page), and the split
+//!   no page-table frame made writable, no large page, no parked entry),
+//!   and the split
 //!   reserve holds every frame the splits need.
 //! * A split builds the whole new table (512 entries carrying every
 //!   attribute of the large page, the frames at their offsets) in a
@@ -29,7 +30,7 @@
 use super::slots::slots;
 use super::{AddressSpace, Error, Request};
 use crate::backend::{Backend, LargePages, TlbScope, INVLPG_LIMIT};
-use crate::entry::{Entry, Flags, Level, HARDWARE_SET};
+use crate::entry::{Entry, FlagError, Flags, Level, HARDWARE_SET};
 use crate::phys::FrameAllocator;
 use crate::types::{Pfn, ENTRIES, ENTRY_FRAME_MASK, PAGE_SIZE};
 
@@ -152,6 +153,12 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         };
         if !CPA_FLAGS.contains(set | clear) || set.intersects(clear) {
             return Err(Error::CpaFlags);
+        }
+        // Where tables are read-only (PV) a non-present entry is written as
+        // an all-zero hole (`entry::pv_sanitize`, Xen's L1TF rules): an
+        // entry cannot be parked, so np / p are refused.
+        if self.backend.caps().read_only_tables && (set | clear).contains(Flags::PRESENT) {
+            return Err(Error::Flags(FlagError::NotPresent));
         }
         let req = Request {
             flags: set,
