@@ -16,7 +16,8 @@
 //!   attribute of the large page, the frames at their offsets) in a
 //!   private frame before one store replaces the large leaf: a concurrent
 //!   walker sees the old large page or the complete new table, never a
-//!   hole. Large pages are never reassembled.
+//!   hole. A large page is split only when the change alters it, and
+//!   never reassembled.
 //! * A call needs at most [`MAX_SPLITS`] frames: only the pages holding
 //!   the two ends of the range can be partly covered, and each end splits
 //!   at most one 1 GiB and one 2 MiB page. The frames come from a reserve
@@ -232,7 +233,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 return Err(Error::LargePagesUnavailable);
             }
             self.cpa_check_leaf(level, e, req)?;
-            if !slot.is_whole() {
+            // A large page that already has the attributes is left whole.
+            if !slot.is_whole() && changed(e, req.flags, req.clear) != e {
                 // The split keeps the attributes; the part inside the range
                 // is then checked as smaller pages of the same attributes.
                 *splits += 1;
@@ -385,12 +387,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 continue;
             };
             let child = if cpa_leaf(e, level) {
+                let new = changed(e, req.flags, req.clear);
+                if new == e {
+                    // Nothing to change here: no write, no split.
+                    continue;
+                }
                 if slot.is_whole() {
-                    let new = changed(e, req.flags, req.clear);
-                    if new != e {
-                        self.backend.write(table, slot.index, new)?;
-                        done.pages_changed += level.entry_span() / PAGE_SIZE;
-                    }
+                    self.backend.write(table, slot.index, new)?;
+                    done.pages_changed += level.entry_span() / PAGE_SIZE;
                     continue;
                 }
                 let child = self.split(table, slot.index, level, e)?;
