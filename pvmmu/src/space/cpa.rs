@@ -279,26 +279,21 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let mut tables = [Pfn(0); 64];
         let mut n = 0usize;
         let mut overflow = false;
-        crate::walk::for_each_table(&self.backend, self.root, &mut |t, _| {
-            if (lo..=hi).contains(&t.0) {
-                if n < tables.len() {
-                    tables[n] = t;
-                    n += 1;
-                } else {
-                    overflow = true;
-                }
+        self.tables_in(lo, hi, &mut |t| {
+            if n < tables.len() {
+                tables[n] = t;
+                n += 1;
+            } else {
+                overflow = true;
             }
         });
         let tables = &tables[..n];
-        let root = self.root;
         let check = |va: u64, pfn: u64| -> Result<(), Error> {
-            if tables.contains(&Pfn(pfn))
-                || (overflow && {
-                    let mut hit = false;
-                    crate::walk::for_each_table(&self.backend, root, &mut |t, _| hit |= t.0 == pfn);
-                    hit
-                })
-            {
+            let mut hit = tables.contains(&Pfn(pfn));
+            if overflow && !hit {
+                self.tables_in(pfn, pfn, &mut |_| hit = true);
+            }
+            if hit {
                 return Err(Error::PageTableFrame { va, pfn: Pfn(pfn) });
             }
             Ok(())
@@ -311,6 +306,28 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             Ok(())
         })?;
         found
+    }
+
+    /// Calls `f(table)` for every table of the tree whose frame lies in
+    /// `[lo, hi]`; L1 tables are found from their L2 entries, without
+    /// reading their own entries (so the cost is that of the upper levels).
+    fn tables_in(&self, lo: u64, hi: u64, f: &mut dyn FnMut(Pfn)) {
+        if (lo..=hi).contains(&self.root.0) {
+            f(self.root);
+        }
+        crate::walk::for_each(&self.backend, self.root, &mut |step| match step {
+            crate::walk::Step::Entry {
+                level,
+                child: Some(c),
+                ..
+            } => {
+                if (lo..=hi).contains(&c.0) {
+                    f(c);
+                }
+                level != Level::L2
+            }
+            _ => true,
+        });
     }
 
     /// Calls `f(va, pfn)` for every 4 KiB page of the request (PV: only
