@@ -212,6 +212,10 @@ fn refusals_leave_the_tree_unchanged() {
         Err(Error::CpaFlags)
     );
     assert_eq!(
+        s.change_page_attr_set_clr(BASE, PAGE, Flags::GLOBAL, Flags::empty()),
+        Err(Error::CpaFlags)
+    );
+    assert_eq!(
         s.change_page_attr_set_clr(BASE, PAGE, Flags::WRITABLE, Flags::WRITABLE),
         Err(Error::CpaFlags)
     );
@@ -221,7 +225,7 @@ fn refusals_leave_the_tree_unchanged() {
     s.allocator_mut().fail_after = None;
     assert_eq!(leaves(s.backend(), s.root()), before, "tree unchanged");
     assert_eq!(s.allocator().in_use(), used, "no frame taken");
-    assert_eq!(s.cpa_stats().refused, 6);
+    assert_eq!(s.cpa_stats().refused, 7);
     assert_eq!(s.cpa_stats().splits, 0);
 }
 
@@ -356,13 +360,15 @@ fn tree<B: Backend>(b: &B, root: Pfn) -> Vec<(Level, u64, u64)> {
 
 // ---- property test ---------------------------------------------------------
 
-const CHANGES: [(Flags, Flags); 6] = [
+const CHANGES: [(Flags, Flags); 8] = [
     (Flags::empty(), Flags::WRITABLE),   // ro
     (Flags::WRITABLE, Flags::empty()),   // rw
     (Flags::NO_EXECUTE, Flags::empty()), // nx
     (Flags::empty(), Flags::NO_EXECUTE), // x
     (Flags::empty(), Flags::PRESENT),    // np
     (Flags::PRESENT, Flags::empty()),    // p
+    (pvmmu::space::CPA_TEST_BIT, Flags::empty()),
+    (Flags::empty(), pvmmu::space::CPA_TEST_BIT),
 ];
 
 /// The reference: every page's (pfn, flags incl. PRESENT).

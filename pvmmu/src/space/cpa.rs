@@ -43,14 +43,19 @@ pub const MAX_SPLITS: usize = 4;
 const PAT_4K: u64 = 1 << 7;
 const PAT_LARGE: u64 = 1 << 12;
 
-/// The flags a CPA call may set or clear (never the frame, PS or the bits
-/// the hardware sets).
+/// A software-available bit CPA may set and clear with no effect on
+/// access (as Linux's cpa-test marks pages): for self-tests.
+pub const CPA_TEST_BIT: Flags = Flags::BIT_9;
+
+/// The flags a CPA call may set or clear: never the frame, PS, the bits
+/// the hardware sets, USER, or GLOBAL (a global page would survive the full
+/// flush, a CR3 reload, that CPA uses above the page-by-page threshold).
 pub const CPA_FLAGS: Flags = Flags::PRESENT
     .union(Flags::WRITABLE)
     .union(Flags::NO_EXECUTE)
     .union(Flags::WRITE_THROUGH)
     .union(Flags::NO_CACHE)
-    .union(Flags::GLOBAL);
+    .union(CPA_TEST_BIT);
 
 /// Frames kept aside for splits (see the module docs for the bound).
 #[derive(Debug, Clone, Copy)]

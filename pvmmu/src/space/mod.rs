@@ -38,7 +38,7 @@ mod protect;
 mod slots;
 mod unmap;
 
-pub use cpa::{CpaDone, CpaStats, CPA_FLAGS, MAX_SPLITS};
+pub use cpa::{CpaDone, CpaStats, CPA_FLAGS, CPA_TEST_BIT, MAX_SPLITS};
 pub use error::Error;
 pub use flush::Flush;
 
