@@ -5,10 +5,15 @@
 //! a non-executable page, a read of a non-present page), then restored and
 //! checked again; plus the refusals. Natively the direct map has 2 MiB /
 //! 1 GiB pages, so the changes split them; under PV it is 4 KiB (no
-//! splits) and parking (np / p) is refused.
+//! splits) and parking (np / p) is refused. A second test marks random
+//! ranges anywhere in the direct map's RAM with CPA's software test bit
+//! (no effect on access, as Linux's cpa-test does) and checks the range
+//! and its neighbours by walking: natively these spread the splits over
+//! the whole direct map.
 //!
-//! Invariant: only frames this test took from the frame allocator are
-//! changed; every one is writable and non-executable, at its own frame,
+//! Invariant: only frames this test took from the frame allocator change
+//! access rights (the marker changes only the software bit, and clears it
+//! again); every one is writable and non-executable, at its own frame,
 //! when the test returns (checked), and goes back to the allocator.
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +31,12 @@ use crate::Kernel;
 pub const SUITE: &[SelfTest] = &[
     SelfTest::new("cpa_random_ranges_walk_and_faults", random_ranges),
     SelfTest::new("cpa_refusals_leave_the_tree_unchanged", refusals),
+    SelfTest::new("cpa_marker_ranges_across_the_direct_map", marker_ranges),
 ];
+
+/// Ranges of the marker test (each may split up to two large pages; the
+/// tables come from the kspace pool and stay).
+const MARKER_ROUNDS: usize = 100;
 
 /// Frames the test changes (taken from the allocator, given back).
 const FRAMES: usize = 768;
@@ -334,5 +344,63 @@ fn refusals_on(kernel: &Kernel, owned: &Owned, pv: bool) -> TestResult {
         )?;
         walk_check(pfn, 1, Some(RW))?;
     }
+    Ok(())
+}
+
+/// The software test bit of `va`'s page, `None` when not mapped.
+fn marked(va: u64) -> Option<bool> {
+    kspace::translate(va)
+        .ok()
+        .map(|t| t.flags.contains(pvmmu::space::CPA_TEST_BIT))
+}
+
+fn marker_ranges(kernel: &mut Kernel) -> TestResult {
+    let ram = match &kernel.direct_map {
+        Some(dm) => dm.mem,
+        None => return Err(Failure::Check("no direct map")),
+    };
+    let ranges = ram.ram();
+    let seed = crate::platform::rdtsc() | 1;
+    let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let before = kspace::cpa_stats().unwrap_or_default();
+    let bit = pvmmu::space::CPA_TEST_BIT;
+    for _ in 0..MARKER_ROUNDS {
+        let r = ranges[rng.range(0, ranges.len() as u64 - 1) as usize];
+        let (start, end) = (r.start.0, r.end.0);
+        let pages = rng.range(1, MAX_PAGES.min(end - start));
+        let first = rng.range(start, end - pages);
+        let va = DirectMem::va(Pfn(first));
+        let len = pages * 4096;
+        kspace::change_page_attr(va, len, bit, Flags::empty())
+            .map_err(|_| Failure::Check("marking a direct-map range refused"))?;
+        for k in 0..pages {
+            check(
+                marked(va + k * 4096) == Some(true),
+                "page of the range marked",
+            )?;
+        }
+        check(
+            marked(va - 4096) != Some(true),
+            "page before the range unmarked",
+        )?;
+        check(
+            marked(va + len) != Some(true),
+            "page after the range unmarked",
+        )?;
+        kspace::change_page_attr(va, len, Flags::empty(), bit)
+            .map_err(|_| Failure::Check("unmarking a direct-map range refused"))?;
+        for k in 0..pages {
+            let t = kspace::translate(va + k * 4096)
+                .map_err(|_| Failure::Check("page of the range unmapped"))?;
+            check(!t.flags.contains(bit), "page of the range unmarked")?;
+            check_eq("frame kept", t.pfn.0, first + k)?;
+        }
+    }
+    let after = kspace::cpa_stats().unwrap_or_default();
+    log::info!(
+        "cpa marker test: {} ranges, {} splits",
+        MARKER_ROUNDS,
+        after.splits - before.splits
+    );
     Ok(())
 }
