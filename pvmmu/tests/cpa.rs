@@ -411,7 +411,9 @@ fn raw_pages<B: Backend>(b: &B, root: Pfn, base: u64, span: u64) -> Model {
 }
 
 /// The pages where two page maps differ (a short failure message).
-fn diff(a: &Model, b: &Model) -> Vec<(u64, Option<(u64, Flags)>, Option<(u64, Flags)>)> {
+type Page = Option<(u64, Flags)>;
+
+fn diff(a: &Model, b: &Model) -> Vec<(u64, Page, Page)> {
     let keys: std::collections::BTreeSet<u64> = a.keys().chain(b.keys()).copied().collect();
     keys.into_iter()
         .filter(|k| a.get(k) != b.get(k))
