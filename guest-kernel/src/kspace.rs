@@ -12,6 +12,10 @@
 //! running out is a typed error ([`KspaceError::OutOfFrames`]) and a leak
 //! shows as a pool count that does not come back.
 //!
+//! The same space is the kernel's change_page_attr ([`change_page_attr`]):
+//! attribute changes over the direct map, under the same lock and with the
+//! same cross-CPU flush.
+//!
 //! Invariant: every stack slot is `[guard page][stack pages]`, and the guard
 //! page of a slot is never mapped; fixmap pages are mapped once at init and
 //! never unmapped.
@@ -205,8 +209,15 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
         }
         None => {
             // Ring 0 with paging on; `dm.root` is in CR3 of every CPU.
-            let backend = Native::with_tlb(dm.mem, ShootdownTlb).with_large_pages(LargePages::None);
-            // SAFETY: as above: the live root, only this slot is edited.
+            // Large pages as the direct map has them: CPA splits them.
+            let large = if crate::platform::has_1g_pages() {
+                LargePages::Size1GiB
+            } else {
+                LargePages::Size2MiB
+            };
+            let backend = Native::with_tlb(dm.mem, ShootdownTlb).with_large_pages(large);
+            // SAFETY: as above: the live root; only this slot is mapped and
+            // unmapped, and elsewhere only CPA changes leaf attributes.
             Space::Native(unsafe { AddressSpace::from_root(backend, pool, dm.root, false) })
         }
     };
@@ -336,6 +347,25 @@ pub fn free_stack(stack: Stack) -> Result<(), KspaceError> {
         ks.stacks[stack.slot] = false;
         Ok(())
     })
+}
+
+/// change_page_attr on the live tree (the direct map and this slot): sets
+/// `set` and clears `clear` on every page of `len` bytes at `va`, splitting
+/// large pages natively, with one TLB decision that reaches every CPU (the
+/// shootdown natively, Xen's all-vCPU flush under PV). Tables made by
+/// splits come from the pool and stay in the tree (never reassembled).
+pub fn change_page_attr(
+    va: u64,
+    len: u64,
+    set: Flags,
+    clear: Flags,
+) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    with(|ks| Ok(on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?))
+}
+
+/// Counters of every CPA call on the live tree (`None` before [`init`]).
+pub fn cpa_stats() -> Option<pvmmu::space::CpaStats> {
+    with(|ks| Ok(on_space!(&ks.space, s => s.cpa_stats()))).ok()
 }
 
 /// What pvmmu's tree says about `va`.

@@ -17,6 +17,7 @@ mod boot_tests;
 mod clock;
 mod cmdline;
 mod console;
+mod cpa_tests;
 mod directmap;
 mod dm_tests;
 mod events;
@@ -72,7 +73,7 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_tests::SUITE];
 
 /// Self-test suites run once interrupts, the tick and threads are up.
-const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE];
+const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE, cpa_tests::SUITE];
 
 /// Most reservations remembered (for the self-tests): the fixed ones and
 /// one per boot module.
@@ -521,6 +522,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.ipis = ipi::counts().0 + shootdown_ipis;
     kernel.report.shootdowns = shootdowns;
     (kernel.report.tlb_rounds, kernel.report.tlb_stale) = smp_tests::totals();
+    if let Some(cpa) = kspace::cpa_stats() {
+        kernel.report.cpa_calls = cpa.calls;
+        kernel.report.cpa_splits = cpa.splits;
+    }
+    kernel.report.cpa_faults_verified = cpa_tests::faults_verified();
     if timeouts != 0 {
         log::error!("{timeouts} TLB shootdown acknowledgements timed out");
         tally.failed += 1;

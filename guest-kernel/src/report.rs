@@ -69,6 +69,12 @@ pub struct Report {
     pub tlb_rounds: u64,
     /// Stale accesses those rounds saw (must be 0).
     pub tlb_stale: u64,
+    /// change_page_attr calls that succeeded on the live tree.
+    pub cpa_calls: u64,
+    /// Large pages CPA split.
+    pub cpa_splits: u64,
+    /// Faults the CPA self-test expected and took (write to RO, exec of NX).
+    pub cpa_faults_verified: u64,
 }
 
 impl Report {
@@ -104,6 +110,9 @@ impl Report {
             shootdowns: 0,
             tlb_rounds: 0,
             tlb_stale: 0,
+            cpa_calls: 0,
+            cpa_splits: 0,
+            cpa_faults_verified: 0,
         }
     }
 }
@@ -161,7 +170,7 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpus\":{},\"cpus_offered\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
-             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{}}}",
+             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{}",
             self.cpus,
             self.cpus_offered,
             self.timer_irqs,
@@ -174,6 +183,11 @@ impl fmt::Display for Report {
             self.shootdowns,
             self.tlb_rounds,
             self.tlb_stale
+        )?;
+        write!(
+            f,
+            ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{}}}",
+            self.cpa_calls, self.cpa_splits, self.cpa_faults_verified
         )
     }
 }

@@ -66,6 +66,17 @@ pub enum Error {
     },
     /// Xen refused a request with this error.
     Hypervisor(XenError),
+    /// Under PV a change would make a page-table frame writable: refused
+    /// by pvmmu before Xen is asked (CPA).
+    PageTableFrame {
+        /// The address mapping the frame.
+        va: u64,
+        /// The page-table frame.
+        pfn: Pfn,
+    },
+    /// CPA was asked to set or clear flags outside
+    /// [`crate::space::CPA_FLAGS`], or to set and clear the same flag.
+    CpaFlags,
     /// A kernel alias could not be resolved: the backend knows no current
     /// root.
     NoCurrentRoot,

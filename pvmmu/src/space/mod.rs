@@ -23,11 +23,13 @@
 //!
 //! By concept: `slots` (how a range splits over the entries of a table,
 //! and the per-leaf visit), `map`, `unmap`, `protect` (with its undo log),
-//! `flush` (the owed-flush token, drains and lazy batching), and `mapper`
+//! `flush` (the owed-flush token, drains and lazy batching), `cpa`
+//! (change_page_attr: attributes over a range, with splits), and `mapper`
 //! (the `x86_64` traits). One `Request` carries a call from its checks
 //! through the walk to its flush. The engine asks the backend's
 //! [`crate::backend::Caps`], never which backend it is.
 
+mod cpa;
 mod error;
 mod flush;
 mod map;
@@ -36,6 +38,7 @@ mod protect;
 mod slots;
 mod unmap;
 
+pub use cpa::{CpaDone, CpaStats, CPA_FLAGS, CPA_TEST_BIT, MAX_SPLITS};
 pub use error::Error;
 pub use flush::Flush;
 
@@ -107,8 +110,10 @@ pub(crate) struct Request {
     pub(crate) last: u64,
     /// Frame mapped at `va` (map).
     pub(crate) pfn: u64,
-    /// The new leaf flags (map, protect).
+    /// The new leaf flags (map, protect); the flags to set (CPA).
     pub(crate) flags: Flags,
+    /// The flags to clear (CPA).
+    pub(crate) clear: Flags,
     /// Level of the new leaves (map).
     pub(crate) leaf: Level,
     /// Last address mapped so far (map's rollback).
@@ -123,6 +128,7 @@ impl Request {
             last,
             pfn: 0,
             flags: Flags::empty(),
+            clear: Flags::empty(),
             leaf: Level::L1,
             done: None,
         }
@@ -155,6 +161,9 @@ pub struct AddressSpace<B: Backend, A: FrameAllocator> {
     /// Frames handed in for this call's tables (x86_64 `Mapper` calls).
     spare: [Pfn; 4],
     nspare: usize,
+    /// Frames kept for CPA's splits.
+    reserve: cpa::SplitReserve,
+    cpa_stats: CpaStats,
 }
 
 fn canonical(va: u64) -> bool {
@@ -225,6 +234,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             tables_freed: 0,
             spare: [Pfn(0); 4],
             nspare: 0,
+            reserve: cpa::SplitReserve::EMPTY,
+            cpa_stats: CpaStats {
+                calls: 0,
+                refused: 0,
+                splits: 0,
+                flush_pages: 0,
+                flush_all: 0,
+            },
         }
     }
 
@@ -325,6 +342,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             });
         match r {
             Ok(()) => {
+                self.cpa_drain_reserve();
                 self.alloc.free(self.root);
                 Ok((self.backend, self.alloc))
             }

@@ -1,0 +1,408 @@
+//! The CPA self-test (in the manner of Linux's cpa-test): random ranges of
+//! up to 100 pages in the direct map get random attribute changes through
+//! [`kspace::change_page_attr`], each checked by walking the tree and by a
+//! real access that must fault (a write to a read-only page, an execute of
+//! a non-executable page, a read of a non-present page), then restored and
+//! checked again; plus the refusals. Natively the direct map has 2 MiB /
+//! 1 GiB pages, so the changes split them; under PV it is 4 KiB (no
+//! splits) and parking (np / p) is refused. A second test marks random
+//! ranges anywhere in the direct map's RAM with CPA's software test bit
+//! (no effect on access, as Linux's cpa-test does) and checks the range
+//! and its neighbours by walking: natively these spread the splits over
+//! the whole direct map.
+//!
+//! Invariant: only frames this test took from the frame allocator change
+//! access rights (the marker changes only the software bit, and clears it
+//! again); every one is writable and non-executable, at its own frame,
+//! when the test returns (checked), and goes back to the allocator.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use pvmmu::entry::{FlagError, Flags};
+use pvmmu::{Error, Pfn};
+
+use crate::directmap::DirectMem;
+use crate::kspace::{self, KspaceError};
+use crate::selftest::{check, check_eq, Failure, SelfTest, TestResult};
+use crate::traps::{self, pf};
+use crate::Kernel;
+
+/// The suite (run once the running kernel's address space exists).
+pub const SUITE: &[SelfTest] = &[
+    SelfTest::new("cpa_random_ranges_walk_and_faults", random_ranges),
+    SelfTest::new("cpa_refusals_leave_the_tree_unchanged", refusals),
+    SelfTest::new("cpa_marker_ranges_across_the_direct_map", marker_ranges),
+];
+
+/// Ranges of the marker test (each may split up to two large pages; the
+/// tables come from the kspace pool and stay).
+const MARKER_ROUNDS: usize = 100;
+
+/// Frames the test changes (taken from the allocator, given back).
+const FRAMES: usize = 768;
+/// Random ranges (at least 300).
+const ROUNDS: usize = 320;
+/// Longest range.
+const MAX_PAGES: u64 = 100;
+
+static FAULTS_VERIFIED: AtomicU64 = AtomicU64::new(0);
+
+/// Faults the CPA tests expected and took.
+pub fn faults_verified() -> u64 {
+    FAULTS_VERIFIED.load(Ordering::Relaxed)
+}
+
+const RW: Flags = Flags::PRESENT
+    .union(Flags::WRITABLE)
+    .union(Flags::NO_EXECUTE);
+
+/// xorshift64*: the test's random numbers (seed logged).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform-ish in `[lo, hi]`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// The frames taken: sorted, as runs of consecutive frames.
+struct Owned {
+    frames: [u64; FRAMES],
+    n: usize,
+}
+
+impl Owned {
+    fn take(kernel: &mut Kernel) -> Result<Self, Failure> {
+        let mut o = Owned {
+            frames: [0; FRAMES],
+            n: 0,
+        };
+        while o.n < FRAMES {
+            let Some(p) = kernel.frames.allocate_lowest() else {
+                o.give_back(kernel);
+                return Err(Failure::Check("frame allocator: too few frames"));
+            };
+            o.frames[o.n] = p.0;
+            o.n += 1;
+        }
+        o.frames.sort_unstable();
+        Ok(o)
+    }
+    fn give_back(&self, kernel: &mut Kernel) {
+        for &f in &self.frames[..self.n] {
+            if kernel.frames.try_free(Pfn(f)).is_err() {
+                log::error!("cpa test: frame {f:#x} not taken back");
+            }
+        }
+    }
+    /// A random range of consecutive owned frames: (first pfn, pages).
+    fn random_range(&self, rng: &mut Rng) -> (u64, u64) {
+        let i = rng.range(0, self.n as u64 - 1) as usize;
+        // Extend to the run around `i`.
+        let mut end = i;
+        while end + 1 < self.n
+            && self.frames[end + 1] == self.frames[end] + 1
+            && end - i + 1 < MAX_PAGES as usize
+        {
+            end += 1;
+        }
+        let run = (end - i + 1) as u64;
+        let pages = rng.range(1, run);
+        (self.frames[i], pages)
+    }
+}
+
+fn cpa(va: u64, pages: u64, set: Flags, clear: Flags) -> TestResult {
+    kspace::change_page_attr(va, pages * 4096, set, clear)
+        .map(|_| ())
+        .map_err(|e| {
+            log::error!("cpa {va:#x}+{pages}: {e:?}");
+            Failure::Check("change_page_attr refused a valid change")
+        })
+}
+
+/// Every page of the range maps its own frame with exactly `want` (the
+/// flags pvmmu reports; GLOBAL, if the direct map has it, ignored).
+fn walk_check(pfn: u64, pages: u64, want: Option<Flags>) -> TestResult {
+    for k in 0..pages {
+        let va = DirectMem::va(Pfn(pfn + k));
+        match (kspace::translate(va), want) {
+            (Ok(t), Some(w)) => {
+                check_eq("translation keeps the frame", t.pfn.0, pfn + k)?;
+                check_eq(
+                    "flags after the change",
+                    (t.flags - Flags::GLOBAL).bits(),
+                    w.bits(),
+                )?;
+            }
+            (Err(KspaceError::Map(Error::NotMapped { .. })), None) => {}
+            _ => return Err(Failure::Check("walk: page (not) mapped as expected")),
+        }
+    }
+    Ok(())
+}
+
+/// The probe at `va` must fault with a #PF whose error code has `bits`
+/// among PRESENT/WRITE/FETCH.
+fn expect_fault(r: Result<(), traps::Fault>, va: u64, bits: u64) -> TestResult {
+    match r {
+        Err(f)
+            if f.vector == traps::vector::PF
+                && f.cr2 == va
+                && f.error_code & (pf::PRESENT | pf::WRITE | pf::FETCH) == bits =>
+        {
+            FAULTS_VERIFIED.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(f) => Err(Failure::Fault {
+            what: "access after CPA: wrong fault",
+            vector: f.vector,
+            error_code: f.error_code,
+        }),
+        Ok(()) => Err(Failure::Check("access after CPA did not fault")),
+    }
+}
+
+/// One round over a random range: read-only, then (at one page) executable
+/// and back, or not present (natively); each checked, then restored.
+fn round(rng: &mut Rng, owned: &Owned, pv: bool) -> TestResult {
+    let (pfn, pages) = owned.random_range(rng);
+    let va = DirectMem::va(Pfn(pfn));
+    let probe = va + rng.range(0, pages - 1) * 4096;
+    let ro = RW - Flags::WRITABLE;
+    match rng.range(0, if pv { 1 } else { 2 }) {
+        0 => {
+            cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
+            walk_check(pfn, pages, Some(ro))?;
+            // SAFETY: the page is one of this test's frames (owned).
+            expect_fault(
+                unsafe { traps::probe_write(probe, 0x5a) },
+                probe,
+                pf::PRESENT | pf::WRITE,
+            )?;
+        }
+        1 => {
+            // `ret` at the probe page, then read-only + executable: the
+            // call must return; then NX: the fetch must fault.
+            // SAFETY: an owned, still writable page.
+            unsafe { traps::probe_write(probe, 0xc3) }
+                .map_err(|_| Failure::Check("write to an owned page faulted"))?;
+            cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
+            cpa(va, pages, Flags::empty(), Flags::NO_EXECUTE)?;
+            walk_check(pfn, pages, Some(ro - Flags::NO_EXECUTE))?;
+            // SAFETY: the byte at `probe` is `ret`.
+            unsafe { traps::probe_exec(probe) }
+                .map_err(|_| Failure::Check("exec of an executable page faulted"))?;
+            cpa(va, pages, Flags::NO_EXECUTE, Flags::empty())?;
+            walk_check(pfn, pages, Some(ro))?;
+            // SAFETY: as above (and NX now: the fetch faults).
+            expect_fault(
+                unsafe { traps::probe_exec(probe) },
+                probe,
+                pf::PRESENT | pf::FETCH,
+            )?;
+        }
+        _ => {
+            cpa(va, pages, Flags::empty(), Flags::PRESENT)?;
+            walk_check(pfn, pages, None)?;
+            // SAFETY: reading an owned page has no side effect.
+            expect_fault(unsafe { traps::probe_read(probe) }.map(|_| ()), probe, 0)?;
+            cpa(va, pages, Flags::PRESENT, Flags::empty())?;
+            // Read-only for the common restore below.
+            cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
+        }
+    }
+    // Restore and check: writable again (the write must land).
+    cpa(va, pages, Flags::WRITABLE, Flags::empty())?;
+    walk_check(pfn, pages, Some(RW))?;
+    // SAFETY: an owned page, writable again.
+    unsafe { traps::probe_write(probe, 0x1234) }
+        .map_err(|_| Failure::Check("write after restore faulted"))?;
+    // SAFETY: reading an owned page has no side effect.
+    let back = unsafe { traps::probe_read(probe) }.unwrap_or(0);
+    check_eq("value written after restore", back, 0x1234)
+}
+
+fn random_ranges(kernel: &mut Kernel) -> TestResult {
+    let pv = kernel.pv.is_some();
+    let owned = Owned::take(kernel)?;
+    let seed = crate::platform::rdtsc() | 1;
+    log::info!("cpa test: seed {seed:#x}, {ROUNDS} ranges");
+    let mut rng = Rng(seed);
+    let before = kspace::cpa_stats().unwrap_or_default();
+    let mut result = Ok(());
+    for _ in 0..ROUNDS {
+        result = round(&mut rng, &owned, pv);
+        if result.is_err() {
+            break;
+        }
+    }
+    // Everything restored: every owned page writable, NX, its own frame.
+    let mut i = 0;
+    while result.is_ok() && i < owned.n {
+        result = walk_check(owned.frames[i], 1, Some(RW));
+        i += 1;
+    }
+    let after = kspace::cpa_stats().unwrap_or_default();
+    log::info!(
+        "cpa test: {} calls, {} splits, {} full / {} page-range flushes, {} faults verified",
+        after.calls - before.calls,
+        after.splits - before.splits,
+        after.flush_all - before.flush_all,
+        after.flush_pages - before.flush_pages,
+        faults_verified()
+    );
+    owned.give_back(kernel);
+    result?;
+    if !pv && !kernel.options.only_4k {
+        check(after.splits > before.splits, "large pages were split")?;
+    }
+    Ok(())
+}
+
+fn refusals(kernel: &mut Kernel) -> TestResult {
+    let pv = kernel.pv.is_some();
+    let owned = Owned::take(kernel)?;
+    let r = refusals_on(kernel, &owned, pv);
+    owned.give_back(kernel);
+    r
+}
+
+fn refused(r: Result<pvmmu::space::CpaDone, KspaceError>, want: Error) -> TestResult {
+    match r {
+        Err(KspaceError::Map(e)) if e == want => Ok(()),
+        Err(e) => {
+            log::error!("cpa refusal: got {e:?}, expected {want:?}");
+            Err(Failure::Check("CPA refused with the wrong error"))
+        }
+        Ok(_) => Err(Failure::Check("CPA accepted a change it must refuse")),
+    }
+}
+
+fn refusals_on(kernel: &Kernel, owned: &Owned, pv: bool) -> TestResult {
+    let pfn = owned.frames[0];
+    let va = DirectMem::va(Pfn(pfn));
+    // Writable and executable: never.
+    refused(
+        kspace::change_page_attr(va, 4096, Flags::empty(), Flags::NO_EXECUTE),
+        Error::WriteExecute,
+    )?;
+    // Flags CPA does not change.
+    refused(
+        kspace::change_page_attr(va, 4096, Flags::USER_ACCESSIBLE, Flags::empty()),
+        Error::CpaFlags,
+    )?;
+    walk_check(pfn, 1, Some(RW))?;
+    if pv {
+        // The live root's direct-map alias made writable: refused by
+        // pvmmu, Xen not asked.
+        let root = kernel
+            .direct_map
+            .as_ref()
+            .map(|d| d.root)
+            .ok_or(Failure::Check("no direct map"))?;
+        let root_va = DirectMem::va(root);
+        // MMU requests only: the tick and event delivery make other
+        // hypercalls meanwhile.
+        let mmu = || {
+            let st = hypercall::mmu::issued_stats();
+            st.mmu_update_entries + st.mmuext_ops + st.update_va_mappings
+        };
+        let calls = mmu();
+        refused(
+            kspace::change_page_attr(root_va, 4096, Flags::WRITABLE, Flags::empty()),
+            Error::PageTableFrame {
+                va: root_va,
+                pfn: root,
+            },
+        )?;
+        check_eq("MMU requests for a refused change", mmu() - calls, 0)?;
+        check(
+            !kspace::translate(root_va)
+                .map_err(|_| Failure::Check("root alias unmapped"))?
+                .flags
+                .contains(Flags::WRITABLE),
+            "root alias still read-only",
+        )?;
+        refused(
+            kspace::change_page_attr(
+                0xffff_8000_0000_0000,
+                4096,
+                Flags::NO_EXECUTE,
+                Flags::empty(),
+            ),
+            Error::XenHole,
+        )?;
+        refused(
+            kspace::change_page_attr(va, 4096, Flags::empty(), Flags::PRESENT),
+            Error::Flags(FlagError::NotPresent),
+        )?;
+        walk_check(pfn, 1, Some(RW))?;
+    }
+    Ok(())
+}
+
+/// The software test bit of `va`'s page, `None` when not mapped.
+fn marked(va: u64) -> Option<bool> {
+    kspace::translate(va)
+        .ok()
+        .map(|t| t.flags.contains(pvmmu::space::CPA_TEST_BIT))
+}
+
+fn marker_ranges(kernel: &mut Kernel) -> TestResult {
+    let ram = match &kernel.direct_map {
+        Some(dm) => dm.mem,
+        None => return Err(Failure::Check("no direct map")),
+    };
+    let ranges = ram.ram();
+    let seed = crate::platform::rdtsc() | 1;
+    let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let before = kspace::cpa_stats().unwrap_or_default();
+    let bit = pvmmu::space::CPA_TEST_BIT;
+    for _ in 0..MARKER_ROUNDS {
+        let r = ranges[rng.range(0, ranges.len() as u64 - 1) as usize];
+        let (start, end) = (r.start.0, r.end.0);
+        let pages = rng.range(1, MAX_PAGES.min(end - start));
+        let first = rng.range(start, end - pages);
+        let va = DirectMem::va(Pfn(first));
+        let len = pages * 4096;
+        kspace::change_page_attr(va, len, bit, Flags::empty())
+            .map_err(|_| Failure::Check("marking a direct-map range refused"))?;
+        for k in 0..pages {
+            check(
+                marked(va + k * 4096) == Some(true),
+                "page of the range marked",
+            )?;
+        }
+        check(
+            marked(va - 4096) != Some(true),
+            "page before the range unmarked",
+        )?;
+        check(
+            marked(va + len) != Some(true),
+            "page after the range unmarked",
+        )?;
+        kspace::change_page_attr(va, len, Flags::empty(), bit)
+            .map_err(|_| Failure::Check("unmarking a direct-map range refused"))?;
+        for k in 0..pages {
+            let t = kspace::translate(va + k * 4096)
+                .map_err(|_| Failure::Check("page of the range unmapped"))?;
+            check(!t.flags.contains(bit), "page of the range unmarked")?;
+            check_eq("frame kept", t.pfn.0, first + k)?;
+        }
+    }
+    let after = kspace::cpa_stats().unwrap_or_default();
+    log::info!(
+        "cpa marker test: {} ranges, {} splits",
+        MARKER_ROUNDS,
+        after.splits - before.splits
+    );
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! change_page_attr: set and clear leaf attributes over a kernel virtual
+//! range, splitting large pages where the range covers them in part.
+//!
+//! Invariants:
+//! * One core, [`AddressSpace::change_page_attr_set_clr`], carries one
+//!   [`Request`] through a read-only check pass, the reserve refill, the
+//!   write pass (splits and leaf writes) and one TLB decision; every
+//!   `set_memory_*` is a thin call of it.
+//! * Nothing is written unless the check pass accepted every page: all
+//!   mapped (present, or parked non-present by an earlier `np`), the new
+//!   attributes acceptable (never W+X, the backend's entry rules, under PV
+//!   no page-table frame made writable, no large page, no parked entry),
+//!   and the split
+//!   reserve holds every frame the splits need.
+//! * A split builds the whole new table (512 entries carrying every
+//!   attribute of the large page, the frames at their offsets) in a
+//!   private frame before one store replaces the large leaf: a concurrent
+//!   walker sees the old large page or the complete new table, never a
+//!   hole. A large page is split only when the change alters it, and
+//!   never reassembled.
+//! * A call needs at most [`MAX_SPLITS`] frames: only the pages holding
+//!   the two ends of the range can be partly covered, and each end splits
+//!   at most one 1 GiB and one 2 MiB page. The frames come from a reserve
+//!   refilled from the allocator before the walk starts, so a split never
+//!   asks the allocator for a frame in the middle of a change.
+//! * After all writes are applied: one TLB decision (pages one by one up
+//!   to [`crate::backend::INVLPG_LIMIT`], everything above it or after a
+//!   split), through the backend (which shoots down every CPU where the
+//!   kernel configured it to).
+
+use super::slots::slots;
+use super::{AddressSpace, Error, Request};
+use crate::backend::{Backend, LargePages, TlbScope, INVLPG_LIMIT};
+use crate::entry::{Entry, FlagError, Flags, Level, HARDWARE_SET};
+use crate::phys::FrameAllocator;
+use crate::types::{Pfn, ENTRIES, ENTRY_FRAME_MASK, PAGE_SIZE};
+
+/// Most frames one call can need for splits (two ends, each a 1 GiB and a
+/// 2 MiB page).
+pub const MAX_SPLITS: usize = 4;
+
+/// PAT bit of a 4 KiB entry (bit 7) and of a large one (bit 12).
+const PAT_4K: u64 = 1 << 7;
+const PAT_LARGE: u64 = 1 << 12;
+
+/// A software-available bit CPA may set and clear with no effect on
+/// access (as Linux's cpa-test marks pages): for self-tests.
+pub const CPA_TEST_BIT: Flags = Flags::BIT_9;
+
+/// The flags a CPA call may set or clear: never the frame, PS, the bits
+/// the hardware sets, USER, or GLOBAL (a global page would survive the full
+/// flush, a CR3 reload, that CPA uses above the page-by-page threshold).
+pub const CPA_FLAGS: Flags = Flags::PRESENT
+    .union(Flags::WRITABLE)
+    .union(Flags::NO_EXECUTE)
+    .union(Flags::WRITE_THROUGH)
+    .union(Flags::NO_CACHE)
+    .union(CPA_TEST_BIT);
+
+/// Frames kept aside for splits (see the module docs for the bound).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SplitReserve {
+    frames: [Pfn; MAX_SPLITS],
+    n: usize,
+}
+
+impl SplitReserve {
+    pub(crate) const EMPTY: SplitReserve = SplitReserve {
+        frames: [Pfn(0); MAX_SPLITS],
+        n: 0,
+    };
+}
+
+/// What a successful CPA call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpaDone {
+    /// 4 KiB pages whose entry changed (a changed large page counts its
+    /// 4 KiB pages).
+    pub pages_changed: u64,
+    /// Large pages split by this call.
+    pub splits: u32,
+    /// The TLB decision taken: `None` when nothing changed.
+    pub flush: Option<TlbScope>,
+}
+
+/// Counters over every CPA call of an address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpaStats {
+    /// Calls that succeeded.
+    pub calls: u64,
+    /// Calls refused (nothing changed).
+    pub refused: u64,
+    /// Large pages split.
+    pub splits: u64,
+    /// Page-by-page TLB flushes.
+    pub flush_pages: u64,
+    /// Full TLB flushes.
+    pub flush_all: u64,
+}
+
+/// A leaf as CPA sees it: present, or parked (not present but not empty,
+/// left by a `set_memory_np`).
+fn cpa_leaf(e: Entry, level: Level) -> bool {
+    !e.is_empty() && (level == Level::L1 || e.is_huge())
+}
+
+/// The new value of a leaf: `set` and `clear` applied, the rest kept.
+fn changed(e: Entry, set: Flags, clear: Flags) -> Entry {
+    Entry((e.0 & !clear.bits()) | set.bits())
+}
+
+/// The 512 entries of the table replacing large leaf `e` at `level`: the
+/// same attributes, PAT moved to the 4 KiB position at L1, PS kept above.
+fn split_entry(e: Entry, level: Level, k: u64) -> Entry {
+    let span = level.entry_span();
+    let lower = level.lower().unwrap_or(Level::L1);
+    let base = e.0 & ENTRY_FRAME_MASK & !(span - 1);
+    let attrs = e.0 & !ENTRY_FRAME_MASK;
+    let addr = base + k * lower.entry_span();
+    if lower == Level::L1 {
+        let pat = if e.0 & PAT_LARGE != 0 { PAT_4K } else { 0 };
+        let attrs = attrs & !Flags::HUGE_PAGE.bits();
+        Entry(addr | attrs | pat)
+    } else {
+        Entry(addr | attrs | (e.0 & PAT_LARGE))
+    }
+}
+
+impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
+    /// The one CPA core: on every page of `len` bytes at `va` (each mapped,
+    /// or parked by [`AddressSpace::set_memory_np`]) sets the flags in
+    /// `set` and clears those in `clear` (both within [`CPA_FLAGS`]),
+    /// splitting large pages the range covers in part. Refusals leave the
+    /// tree unchanged: [`Error::WriteExecute`] (a page would be writable
+    /// and executable), [`Error::XenHole`], [`Error::PageTableFrame`]
+    /// (under PV a page-table frame would become writable),
+    /// [`Error::LargePagesUnavailable`] (a large page where the backend has
+    /// none: PV), [`Error::Flags`], [`Error::NotMapped`],
+    /// [`Error::OutOfFrames`] (the split reserve could not be filled).
+    /// The TLB is flushed by the call (one decision, after all writes).
+    pub fn change_page_attr_set_clr(
+        &mut self,
+        va: u64,
+        len: u64,
+        set: Flags,
+        clear: Flags,
+    ) -> Result<CpaDone, Error> {
+        let r = self.cpa(va, len, set, clear);
+        match r {
+            Ok(_) => self.cpa_stats.calls += 1,
+            Err(_) => self.cpa_stats.refused += 1,
+        }
+        r
+    }
+
+    fn cpa(&mut self, va: u64, len: u64, set: Flags, clear: Flags) -> Result<CpaDone, Error> {
+        let Some(last) = self.checked_range(va, len)? else {
+            return Ok(CpaDone::default());
+        };
+        if !CPA_FLAGS.contains(set | clear) || set.intersects(clear) {
+            return Err(Error::CpaFlags);
+        }
+        // Where tables are read-only (PV) a non-present entry is written as
+        // an all-zero hole (`entry::pv_sanitize`, Xen's L1TF rules): an
+        // entry cannot be parked, so np / p are refused.
+        if self.backend.caps().read_only_tables && (set | clear).contains(Flags::PRESENT) {
+            return Err(Error::Flags(FlagError::NotPresent));
+        }
+        let req = Request {
+            flags: set,
+            clear,
+            ..Request::new(va, last)
+        };
+        // Check pass: nothing is written before every page is accepted.
+        let mut splits = 0usize;
+        let root = self.root;
+        self.cpa_check(root, Level::L4, va, last, &req, &mut splits)?;
+        if self.backend.caps().read_only_tables && set.contains(Flags::WRITABLE) {
+            self.cpa_check_tables(&req)?;
+        }
+        self.refill_reserve(splits)?;
+        // Write pass. Under PV a page made writable may still be refused
+        // by Xen (the checks make it unlikely): then the old leaves come
+        // back from the engine's undo log (PV has no large pages, and the
+        // present set is unchanged when PRESENT is not touched).
+        let mut done = CpaDone::default();
+        let refusable = self.backend.caps().read_only_tables
+            && set.contains(Flags::WRITABLE)
+            && !(set | clear).contains(Flags::PRESENT);
+        let written = if refusable {
+            self.with_undo(va, last, true, &mut |space| {
+                space.cpa_write(root, Level::L4, va, last, &req, &mut done)?;
+                space.drain()
+            })
+        } else {
+            self.cpa_write(root, Level::L4, va, last, &req, &mut done)
+                .and_then(|()| self.settle())
+        };
+        written?;
+        self.cpa_stats.splits += u64::from(done.splits);
+        if done.pages_changed > 0 || done.splits > 0 {
+            let scope = if done.splits > 0 || done.pages_changed > INVLPG_LIMIT {
+                self.cpa_stats.flush_all += 1;
+                TlbScope::All
+            } else {
+                self.cpa_stats.flush_pages += 1;
+                req.flush_scope()
+            };
+            self.backend.flush_tlb(scope)?;
+            done.flush = Some(scope);
+        }
+        Ok(done)
+    }
+
+    /// The check pass: every page mapped or parked, the new entries
+    /// acceptable; counts the splits the write pass will make.
+    fn cpa_check(
+        &self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+        req: &Request,
+        splits: &mut usize,
+    ) -> Result<(), Error> {
+        for slot in slots(level, start, last) {
+            let e = self.backend.read(table, slot.index);
+            if !cpa_leaf(e, level) {
+                if !e.is_present() {
+                    return Err(Error::NotMapped { va: slot.first });
+                }
+                let child = self.child_of(e)?;
+                let lower = level.lower().ok_or(Error::NotMapped { va: slot.first })?;
+                self.cpa_check(child, lower, slot.first, slot.last, req, splits)?;
+                continue;
+            }
+            if level != Level::L1 && self.backend.large_pages() == LargePages::None {
+                return Err(Error::LargePagesUnavailable);
+            }
+            self.cpa_check_leaf(level, e, req)?;
+            // A large page that already has the attributes is left whole.
+            if !slot.is_whole() && changed(e, req.flags, req.clear) != e {
+                // The split keeps the attributes; the part inside the range
+                // is then checked as smaller pages of the same attributes.
+                *splits += 1;
+                let lower = level.lower().ok_or(Error::NotMapped { va: slot.first })?;
+                if lower != Level::L1 {
+                    for sub in slots(lower, slot.first, slot.last) {
+                        if !sub.is_whole() {
+                            *splits += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One leaf's new value: never W+X, the backend's rules when present.
+    fn cpa_check_leaf(&self, level: Level, e: Entry, req: &Request) -> Result<(), Error> {
+        let new = changed(e, req.flags, req.clear);
+        let flags = new.flags();
+        if flags.contains(Flags::WRITABLE) && !flags.contains(Flags::NO_EXECUTE) {
+            return Err(Error::WriteExecute);
+        }
+        if new.is_present() {
+            let frame = self.child_of(e)?;
+            self.backend
+                .leaf_entry(level, frame, flags - Flags::HUGE_PAGE - HARDWARE_SET)?;
+        }
+        Ok(())
+    }
+
+    /// Under PV: refuses a change that would make a page-table frame of
+    /// this tree writable (before Xen is asked). The frames the range maps
+    /// are bounded first; only tables inside those bounds are looked up.
+    fn cpa_check_tables(&self, req: &Request) -> Result<(), Error> {
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
+        self.cpa_frames(req, &mut |_, pfn| {
+            lo = lo.min(pfn);
+            hi = hi.max(pfn);
+            Ok(())
+        })?;
+        let mut tables = [Pfn(0); 64];
+        let mut n = 0usize;
+        let mut overflow = false;
+        self.tables_in(lo, hi, &mut |t| {
+            if n < tables.len() {
+                tables[n] = t;
+                n += 1;
+            } else {
+                overflow = true;
+            }
+        });
+        let tables = &tables[..n];
+        let check = |va: u64, pfn: u64| -> Result<(), Error> {
+            let mut hit = tables.contains(&Pfn(pfn));
+            if overflow && !hit {
+                self.tables_in(pfn, pfn, &mut |_| hit = true);
+            }
+            if hit {
+                return Err(Error::PageTableFrame { va, pfn: Pfn(pfn) });
+            }
+            Ok(())
+        };
+        let mut found = Ok(());
+        self.cpa_frames(req, &mut |va, pfn| {
+            if found.is_ok() {
+                found = check(va, pfn);
+            }
+            Ok(())
+        })?;
+        found
+    }
+
+    /// Calls `f(table)` for every table of the tree whose frame lies in
+    /// `[lo, hi]`; L1 tables are found from their L2 entries, without
+    /// reading their own entries (so the cost is that of the upper levels).
+    fn tables_in(&self, lo: u64, hi: u64, f: &mut dyn FnMut(Pfn)) {
+        if (lo..=hi).contains(&self.root.0) {
+            f(self.root);
+        }
+        crate::walk::for_each(&self.backend, self.root, &mut |step| match step {
+            crate::walk::Step::Entry {
+                level,
+                child: Some(c),
+                ..
+            } => {
+                if (lo..=hi).contains(&c.0) {
+                    f(c);
+                }
+                level != Level::L2
+            }
+            _ => true,
+        });
+    }
+
+    /// Calls `f(va, pfn)` for every 4 KiB page of the request (PV: only
+    /// 4 KiB leaves exist).
+    fn cpa_frames(
+        &self,
+        req: &Request,
+        f: &mut dyn FnMut(u64, u64) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut va = req.va;
+        loop {
+            let found = crate::walk::walk(&self.backend, self.root, va, Level::L1)
+                .map_err(|e| Error::from_walk(e, va))?;
+            if found.level == Level::L1 && !found.entry.is_empty() {
+                let pfn = self.child_of(found.entry)?;
+                f(va, pfn.0)?;
+            }
+            match va.checked_add(PAGE_SIZE) {
+                Some(next) if next <= req.last => va = next,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Tops the split reserve up to `need` frames (before any write).
+    fn refill_reserve(&mut self, need: usize) -> Result<(), Error> {
+        while self.reserve.n < need.min(MAX_SPLITS) {
+            let f = self.alloc.allocate().ok_or(Error::OutOfFrames)?;
+            self.reserve.frames[self.reserve.n] = f;
+            self.reserve.n += 1;
+        }
+        Ok(())
+    }
+
+    /// Fills the split reserve to [`MAX_SPLITS`] frames (outside any CPA
+    /// call, e.g. where allocating may itself change mappings).
+    pub fn cpa_refill(&mut self) -> Result<(), Error> {
+        self.refill_reserve(MAX_SPLITS)
+    }
+
+    /// Returns the split reserve's frames to the allocator.
+    pub fn cpa_drain_reserve(&mut self) {
+        while self.reserve.n > 0 {
+            self.reserve.n -= 1;
+            self.alloc.free(self.reserve.frames[self.reserve.n]);
+        }
+    }
+
+    /// Counters over every CPA call so far.
+    pub fn cpa_stats(&self) -> CpaStats {
+        self.cpa_stats
+    }
+
+    /// The write pass: splits partly covered large pages, writes the
+    /// changed leaves.
+    fn cpa_write(
+        &mut self,
+        table: Pfn,
+        level: Level,
+        start: u64,
+        last: u64,
+        req: &Request,
+        done: &mut CpaDone,
+    ) -> Result<(), Error> {
+        if level == Level::L1 {
+            return self.cpa_write_l1(table, start, last, req, done);
+        }
+        for slot in slots(level, start, last) {
+            let e = self.backend.read(table, slot.index);
+            if e.is_empty() {
+                continue;
+            }
+            let Some(lower) = level.lower() else {
+                continue;
+            };
+            let child = if cpa_leaf(e, level) {
+                let new = changed(e, req.flags, req.clear);
+                if new == e {
+                    // Nothing to change here: no write, no split.
+                    continue;
+                }
+                if slot.is_whole() {
+                    self.backend.write(table, slot.index, new)?;
+                    done.pages_changed += level.entry_span() / PAGE_SIZE;
+                    continue;
+                }
+                let child = self.split(table, slot.index, level, e)?;
+                done.splits += 1;
+                child
+            } else {
+                self.child_of(e)?
+            };
+            self.cpa_write(child, lower, slot.first, slot.last, req, done)?;
+        }
+        Ok(())
+    }
+
+    /// The L1 step: one snapshot, the changed entries written.
+    #[inline(never)]
+    fn cpa_write_l1(
+        &mut self,
+        table: Pfn,
+        start: u64,
+        last: u64,
+        req: &Request,
+        done: &mut CpaDone,
+    ) -> Result<(), Error> {
+        let mut entries = [0u64; ENTRIES];
+        self.backend.read_table(table, &mut entries);
+        let (first, end) = (Level::L1.index(start), Level::L1.index(last));
+        for (i, &raw) in entries.iter().enumerate().take(end + 1).skip(first) {
+            let e = Entry(raw);
+            if e.is_empty() {
+                continue;
+            }
+            let new = changed(e, req.flags, req.clear);
+            if new != e {
+                self.backend.write(table, i, new)?;
+                done.pages_changed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces large leaf `e` at `table[index]` by a table of 512 smaller
+    /// pages with the same attributes: built in a reserve frame, then made
+    /// live by one store. Returns the new table.
+    fn split(&mut self, table: Pfn, index: usize, level: Level, e: Entry) -> Result<Pfn, Error> {
+        if self.reserve.n == 0 {
+            // The check pass counted the splits and filled the reserve.
+            return Err(Error::OutOfFrames);
+        }
+        self.reserve.n -= 1;
+        let frame = self.reserve.frames[self.reserve.n];
+        let built = self.build_split(frame, level, e);
+        let te = match built {
+            Ok(te) => te,
+            Err(err) => {
+                self.reserve.frames[self.reserve.n] = frame;
+                self.reserve.n += 1;
+                return Err(err);
+            }
+        };
+        // The one store that makes the complete table live.
+        self.backend.write(table, index, te)?;
+        self.tables_created += 1;
+        Ok(frame)
+    }
+
+    fn build_split(&mut self, frame: Pfn, level: Level, e: Entry) -> Result<Entry, Error> {
+        self.backend.new_table(frame)?;
+        let ptr = self
+            .backend
+            .frame_ptr(frame)
+            .ok_or(Error::BadFrame(frame))?;
+        // SAFETY: `frame` came from the reserve (the allocator's, owned by
+        // this space) and is not yet reachable from any table: plain stores
+        // into it race with nothing.
+        let words = unsafe { &mut *ptr.as_ptr() };
+        for (k, w) in words.iter_mut().enumerate() {
+            *w = split_entry(e, level, k as u64).0;
+        }
+        self.backend.seal_table(frame)?;
+        // Table entries are permissive (the leaves decide), as elsewhere.
+        Ok(self.backend.table_entry(frame)?)
+    }
+
+    /// Makes the pages read-only.
+    pub fn set_memory_ro(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::WRITABLE)
+    }
+    /// Makes the pages writable (they must be NX already: never W+X).
+    pub fn set_memory_rw(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::WRITABLE, Flags::empty())
+    }
+    /// Makes the pages non-executable.
+    pub fn set_memory_nx(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::NO_EXECUTE, Flags::empty())
+    }
+    /// Makes the pages executable (they must be read-only: never W+X).
+    pub fn set_memory_x(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::NO_EXECUTE)
+    }
+    /// Makes the pages not present, keeping frame and attributes in the
+    /// entry ("parked") for [`AddressSpace::set_memory_p`].
+    pub fn set_memory_np(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::PRESENT)
+    }
+    /// Makes parked pages present again.
+    pub fn set_memory_p(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::PRESENT, Flags::empty())
+    }
+}
+
+impl Request {
+    /// The page-by-page flush of the request's range.
+    fn flush_scope(&self) -> TlbScope {
+        TlbScope::Range {
+            start: self.va,
+            pages: (self.last - self.va) / PAGE_SIZE + 1,
+        }
+    }
+}
