@@ -27,7 +27,7 @@ pub struct BootOptions {
     /// `pvmmu.bench`: run the in-kernel benchmarks after the self-tests
     /// (`BENCH` lines, see `crate::bench`).
     pub bench: bool,
-    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack`: crash on purpose after the self-tests,
+    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
     /// `pvmmu.seed=N`: the randomized stress replays this seed.
@@ -53,6 +53,9 @@ pub enum CrashKind {
     /// reported with the thread's name from the #DF handler; under PV Xen
     /// cannot deliver the #PF and crashes the domain).
     ThreadStackOverflow,
+    /// Per-CPU lazy-MMU state read from preemptible code: the run-time
+    /// check panics (`pvmmu.crash=lazy-preemptible`).
+    LazyPreemptible,
 }
 
 /// Every `pvmmu.*` option the kernel knows.
@@ -122,6 +125,7 @@ impl BootOptions {
                 Some("pf") => Some(CrashKind::PageFault),
                 Some("stack") => Some(CrashKind::StackOverflow),
                 Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
+                Some("lazy-preemptible") => Some(CrashKind::LazyPreemptible),
                 _ => None,
             },
             seed: line.value("pvmmu.seed").and_then(parse_number),

@@ -23,7 +23,7 @@
 use hypercall::MmuHypercalls;
 use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
-use pvmmu::{AddressSpace, Backend, Error, FrameAllocator, Mfn, Pfn, Translation};
+use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases};
 use crate::frames::Frames;
@@ -174,6 +174,10 @@ struct Kspace {
     stacks: [bool; MAX_STACKS],
     /// Xen PV start-of-day facts (for the p2m).
     pv: Option<PvBoot>,
+    /// The thread whose lazy batch is open in `space` (see [`crate::lazy`]).
+    lazy_owner: Option<usize>,
+    /// TLB flushes owed by that batch, done when it closes.
+    lazy_flush: Flush,
 }
 
 static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
@@ -185,6 +189,9 @@ fn with<T>(f: impl FnOnce(&mut Kspace) -> Result<T, KspaceError>) -> Result<T, K
     let _p = crate::sched::preempt_disable();
     let mut guard = KSPACE.lock();
     let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    // A lazy batch left open by a thread goes out before anyone else's
+    // change (crate::lazy: no update overtakes a queued one).
+    ks.close_lazy()?;
     f(ks)
 }
 
@@ -226,6 +233,8 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
         space,
         stacks: [false; MAX_STACKS],
         pv: kernel.pv.clone(),
+        lazy_owner: None,
+        lazy_flush: Flush::none(),
     });
     Ok(())
 }
@@ -579,4 +588,148 @@ pub fn alloc_readonly_frame() -> Result<(Pfn, Mfn), KspaceError> {
             .ok_or(KspaceError::Map(Error::BadFrame(pfn)))?;
         Ok((pfn, mfn))
     })
+}
+
+// ---- lazy batches (crate::lazy) ---------------------------------------------
+
+/// One change made inside a lazy section.
+#[derive(Debug, Clone, Copy)]
+pub enum LazyOp {
+    /// Map `pfn` at `va` (one page).
+    Map {
+        /// Address.
+        va: u64,
+        /// Frame.
+        pfn: Pfn,
+        /// Entry flags.
+        flags: Flags,
+    },
+    /// Unmap the page at `va`.
+    Unmap {
+        /// Address.
+        va: u64,
+    },
+    /// `apply_to_range` over `[va, va + len)`, giving every mapped page
+    /// `flags`.
+    Protect {
+        /// First address.
+        va: u64,
+        /// Bytes.
+        len: u64,
+        /// New flags.
+        flags: Flags,
+    },
+}
+
+impl Kspace {
+    /// Closes the open lazy batch, if any: its queued writes go out, then
+    /// the flushes it owes.
+    fn close_lazy(&mut self) -> Result<(), KspaceError> {
+        if self.lazy_owner.take().is_none() {
+            return Ok(());
+        }
+        let owed = core::mem::replace(&mut self.lazy_flush, Flush::none());
+        on_space!(&mut self.space, s => {
+            let closed = s.close_lazy();
+            let flushed = s.flush(owed);
+            closed.and(flushed)?;
+        });
+        Ok(())
+    }
+
+    fn apply(&mut self, op: LazyOp) -> Result<Flush, KspaceError> {
+        Ok(on_space!(&mut self.space, s => match op {
+            LazyOp::Map { va, pfn, flags } => s.map(va, pfn, 4096, flags)?,
+            LazyOp::Unmap { va } => s.unmap(va, 4096)?,
+            LazyOp::Protect { va, len, flags } => {
+                s.apply_to_range(va, len, false, |_, _| Some(flags))?
+            }
+        }))
+    }
+}
+
+/// Runs `op` in `thread`'s lazy batch: a batch another thread left open is
+/// closed first, this thread's is opened if none is; the writes stay
+/// queued (and their TLB flush owed) after the lock is released, until the
+/// batch is closed by [`lazy_close`], a switch, or anyone else's change.
+/// Returns the writes still queued.
+pub fn lazy_apply(thread: usize, op: LazyOp) -> Result<usize, KspaceError> {
+    let _p = crate::sched::preempt_disable();
+    let mut guard = KSPACE.lock();
+    let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    crate::lazy::check_cpu_owner(thread);
+    if ks.lazy_owner.is_some_and(|o| o != thread) {
+        ks.close_lazy()?;
+    }
+    if ks.lazy_owner.is_none() {
+        on_space!(&mut ks.space, s => s.open_lazy());
+        ks.lazy_owner = Some(thread);
+    }
+    let flush = ks.apply(op)?;
+    ks.lazy_flush = ks.lazy_flush.merge(flush);
+    Ok(on_space!(&ks.space, s => s.backend().pending()))
+}
+
+/// Closes `thread`'s lazy batch if it is the open one (its writes and
+/// flushes go out); `Ok(false)` if it had none open.
+pub fn lazy_close(thread: usize) -> Result<bool, KspaceError> {
+    let _p = crate::sched::preempt_disable();
+    let mut guard = KSPACE.lock();
+    let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    lazy_close_locked(ks, thread)
+}
+
+fn lazy_close_locked(ks: &mut Kspace, thread: usize) -> Result<bool, KspaceError> {
+    if ks.lazy_owner != Some(thread) {
+        return Ok(false);
+    }
+    ks.close_lazy()?;
+    Ok(true)
+}
+
+/// [`lazy_close`] from the switch path (interrupts off): spins for the
+/// lock; natively it answers TLB shootdowns while it waits, since the
+/// holder may be waiting for this CPU's acknowledgement.
+pub fn lazy_close_irqs_off(thread: usize) -> Result<bool, KspaceError> {
+    loop {
+        if let Some(mut guard) = KSPACE.try_lock() {
+            let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+            return lazy_close_locked(ks, thread);
+        }
+        if !crate::platform::is_xen_pv() {
+            crate::shootdown::poll();
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// What `va` translates to through pvmmu (queued writes included).
+pub fn lookup(va: u64) -> Result<Option<Translation>, KspaceError> {
+    let _p = crate::sched::preempt_disable();
+    let guard = KSPACE.lock();
+    let ks = guard.as_ref().ok_or(KspaceError::NotReady)?;
+    Ok(on_space!(&ks.space, s => s.lookup(va)).ok())
+}
+
+/// Writes queued in the kernel space and not yet applied (0 natively).
+pub fn pending_writes() -> Result<usize, KspaceError> {
+    let _p = crate::sched::preempt_disable();
+    let guard = KSPACE.lock();
+    let ks = guard.as_ref().ok_or(KspaceError::NotReady)?;
+    Ok(on_space!(&ks.space, s => s.backend().pending()))
+}
+
+/// Performs `op` now from an interrupt handler, with its flush: the open
+/// lazy batch (whoever's) goes out first, so the handler's writes land
+/// after everything queued before them. `Ok(None)` if the lock is busy
+/// (the interrupted code may hold it: waiting would deadlock).
+pub fn try_apply_now(op: LazyOp) -> Result<Option<()>, KspaceError> {
+    let Some(mut guard) = KSPACE.try_lock() else {
+        return Ok(None);
+    };
+    let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    ks.close_lazy()?;
+    let flush = ks.apply(op)?;
+    on_space!(&mut ks.space, s => s.flush(flush))?;
+    Ok(Some(()))
 }

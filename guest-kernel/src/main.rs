@@ -25,6 +25,8 @@ mod frames;
 mod ipi;
 mod irq;
 mod kspace;
+mod lazy;
+mod lazy_tests;
 mod memmap;
 mod negative_env;
 mod percpu;
@@ -73,7 +75,12 @@ const BOOT_SUITES: &[&[SelfTest]] = &[boot_tests::SUITE];
 const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_tests::SUITE];
 
 /// Self-test suites run once interrupts, the tick and threads are up.
-const RUNNING_SUITES: &[&[SelfTest]] = &[rk_tests::SUITE, smp_tests::SUITE, cpa_tests::SUITE];
+const RUNNING_SUITES: &[&[SelfTest]] = &[
+    rk_tests::SUITE,
+    smp_tests::SUITE,
+    cpa_tests::SUITE,
+    lazy_tests::SUITE,
+];
 
 /// Most reservations remembered (for the self-tests): the fixed ones and
 /// one per boot module.
@@ -532,6 +539,10 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         tally.failed += 1;
     }
     kernel.report.preemptions = st.preemptions;
+    let lz = lazy::stats();
+    kernel.report.lazy_batches = lz.batches;
+    kernel.report.lazy_batches_preempted = lz.batches_preempted;
+    kernel.report.lazy_migrations = lz.migrations;
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
@@ -574,6 +585,12 @@ fn crash(kind: cmdline::CrashKind) {
                 Ok(depth) => log::error!("thread recursion returned at depth {depth}"),
                 Err(e) => log::error!("cannot run the overflowing thread: {e:?}"),
             }
+        }
+        cmdline::CrashKind::LazyPreemptible => {
+            // Per-CPU lazy state read with preemption and interrupts on:
+            // the run-time check must stop the kernel.
+            let t = lazy::cpu_lazy_thread();
+            log::error!("per-CPU lazy state read from preemptible code: {t:?}");
         }
     }
 }

@@ -75,6 +75,12 @@ pub struct Report {
     pub cpa_splits: u64,
     /// Faults the CPA self-test expected and took (write to RO, exec of NX).
     pub cpa_faults_verified: u64,
+    /// Lazy-MMU sections (outermost) ended.
+    pub lazy_batches: u64,
+    /// Of those, sections switched out at least once.
+    pub lazy_batches_preempted: u64,
+    /// Lazy sections resumed on another CPU.
+    pub lazy_migrations: u64,
 }
 
 impl Report {
@@ -113,6 +119,9 @@ impl Report {
             cpa_calls: 0,
             cpa_splits: 0,
             cpa_faults_verified: 0,
+            lazy_batches: 0,
+            lazy_batches_preempted: 0,
+            lazy_migrations: 0,
         }
     }
 }
@@ -186,8 +195,14 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{}}}",
-            self.cpa_calls, self.cpa_splits, self.cpa_faults_verified
+            ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{},\
+             \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{}}}",
+            self.cpa_calls,
+            self.cpa_splits,
+            self.cpa_faults_verified,
+            self.lazy_batches,
+            self.lazy_batches_preempted,
+            self.lazy_migrations
         )
     }
 }

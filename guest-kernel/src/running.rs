@@ -36,6 +36,7 @@ pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
         .store(true, core::sync::atomic::Ordering::Release);
     kspace::init(kernel).map_err(StartError::Kspace)?;
     sched::init().map_err(StartError::Sched)?;
+    crate::lazy::init().map_err(StartError::Sched)?;
     let source = match kernel.pv.as_ref() {
         Some(pv) => timer::init_pv(pv),
         None => timer::init_native(),

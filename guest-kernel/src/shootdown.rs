@@ -128,6 +128,13 @@ pub fn on_ipi() {
     }
 }
 
+/// Serves a request addressed to this CPU that its IPI has not served
+/// yet, from code that waits with interrupts off (natively only).
+pub fn poll() {
+    // `handle` does nothing when this CPU has acknowledged the latest.
+    on_ipi();
+}
+
 /// Counters: shootdowns initiated, IPIs sent, requests handled, timeouts.
 pub fn counts() -> (u64, u64, u64, u64) {
     (

@@ -34,6 +34,22 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
 }
 
 impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
+    /// Opens a lazy batch without a guard, for a kernel whose batch must
+    /// outlive the borrow of the space (a batch kept open across releases
+    /// of the lock around a shared space). Every [`Self::open_lazy`] must be
+    /// matched by one [`Self::close_lazy`]; prefer [`Self::lazy`].
+    pub fn open_lazy(&mut self) {
+        self.enter_lazy();
+    }
+
+    /// Closes a batch opened by [`Self::open_lazy`], draining it when it is
+    /// the outermost.
+    pub fn close_lazy(&mut self) -> Result<(), Error> {
+        self.leave_lazy()
+    }
+}
+
+impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// Runs `f(va, translation)` on every mapped page of `[va, va + len)`
     /// (a large page once, at its start, and only when covered whole) and
     /// gives the page the flags `f` returns (`None`: unchanged), all in one

@@ -69,7 +69,8 @@ pub enum Check {
 
 /// Report counters every passing boot must show above zero: the running
 /// kernel (interrupts, the tick, threads) is part of every boot.
-pub const RUNNING_KERNEL_COUNTERS: &[&str] = &["timer_irqs", "context_switches"];
+pub const RUNNING_KERNEL_COUNTERS: &[&str] =
+    &["timer_irqs", "context_switches", "lazy_batches_preempted"];
 
 /// Random operations a passing Xen boot must report (`random_ops`, the
 /// kernel's randomized stress on the live tree).
@@ -166,6 +167,10 @@ pub const BOOTS: &[Boot] = &[
     // slot 403 at 0xffffc98000000000), not the boot stack.
     boot(Mode::Native, 512, "pvmmu.crash=thread-stack", Expect::Fail,
          Check::Console("STACK OVERFLOW: thread 'overflow' hit its stack guard page")),
+    // Per-CPU lazy-MMU state used from preemptible code: the run-time check
+    // stops the kernel.
+    boot(Mode::Native, 512, "pvmmu.crash=lazy-preemptible", Expect::Fail,
+         Check::Console("BUG: lazy MMU per-CPU state used from preemptible code")),
     boot(Mode::Xen,    512, "pvmmu.crash=thread-stack", Expect::XenCrash,
          Check::Console("Guest stack trace from rsp=ffffc980")),
     // Issue 10: every CPU up, threads and ticks on all of them, and the
