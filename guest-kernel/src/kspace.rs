@@ -711,6 +711,14 @@ pub fn lookup(va: u64) -> Result<Option<Translation>, KspaceError> {
     Ok(on_space!(&ks.space, s => s.lookup(va)).ok())
 }
 
+/// The thread whose lazy batch is open, if any.
+pub fn lazy_owner() -> Result<Option<usize>, KspaceError> {
+    let _p = crate::sched::preempt_disable();
+    let guard = KSPACE.lock();
+    let ks = guard.as_ref().ok_or(KspaceError::NotReady)?;
+    Ok(ks.lazy_owner)
+}
+
 /// Writes queued in the kernel space and not yet applied (0 natively).
 pub fn pending_writes() -> Result<usize, KspaceError> {
     let _p = crate::sched::preempt_disable();

@@ -271,7 +271,8 @@ impl Drop for LazySection {
 /// the outgoing thread's batch and re-enters lazy mode for the incoming
 /// thread on this CPU.
 fn on_switch(from: ThreadId, to: ThreadId) {
-    // SAFETY-free: interrupts are off for the whole hook.
+    // Interrupts are already off here; the guard (a no-op) is the proof
+    // `CpuLocal` asks for.
     let irqs = irq::save();
     let here = CpuLocal::with_irqs_off(&irqs);
     if DEPTH[from.0].load(Ordering::Relaxed) > 0 {

@@ -190,14 +190,18 @@ fn observer(_: u64) -> u64 {
     }
     let va = SWITCH_VA.load(Ordering::Relaxed);
     let live = read(va) == Some(0x5a17_c400);
-    let open = kspace::pending_writes().map_or(usize::MAX, |n| n);
-    SEEN.store(u64::from(live && open == 0) | 2, Ordering::Release);
+    let queued = kspace::pending_writes().map_or(usize::MAX, |n| n);
+    let open = kspace::lazy_owner().map_or(true, |o| o.is_some());
+    SEEN.store(
+        u64::from(live && queued == 0 && !open) | 2,
+        Ordering::Release,
+    );
     0
 }
 
 /// A thread that yields inside its lazy section has its batch sent at the
 /// switch: the next thread on the CPU sees the entry live (a real access)
-/// with nothing queued; the section then continues and counts as
+/// with nothing queued and no batch open; the section then continues and counts as
 /// preempted.
 fn switch_sends_batch(_: &mut Kernel) -> TestResult {
     let cpu = percpu::cpu_id();
