@@ -677,7 +677,7 @@ mod tests {
 
     fn report(platform: &str, failed: u64) -> crate::report::Report {
         parse_report(&format!(
-            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5}}"#
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2}}"#
         ))
         .unwrap()
     }
@@ -820,11 +820,19 @@ selftest xen_pvh_c ... ok";
         assert!(judge(&pass_xen, &Verdict::Pass(still))
             .unwrap_err()
             .contains("timer_irqs"));
+        // Nor one whose lazy batches were never preempted.
+        let unpreempted = parse_report(
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":0}"#,
+        )
+        .unwrap();
+        assert!(judge(&pass_xen, &Verdict::Pass(unpreempted))
+            .unwrap_err()
+            .contains("lazy_batches_preempted"));
         // SMP rows: every CPU online, 10,000 stale-translation rounds, none stale.
         let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let smp_report = |cpus: u64, rounds: u64, stale: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
             ))
             .unwrap()
         };
