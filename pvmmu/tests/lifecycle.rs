@@ -45,6 +45,39 @@ fn a_lazy_batch_drains_once() {
     model.0.borrow().check_integrity().expect("integrity");
 }
 
+/// The guard-less batch a kernel keeps open across releases of its lock:
+/// nothing is submitted until the last close; reads see the queue; nested
+/// opens nest.
+#[test]
+fn an_open_batch_survives_the_borrow_and_drains_at_its_close() {
+    let model = shared(4096);
+    let mut s = pv(&model);
+    s.map(VA, Pfn(0), 4096, RO).expect("live L1").ignore();
+    model.0.borrow_mut().reset_stats();
+    s.open_lazy();
+    for k in 0..3u64 {
+        // Each call is a separate borrow of the space (as under a lock
+        // taken per change).
+        let space = &mut s;
+        space
+            .map(VA + (1 + k) * 4096, Pfn(10 + k), 4096, RW)
+            .expect("map")
+            .ignore();
+    }
+    s.open_lazy();
+    s.close_lazy().expect("inner close");
+    assert_eq!(
+        model.0.borrow().stats().hypercalls,
+        0,
+        "inner close sent nothing"
+    );
+    assert_eq!(s.lookup(VA + 3 * 4096).map(|t| t.pfn), Ok(Pfn(12)));
+    s.close_lazy().expect("outer close");
+    let st = model.0.borrow().stats();
+    assert_eq!((st.hypercalls, st.mmu_update_entries), (1, 3));
+    model.0.borrow().check_integrity().expect("integrity");
+}
+
 #[test]
 fn a_dropped_batch_keeps_its_failure_for_the_next_call() {
     let model = shared(4096);
