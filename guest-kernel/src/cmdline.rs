@@ -71,7 +71,14 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "pvmmu.crash",
         // Every value `BootOptions::parse` maps to a `CrashKind`.
-        kind: OptionKind::Choice(&["panic", "ud", "pf", "stack", "thread-stack"]),
+        kind: OptionKind::Choice(&[
+            "panic",
+            "ud",
+            "pf",
+            "stack",
+            "thread-stack",
+            "lazy-preemptible",
+        ]),
     },
     OptionSpec {
         name: "pvmmu.seed",
