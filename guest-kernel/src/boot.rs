@@ -110,8 +110,8 @@ DOUBLE_FAULT_STACK_TOP:
 PVH_PML4:       .skip 4096
 PVH_PDPT_LOW:   .skip 4096
 PVH_PDPT_HIGH:  .skip 4096
-PVH_PD_HIGH:    .skip 4096          # high 0..1 GiB: first 2 MiB via PVH_PT_HIGH
-PVH_PT_HIGH:    .skip 4096          # high 0..2 MiB in 4 KiB pages (stack guard)
+PVH_PD_HIGH:    .skip 4096          # high 0..1 GiB: the guard's 2 MiB via PVH_PT_HIGH
+PVH_PT_HIGH:    .skip 4096          # the stack guard's 2 MiB in 4 KiB pages
     .globl PVH_PD
 PVH_PD:         .skip 4 * 4096
     .globl PVH_TABLES_END
@@ -211,12 +211,16 @@ pvh_entry:
     add $4096, %eax
     mov %eax, 24(%edi)
 
-    # High page table: physical 0..2 MiB in 4 KiB pages, except the boot
-    # stack's guard page (if it lies in those 2 MiB).
+    # High page table: the 2 MiB holding the boot stack's guard page, in
+    # 4 KiB pages, except the guard page (wherever the image's size puts
+    # it; %edx: the physical start of those 2 MiB).
+    mov $(BOOT_STACK_GUARD - KVMA), %edx
+    and $0xffe00000, %edx
     mov $(PVH_PT_HIGH - KVMA), %edi
     xor %ecx, %ecx
 1:  mov %ecx, %eax
     shl $12, %eax
+    add %edx, %eax
     or $0x3, %eax                   # present | writable
     mov %eax, (%edi,%ecx,8)
     movl $0, 4(%edi,%ecx,8)
@@ -225,16 +229,12 @@ pvh_entry:
     jb 1b
     mov $(BOOT_STACK_GUARD - KVMA), %ecx
     shr $12, %ecx
-    cmp $512, %ecx
-    jae 1f
+    and $511, %ecx
     movl $0, (%edi,%ecx,8)
-1:
-    # High directory for physical 0..1 GiB: slot 0 -> that table, the rest
-    # 2 MiB pages as in the identity map.
+    # High directory for physical 0..1 GiB: 2 MiB pages as in the identity
+    # map, the guard's 2 MiB -> that table.
     mov $(PVH_PD_HIGH - KVMA), %edi
-    movl $(PVH_PT_HIGH - KVMA + 3), 0(%edi)
-    movl $0, 4(%edi)
-    mov $1, %ecx
+    xor %ecx, %ecx
 1:  mov %ecx, %eax
     shl $21, %eax
     or $0x83, %eax
@@ -243,6 +243,8 @@ pvh_entry:
     inc %ecx
     cmp $512, %ecx
     jb 1b
+    shr $21, %edx
+    movl $(PVH_PT_HIGH - KVMA + 3), (%edi,%edx,8)
 
     # High PDPT: 0xffffffff80000000 (slots 510, 511) -> physical 0..2 GiB.
     mov $(PVH_PDPT_HIGH - KVMA), %edi
