@@ -27,7 +27,7 @@ pub struct BootOptions {
     /// `pvmmu.bench`: run the in-kernel benchmarks after the self-tests
     /// (`BENCH` lines, see `crate::bench`).
     pub bench: bool,
-    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible`: crash on purpose after the self-tests,
+    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible|kmap-unbalanced`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
     /// `pvmmu.seed=N`: the randomized stress replays this seed.
@@ -56,6 +56,9 @@ pub enum CrashKind {
     /// Per-CPU lazy-MMU state read from preemptible code: the run-time
     /// check panics (`pvmmu.crash=lazy-preemptible`).
     LazyPreemptible,
+    /// Two kmaps released out of order: the guard's drop panics naming
+    /// the slot.
+    KmapUnbalanced,
 }
 
 /// Every `pvmmu.*` option the kernel knows.
@@ -133,6 +136,7 @@ impl BootOptions {
                 Some("stack") => Some(CrashKind::StackOverflow),
                 Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
                 Some("lazy-preemptible") => Some(CrashKind::LazyPreemptible),
+                Some("kmap-unbalanced") => Some(CrashKind::KmapUnbalanced),
                 _ => None,
             },
             seed: line.value("pvmmu.seed").and_then(parse_number),

@@ -24,6 +24,8 @@ mod events;
 mod frames;
 mod ipi;
 mod irq;
+mod kmap;
+mod kmap_tests;
 mod kspace;
 mod lazy;
 mod lazy_tests;
@@ -80,6 +82,7 @@ const RUNNING_SUITES: &[&[SelfTest]] = &[
     smp_tests::SUITE,
     cpa_tests::SUITE,
     lazy_tests::SUITE,
+    kmap_tests::SUITE,
 ];
 
 /// Most reservations remembered (for the self-tests): the fixed ones and
@@ -492,6 +495,9 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         ),
         Err(e) => panic!("cannot start the running kernel: {e:?}"),
     }
+    if let Err(e) = kmap::init(&kernel) {
+        panic!("cannot set up the kmap windows: {e:?}");
+    }
     if kernel.pv.is_some() {
         log::info!(
             "pvclock: TSC stable across vCPUs: {}",
@@ -543,6 +549,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.lazy_batches = lz.batches;
     kernel.report.lazy_batches_preempted = lz.batches_preempted;
     kernel.report.lazy_migrations = lz.migrations;
+    let km = kmap::stats();
+    kernel.report.kmaps = km.kmaps;
+    kernel.report.kmap_max_depth = km.max_depth;
+    kernel.report.kmap_switch_remaps = km.switch_remaps;
+    kernel.report.kmap_mismatches = kmap_tests::mismatches();
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;
@@ -579,6 +590,7 @@ fn crash(kind: cmdline::CrashKind) {
             let depth = recurse(0);
             log::error!("recursion returned at depth {depth}");
         }
+        cmdline::CrashKind::KmapUnbalanced => kmap_tests::crash_unbalanced(),
         cmdline::CrashKind::ThreadStackOverflow => {
             let overflow = |_: u64| recurse(0);
             match sched::spawn("overflow", overflow, 0).and_then(sched::join) {

@@ -81,6 +81,14 @@ pub struct Report {
     pub lazy_batches_preempted: u64,
     /// Lazy sections resumed on another CPU.
     pub lazy_migrations: u64,
+    /// kmap_local calls that mapped a slot.
+    pub kmaps: u64,
+    /// Highest kmap depth per context: thread, interrupt, nested exception.
+    pub kmap_max_depth: [u32; 3],
+    /// kmap slots mapped for an incoming thread at a switch.
+    pub kmap_switch_remaps: u64,
+    /// Pattern mismatches the kmap tests saw (must be 0).
+    pub kmap_mismatches: u64,
 }
 
 impl Report {
@@ -122,6 +130,10 @@ impl Report {
             lazy_batches: 0,
             lazy_batches_preempted: 0,
             lazy_migrations: 0,
+            kmaps: 0,
+            kmap_max_depth: [0; 3],
+            kmap_switch_remaps: 0,
+            kmap_mismatches: 0,
         }
     }
 }
@@ -196,13 +208,20 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{},\
-             \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{}}}",
+             \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{}",
             self.cpa_calls,
             self.cpa_splits,
             self.cpa_faults_verified,
             self.lazy_batches,
             self.lazy_batches_preempted,
             self.lazy_migrations
+        )?;
+        let [thread, irq, nested] = self.kmap_max_depth;
+        write!(
+            f,
+            ",\"kmaps\":{},\"kmap_max_depth_thread\":{thread},\"kmap_max_depth_irq\":{irq},\
+             \"kmap_max_depth_nested\":{nested},\"kmap_switch_remaps\":{},\"kmap_mismatches\":{}}}",
+            self.kmaps, self.kmap_switch_remaps, self.kmap_mismatches
         )
     }
 }

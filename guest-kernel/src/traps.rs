@@ -406,6 +406,16 @@ pub fn interrupts() -> u64 {
     INTERRUPTS.load(Ordering::Relaxed)
 }
 
+/// A hook run inside the handler of every expected (probe) fault (tests:
+/// work done in a nested exception).
+static PROBE_FAULT_HOOK: spin::Mutex<Option<fn()>> = spin::Mutex::new(None);
+
+/// Installs (or clears) the probe-fault hook.
+pub fn set_probe_fault_hook(hook: Option<fn()>) {
+    let _g = crate::irq::save();
+    *PROBE_FAULT_HOOK.lock() = hook;
+}
+
 /// Called by the stubs with the saved frame: interrupts (native vectors
 /// 32..=255, the PV event upcall) go to their handlers, exceptions to
 /// [`exception`]. The handler depth is tracked around both; when the
@@ -476,6 +486,10 @@ fn exception(frame: &mut TrapFrame) {
         return;
     }
     if let Some(fixup) = fixup_for(frame.rip) {
+        let hook = *PROBE_FAULT_HOOK.lock();
+        if let Some(hook) = hook {
+            hook();
+        }
         FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
         FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
         FAULT_CR2.store(cr2, Ordering::Relaxed);

@@ -1,0 +1,532 @@
+//! Temporary kernel mappings as a balanced stack (`kmap_local`).
+//!
+//! Every CPU owns a window of [`SLOTS_PER_CPU`] consecutive pages in
+//! kspace's L4 slot, at [`KMAP_AREA`] (one L1 table covers all CPUs'
+//! windows). [`init`] has pvmmu build that table once, anchored by a
+//! read-only page in its last entry so pvmmu never frees it; from then on
+//! pvmmu is never asked to touch the window again and kmap changes its
+//! leaves itself: under Xen PV with one `update_va_mapping` and a local
+//! invlpg (Xen validates the entry like any PV update), natively with one
+//! store into that L1 (through the direct map) and an invlpg. pvmmu reads
+//! the tree from memory (it keeps no per-table counts), so these edits
+//! keep its view and invariants true: a window leaf is either empty or a
+//! 4 KiB mapping of a guest frame, never writable onto a page table.
+//!
+//! [`kmap_local`] pushes the next slot of this CPU; dropping the
+//! [`KmapGuard`] pops it. Strict LIFO: releasing anything but the top is a
+//! typed error ([`KmapGuard::try_release`]) and a panic naming the slot
+//! when it happens in `drop`; the stack is then left as it was (never a
+//! silent remap). Overflow is a typed error, never a wrap.
+//!
+//! Contexts: thread (handler depth 0), interrupt (depth 1) and nested
+//! exception (depth >= 2) push on the same per-CPU stack; a handler must
+//! pop what it pushed before it returns, so the stack is balanced by
+//! construction. The high-water mark of each context is kept
+//! ([`stats`]); their sum must fit the window.
+//!
+//! Per-task stacks: a thread's kmaps are also recorded in its own slot
+//! array, and the scheduler's switch hook ([`on_switch`]) unmaps the
+//! outgoing thread's slots and maps the incoming thread's on the CPU it
+//! runs on. A thread may therefore hold kmaps across preemption and
+//! migration. Because the window is per CPU, the address of a slot depends
+//! on the CPU: access goes through the guard ([`KmapGuard::with_ptr`],
+//! [`KmapGuard::read_u64`], [`KmapGuard::write_u64`]), which holds
+//! preemption off across the access.
+//!
+//! Why no cross-CPU flush: CPU `n`'s window is only ever accessed by CPU
+//! `n` (the thread that runs there, or its handlers), so no other CPU can
+//! hold a translation of it that is ever used; the CPU that changes a slot
+//! invalidates its own entry.
+//!
+//! Invariant: on every CPU, with interrupts off, `top` equals the running
+//! thread's depth plus the slots its handlers hold, and slot `i < top`
+//! maps `ptes[i]`, slot `i >= top` is empty.
+
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use hypercall::MmuHypercalls;
+use pvmmu::entry::Flags;
+use pvmmu::Pfn;
+
+use crate::directmap::DirectMem;
+use crate::kspace::{self, KspaceError, FIXMAP_AREA};
+use crate::percpu::{self, MAX_CPUS};
+use crate::sched::{self, ThreadId, MAX_THREADS};
+use crate::xen_pv::PvBoot;
+use crate::{irq, Kernel};
+
+/// First address of the kmap windows (2 MiB above the fixmap: its own L1).
+pub const KMAP_AREA: u64 = FIXMAP_AREA + (2 << 20);
+/// Slots in one CPU's window.
+pub const SLOTS_PER_CPU: usize = 32;
+/// Most kmaps one thread may hold (the rest of the window is for handlers).
+pub const TASK_SLOTS: usize = 16;
+/// Index in the window's L1 of the page that keeps the table alive.
+const ANCHOR_INDEX: u64 = 511;
+/// Contexts whose depth is tracked: thread, interrupt, nested exception.
+pub const LEVELS: usize = 3;
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 2;
+const HUGE: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+const _: () = assert!(SLOTS_PER_CPU * MAX_CPUS <= ANCHOR_INDEX as usize);
+
+/// Why a kmap or its release failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KmapError {
+    /// [`init`] has not run.
+    NotReady,
+    /// The window (or the thread's share of it) is full.
+    Overflow {
+        /// The slot that would have been taken.
+        slot: usize,
+    },
+    /// A release of a slot that is not the top of the stack.
+    OutOfOrder {
+        /// The slot released.
+        slot: usize,
+        /// Slots in use on this CPU.
+        top: usize,
+    },
+    /// A release from another context than the kmap (thread vs handler).
+    WrongContext {
+        /// The slot released.
+        slot: usize,
+    },
+    /// A writable kmap of a frame the kernel keeps read-only (a page table
+    /// or descriptor table under PV): refused before Xen sees it.
+    PageTableWritable(Pfn),
+    /// The frame has no machine frame (PV).
+    BadFrame(Pfn),
+    /// A write through a read-only kmap.
+    ReadOnly {
+        /// The slot.
+        slot: usize,
+    },
+    /// An access beyond the page.
+    BadOffset(usize),
+    /// Xen refused the slot update.
+    Xen(hypercall::XenError),
+    /// kspace could not build the window's table.
+    Kspace(KspaceError),
+}
+
+impl fmt::Display for KmapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KmapError::OutOfOrder { slot, top } => write!(
+                f,
+                "out-of-order release of kmap slot {slot} (top of stack is slot {})",
+                top.wrapping_sub(1)
+            ),
+            KmapError::Overflow { slot } => write!(f, "kmap overflow at slot {slot}"),
+            KmapError::WrongContext { slot } => {
+                write!(f, "kmap slot {slot} released from another context")
+            }
+            e => write!(f, "{e:?}"),
+        }
+    }
+}
+
+/// Where the window lives and how to change it.
+struct Window {
+    /// The live root.
+    root: Pfn,
+    /// Xen PV start-of-day facts (p2m, m2p); `None` natively.
+    pv: Option<PvBoot>,
+    /// Natively: direct-map address of the window's L1.
+    l1: u64,
+}
+
+static WINDOW: spin::Once<Window> = spin::Once::new();
+
+/// One CPU's stack of slots.
+struct CpuKmaps {
+    top: usize,
+    ptes: [u64; SLOTS_PER_CPU],
+    level: [u8; SLOTS_PER_CPU],
+    per_level: [u32; LEVELS],
+}
+
+/// One thread's kmaps (its share of the window, saved across switches).
+struct TaskKmaps {
+    depth: usize,
+    ptes: [u64; TASK_SLOTS],
+}
+
+struct CpuCell(UnsafeCell<CpuKmaps>);
+struct TaskCell(UnsafeCell<TaskKmaps>);
+// SAFETY: `CPU_KMAPS[n]` is only touched on CPU `n` with interrupts off
+// (kmap, release, the switch hook), so accesses never overlap.
+unsafe impl Sync for CpuCell {}
+// SAFETY: `TASKS[t]` is only touched with interrupts off by thread `t`
+// itself or by the switch hook of the CPU switching away from or to `t`
+// (the scheduler's ON_CPU flag keeps `t` on one CPU at a time).
+unsafe impl Sync for TaskCell {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const CPU_INIT: CpuCell = CpuCell(UnsafeCell::new(CpuKmaps {
+    top: 0,
+    ptes: [0; SLOTS_PER_CPU],
+    level: [0; SLOTS_PER_CPU],
+    per_level: [0; LEVELS],
+}));
+#[allow(clippy::declare_interior_mutable_const)]
+const TASK_INIT: TaskCell = TaskCell(UnsafeCell::new(TaskKmaps {
+    depth: 0,
+    ptes: [0; TASK_SLOTS],
+}));
+
+static CPU_KMAPS: [CpuCell; MAX_CPUS] = [CPU_INIT; MAX_CPUS];
+static TASKS: [TaskCell; MAX_THREADS] = [TASK_INIT; MAX_THREADS];
+
+static KMAPS: AtomicU64 = AtomicU64::new(0);
+static RELEASES: AtomicU64 = AtomicU64::new(0);
+static SWITCH_REMAPS: AtomicU64 = AtomicU64::new(0);
+static SWITCH_UNMAPS: AtomicU64 = AtomicU64::new(0);
+static SWITCH_ERRORS: AtomicU64 = AtomicU64::new(0);
+static MAX_DEPTH: [AtomicU32; LEVELS] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
+
+/// Virtual address of slot `slot` of CPU `cpu`'s window.
+pub const fn slot_va(cpu: usize, slot: usize) -> u64 {
+    KMAP_AREA + ((cpu * SLOTS_PER_CPU + slot) as u64) * 4096
+}
+
+fn level_now() -> usize {
+    (irq::depth() as usize).min(LEVELS - 1)
+}
+
+/// The entry that maps `va` in the live tree (an L1 entry, or a large
+/// leaf above), read through the direct map; `None` if a table on the way
+/// is missing.
+fn leaf_entry(root: Pfn, pv: Option<&PvBoot>, va: u64) -> Option<*mut u64> {
+    let mut table = root;
+    for level in (1..=4u32).rev() {
+        let idx = ((va >> (12 + 9 * (level - 1))) & 511) as usize;
+        // SAFETY: `table` is a page-table frame of the live tree, RAM and
+        // so mapped (at least readable) in the direct map; `idx < 512`.
+        let p = unsafe { (DirectMem::va(table) as *mut u64).add(idx) };
+        if level == 1 {
+            return Some(p);
+        }
+        // SAFETY: as above; a volatile read of a live entry.
+        let e = unsafe { core::ptr::read_volatile(p) };
+        if e & PRESENT == 0 {
+            return None;
+        }
+        if e & HUGE != 0 {
+            return Some(p);
+        }
+        let frame = (e & ADDR_MASK) >> 12;
+        table = match pv {
+            Some(pv) => Pfn(pv.mfn_to_pfn(frame)?),
+            None => Pfn(frame),
+        };
+    }
+    None
+}
+
+impl Window {
+    /// The entry a slot gets for `frame` with `flags`, after the PV checks.
+    fn pte(&self, frame: Pfn, flags: Flags) -> Result<u64, KmapError> {
+        let bits = (flags | Flags::PRESENT).bits();
+        match &self.pv {
+            Some(pv) => {
+                if bits & WRITABLE != 0 {
+                    // Xen keeps every alias of a page or descriptor table
+                    // read-only, and pvmmu makes the direct-map alias so:
+                    // a read-only direct-map leaf means "not writable".
+                    let leaf = leaf_entry(self.root, Some(pv), DirectMem::va(frame));
+                    // SAFETY: a live entry, read through the direct map.
+                    let e = leaf.map(|p| unsafe { core::ptr::read_volatile(p) });
+                    if matches!(e, Some(e) if e & PRESENT != 0 && e & WRITABLE == 0) {
+                        return Err(KmapError::PageTableWritable(frame));
+                    }
+                }
+                let mfn = pv.pfn_to_mfn(frame.0).ok_or(KmapError::BadFrame(frame))?;
+                Ok((mfn << 12) | bits)
+            }
+            None => Ok((frame.0 << 12) | bits),
+        }
+    }
+
+    /// Points slot `slot` of `cpu` (the calling CPU) at `pte` (0: empty).
+    fn set(&self, cpu: usize, slot: usize, pte: u64) -> Result<(), KmapError> {
+        let va = slot_va(cpu, slot);
+        if self.pv.is_some() {
+            // SAFETY: PV (`pv` is set only on the Xen PV path).
+            let mut xen = unsafe { hypercall::Xen::new() };
+            xen.update_va_mapping(va, pte, hypercall::abi::UVMF_INVLPG)
+                .map_err(KmapError::Xen)
+        } else {
+            let idx = ((va >> 12) & 511) as usize;
+            // SAFETY: `l1` is the window's L1 (found at init, never freed:
+            // the anchor keeps it), mapped writable in the direct map
+            // natively; this CPU owns entry `idx` (its window).
+            unsafe { core::ptr::write_volatile((self.l1 as *mut u64).add(idx), pte) };
+            x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(va));
+            Ok(())
+        }
+    }
+}
+
+/// Builds the window's table through kspace (once), finds it, and
+/// registers the switch hook.
+pub fn init(kernel: &Kernel) -> Result<(), KmapError> {
+    let dm = kernel.direct_map.as_ref().ok_or(KmapError::NotReady)?;
+    let anchor_va = KMAP_AREA + ANCHOR_INDEX * 4096;
+    let anchor = kspace::take_frame().map_err(KmapError::Kspace)?;
+    kspace::map_page(anchor_va, anchor, Flags::PRESENT | Flags::NO_EXECUTE)
+        .map_err(KmapError::Kspace)?;
+    let pv = kernel.pv.clone();
+    let l1 = match leaf_entry(dm.root, pv.as_ref(), KMAP_AREA) {
+        Some(p) => (p as u64) & !0xfff,
+        None => return Err(KmapError::NotReady),
+    };
+    WINDOW.call_once(|| Window {
+        root: dm.root,
+        pv,
+        l1,
+    });
+    sched::register_switch_hook(on_switch).map_err(|_| KmapError::NotReady)?;
+    Ok(())
+}
+
+/// A live kmap: one slot of the stack. Dropping it releases the slot.
+/// Not `Send`: it belongs to the thread (or handler) that made it.
+#[must_use = "the slot is released when the guard drops"]
+pub struct KmapGuard {
+    slot: usize,
+    level: usize,
+    writable: bool,
+    released: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+/// Maps `frame` in the next slot of this CPU's window.
+pub fn kmap_local(frame: Pfn, flags: Flags) -> Result<KmapGuard, KmapError> {
+    let w = WINDOW.get().ok_or(KmapError::NotReady)?;
+    let pte = w.pte(frame, flags)?;
+    let g = irq::save();
+    let cpu = percpu::cpu_id();
+    let level = level_now();
+    // SAFETY: this CPU's cell, interrupts off (see `CpuCell`).
+    let c = unsafe { &mut *CPU_KMAPS[cpu].0.get() };
+    let slot = c.top;
+    if slot >= SLOTS_PER_CPU {
+        return Err(KmapError::Overflow { slot });
+    }
+    let task = if level == 0 {
+        let t = percpu::this_cpu(&g).current.load(Ordering::Relaxed);
+        // SAFETY: the running thread's own cell, interrupts off.
+        let tk = unsafe { &mut *TASKS[t].0.get() };
+        if tk.depth >= TASK_SLOTS {
+            return Err(KmapError::Overflow { slot });
+        }
+        Some(tk)
+    } else {
+        None
+    };
+    w.set(cpu, slot, pte)?;
+    c.ptes[slot] = pte;
+    c.level[slot] = level as u8;
+    c.top += 1;
+    c.per_level[level] += 1;
+    MAX_DEPTH[level].fetch_max(c.per_level[level], Ordering::Relaxed);
+    if let Some(tk) = task {
+        tk.ptes[tk.depth] = pte;
+        tk.depth += 1;
+    }
+    KMAPS.fetch_add(1, Ordering::Relaxed);
+    drop(g);
+    Ok(KmapGuard {
+        slot,
+        level,
+        writable: pte & WRITABLE != 0,
+        released: false,
+        _not_send: PhantomData,
+    })
+}
+
+impl KmapGuard {
+    /// The slot (its index in the stack).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Runs `f` with the page's address on this CPU, preemption off (the
+    /// address is only valid on the CPU that runs `f`).
+    pub fn with_ptr<T>(&self, f: impl FnOnce(*mut u8) -> T) -> T {
+        let _p = sched::preempt_disable();
+        f(slot_va(percpu::cpu_id(), self.slot) as *mut u8)
+    }
+
+    /// Reads the `u64` at byte `off` of the page.
+    pub fn read_u64(&self, off: usize) -> Result<u64, KmapError> {
+        if off > 4096 - 8 || off % 8 != 0 {
+            return Err(KmapError::BadOffset(off));
+        }
+        // SAFETY: the slot maps a frame (this guard is live) on the CPU
+        // that runs the closure; `off` is inside the page and aligned.
+        Ok(self.with_ptr(|p| unsafe { core::ptr::read_volatile(p.add(off) as *const u64) }))
+    }
+
+    /// Writes the `u64` at byte `off` of the page (a writable kmap).
+    pub fn write_u64(&self, off: usize, v: u64) -> Result<(), KmapError> {
+        if off > 4096 - 8 || off % 8 != 0 {
+            return Err(KmapError::BadOffset(off));
+        }
+        if !self.writable {
+            return Err(KmapError::ReadOnly { slot: self.slot });
+        }
+        // SAFETY: as in `read_u64`, and the slot is mapped writable.
+        self.with_ptr(|p| unsafe { core::ptr::write_volatile(p.add(off) as *mut u64, v) });
+        Ok(())
+    }
+
+    /// Releases the slot. Fails (and changes nothing) unless it is the top
+    /// of this CPU's stack and the caller is the context that made it.
+    pub fn try_release(&mut self) -> Result<(), KmapError> {
+        if self.released {
+            return Ok(());
+        }
+        let w = WINDOW.get().ok_or(KmapError::NotReady)?;
+        let g = irq::save();
+        let cpu = percpu::cpu_id();
+        let slot = self.slot;
+        if level_now() != self.level {
+            return Err(KmapError::WrongContext { slot });
+        }
+        // SAFETY: this CPU's cell, interrupts off.
+        let c = unsafe { &mut *CPU_KMAPS[cpu].0.get() };
+        if c.top != slot + 1 {
+            return Err(KmapError::OutOfOrder { slot, top: c.top });
+        }
+        let task = if self.level == 0 {
+            let t = percpu::this_cpu(&g).current.load(Ordering::Relaxed);
+            // SAFETY: the running thread's own cell, interrupts off.
+            let tk = unsafe { &mut *TASKS[t].0.get() };
+            if tk.depth != slot + 1 {
+                return Err(KmapError::OutOfOrder {
+                    slot,
+                    top: tk.depth,
+                });
+            }
+            Some(tk)
+        } else {
+            None
+        };
+        w.set(cpu, slot, 0)?;
+        c.top -= 1;
+        c.ptes[slot] = 0;
+        c.per_level[self.level] -= 1;
+        if let Some(tk) = task {
+            tk.depth -= 1;
+            tk.ptes[tk.depth] = 0;
+        }
+        RELEASES.fetch_add(1, Ordering::Relaxed);
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl Drop for KmapGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.try_release() {
+            panic!("KMAP UNBALANCED: {e}");
+        }
+    }
+}
+
+/// The switch hook: unmaps `from`'s slots and maps `to`'s on this CPU
+/// (interrupts off, on the outgoing stack).
+pub fn on_switch(from: ThreadId, to: ThreadId) {
+    let Some(w) = WINDOW.get() else { return };
+    let cpu = percpu::cpu_id();
+    // SAFETY: interrupts are off in a switch hook; this CPU's cell, and
+    // the two threads' cells (see `TaskCell`).
+    let (c, fk, tk) = unsafe {
+        (
+            &mut *CPU_KMAPS[cpu].0.get(),
+            &*TASKS[from.0].0.get(),
+            &*TASKS[to.0].0.get(),
+        )
+    };
+    if c.top != fk.depth {
+        // Handler slots held across a switch: a bug elsewhere; leave them.
+        SWITCH_ERRORS.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    for i in 0..fk.depth.max(tk.depth) {
+        let pte = if i < tk.depth { tk.ptes[i] } else { 0 };
+        if w.set(cpu, i, pte).is_err() {
+            SWITCH_ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+        c.ptes[i] = pte;
+        c.level[i] = 0;
+    }
+    SWITCH_UNMAPS.fetch_add(fk.depth as u64, Ordering::Relaxed);
+    SWITCH_REMAPS.fetch_add(tk.depth as u64, Ordering::Relaxed);
+    c.top = tk.depth;
+    c.per_level[0] = tk.depth as u32;
+}
+
+/// kmap counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    /// kmaps made.
+    pub kmaps: u64,
+    /// kmaps released.
+    pub releases: u64,
+    /// Slots mapped for an incoming thread at a switch.
+    pub switch_remaps: u64,
+    /// Slots unmapped for an outgoing thread at a switch.
+    pub switch_unmaps: u64,
+    /// Switches that found the stack inconsistent or Xen refusing.
+    pub switch_errors: u64,
+    /// Highest depth seen per context (thread, interrupt, nested).
+    pub max_depth: [u32; LEVELS],
+}
+
+/// The counters so far.
+pub fn stats() -> Stats {
+    Stats {
+        kmaps: KMAPS.load(Ordering::Relaxed),
+        releases: RELEASES.load(Ordering::Relaxed),
+        switch_remaps: SWITCH_REMAPS.load(Ordering::Relaxed),
+        switch_unmaps: SWITCH_UNMAPS.load(Ordering::Relaxed),
+        switch_errors: SWITCH_ERRORS.load(Ordering::Relaxed),
+        max_depth: [0, 1, 2].map(|i| MAX_DEPTH[i].load(Ordering::Relaxed)),
+    }
+}
+
+/// Slots in use on any CPU or held by any thread, and window leaves still
+/// present (all 0 when the stacks are balanced and idle).
+pub fn live_slots() -> (usize, usize, usize) {
+    let Some(w) = WINDOW.get() else {
+        return (0, 0, 0);
+    };
+    let _g = irq::save();
+    // SAFETY: reading counters only, at the end of a test when no kmap is
+    // in flight on any CPU (a racy read only makes the check fail).
+    let on_cpus = CPU_KMAPS.iter().map(|c| unsafe { (*c.0.get()).top }).sum();
+    // SAFETY: as above.
+    let in_tasks = TASKS.iter().map(|t| unsafe { (*t.0.get()).depth }).sum();
+    let mut present = 0;
+    for cpu in 0..MAX_CPUS {
+        for slot in 0..SLOTS_PER_CPU {
+            if let Some(p) = leaf_entry(w.root, w.pv.as_ref(), slot_va(cpu, slot)) {
+                // SAFETY: a live L1 entry read through the direct map.
+                if unsafe { core::ptr::read_volatile(p) } & PRESENT != 0 {
+                    present += 1;
+                }
+            }
+        }
+    }
+    (on_cpus, in_tasks, present)
+}
