@@ -169,9 +169,13 @@ fn page_table_refused(k: &mut Kernel) -> TestResult {
         .as_ref()
         .map(|d| d.root)
         .ok_or(Failure::Check("direct map"))?;
-    let h0 = hypercall::raw::hypercall_count();
-    let e = kmap_local(root, RW).map(|g| g.slot());
-    let h1 = hypercall::raw::hypercall_count();
+    // Interrupts off: no tick's hypercalls land in the count.
+    let (e, h0, h1) = {
+        let _g = crate::irq::save();
+        let h0 = hypercall::raw::hypercall_count();
+        let e = kmap_local(root, RW).map(|g| g.slot());
+        (e, h0, hypercall::raw::hypercall_count())
+    };
     check(
         e == Err(KmapError::PageTableWritable(root)),
         "writable kmap of the root refused",
