@@ -183,6 +183,12 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus", Expect::Warning, Check::Nothing),
     boot(Mode::Xen,    512, "pvmmu.4k",           Expect::Warning,  Check::Nothing),
+    // Issue 13: two kmaps released out of order; the guard's drop fails
+    // loudly, naming the slot (the kmap self-tests run in every PASS row).
+    boot(Mode::Native, 512, "pvmmu.crash=kmap-unbalanced", Expect::Fail,
+         Check::Console("KMAP UNBALANCED: out-of-order release of kmap slot 0")),
+    boot(Mode::Xen,    512, "pvmmu.crash=kmap-unbalanced", Expect::Fail,
+         Check::Console("KMAP UNBALANCED: out-of-order release of kmap slot 0")),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
