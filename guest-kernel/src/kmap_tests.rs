@@ -30,6 +30,7 @@ pub const SUITE: &[SelfTest] = &[
     ),
     SelfTest::new("kmap_stress_every_cpu_with_irq_nesting", stress),
     SelfTest::new("kmap_held_across_preemption_and_migration", preempt_migrate),
+    SelfTest::new("kmap_switch_cost_with_live_kmaps", switch_cost),
     SelfTest::new("kmap_every_slot_empty_depths_fit", all_empty),
 ];
 
@@ -458,6 +459,63 @@ fn preempt_migrate(_: &mut Kernel) -> TestResult {
         )?;
     }
     Ok(())
+}
+
+static PINGPONG_FRAME: AtomicU64 = AtomicU64::new(0);
+const PINGPONG_YIELDS: u64 = 200;
+
+/// Holds `n` kmaps and yields [`PINGPONG_YIELDS`] times.
+fn pingpong(n: u64) -> u64 {
+    let mut held: [Option<KmapGuard>; 4] = [const { None }; 4];
+    for h in held.iter_mut().take(n as usize) {
+        match kmap_local(frame(&PINGPONG_FRAME), RO) {
+            Ok(g) => *h = Some(g),
+            Err(_) => return u64::MAX,
+        }
+    }
+    for _ in 0..PINGPONG_YIELDS {
+        sched::yield_now();
+    }
+    for h in held.iter_mut().rev() {
+        drop(h.take());
+    }
+    0
+}
+
+/// Two threads on CPU 0 yield to each other holding 0, 1 and 4 kmaps
+/// each: cycles per switch and the slots the hook remapped (measured,
+/// logged; the remaps must be `n` per switch).
+fn switch_cost(_: &mut Kernel) -> TestResult {
+    PINGPONG_FRAME.store(kspace::take_frame().map_err(kserr)?.0, Ordering::Relaxed);
+    let mut result = Ok(());
+    for n in [0u64, 1, 4] {
+        let s0 = sched::stats().context_switches;
+        let r0 = kmap::stats().switch_remaps;
+        let h0 = hypercall::raw::hypercall_count();
+        let t0 = crate::platform::rdtsc();
+        let a = sched::spawn_on(0, "kmap-ping", pingpong, n);
+        let b = sched::spawn_on(0, "kmap-pong", pingpong, n);
+        let ra = a.and_then(sched::join);
+        let rb = b.and_then(sched::join);
+        let cycles = crate::platform::rdtsc() - t0;
+        let switches = (sched::stats().context_switches - s0).max(1);
+        let remaps = kmap::stats().switch_remaps - r0;
+        let hcalls = hypercall::raw::hypercall_count() - h0;
+        log::info!(
+            "kmap switch cost: {n} live kmaps per thread: {switches} switches, {} cycles/switch, {remaps} slots remapped, {} hypercalls/switch",
+            cycles / switches,
+            hcalls / switches
+        );
+        if ra != Ok(0) || rb != Ok(0) {
+            result = Err(Failure::Check("the ping-pong threads ran"));
+        } else if remaps < n * PINGPONG_YIELDS {
+            result = Err(Failure::Check(
+                "every switch to a holder remapped its slots",
+            ));
+        }
+    }
+    kspace::give_frame(frame(&PINGPONG_FRAME)).map_err(kserr)?;
+    result
 }
 
 /// Every slot of every CPU empty, no thread holding kmaps, every kmap
