@@ -368,7 +368,7 @@ impl KmapGuard {
 
     /// Reads the `u64` at byte `off` of the page.
     pub fn read_u64(&self, off: usize) -> Result<u64, KmapError> {
-        if off > 4096 - 8 || off % 8 != 0 {
+        if off > 4096 - 8 || !off.is_multiple_of(8) {
             return Err(KmapError::BadOffset(off));
         }
         // SAFETY: the slot maps a frame (this guard is live) on the CPU
@@ -378,7 +378,7 @@ impl KmapGuard {
 
     /// Writes the `u64` at byte `off` of the page (a writable kmap).
     pub fn write_u64(&self, off: usize, v: u64) -> Result<(), KmapError> {
-        if off > 4096 - 8 || off % 8 != 0 {
+        if off > 4096 - 8 || !off.is_multiple_of(8) {
             return Err(KmapError::BadOffset(off));
         }
         if !self.writable {
