@@ -463,6 +463,7 @@ fn preempt_migrate(_: &mut Kernel) -> TestResult {
 
 static PINGPONG_FRAME: AtomicU64 = AtomicU64::new(0);
 const PINGPONG_YIELDS: u64 = 200;
+static PINGPONG_READY: AtomicU64 = AtomicU64::new(0);
 
 /// Holds `n` kmaps and yields [`PINGPONG_YIELDS`] times.
 fn pingpong(n: u64) -> u64 {
@@ -472,6 +473,11 @@ fn pingpong(n: u64) -> u64 {
             Ok(g) => *h = Some(g),
             Err(_) => return u64::MAX,
         }
+    }
+    // Both threads hold their kmaps before either starts counting.
+    PINGPONG_READY.fetch_add(1, Ordering::SeqCst);
+    while PINGPONG_READY.load(Ordering::SeqCst) < 2 {
+        sched::yield_now();
     }
     for _ in 0..PINGPONG_YIELDS {
         sched::yield_now();
@@ -489,7 +495,10 @@ fn switch_cost(_: &mut Kernel) -> TestResult {
     PINGPONG_FRAME.store(kspace::take_frame().map_err(kserr)?.0, Ordering::Relaxed);
     let mut result = Ok(());
     for n in [0u64, 1, 4] {
-        let s0 = sched::stats().context_switches;
+        PINGPONG_READY.store(0, Ordering::SeqCst);
+        // Switches on CPU 0 only, where both threads run.
+        let cpu0_switches = || percpu::CPUS[0].switches.load(Ordering::Relaxed);
+        let s0 = cpu0_switches();
         let r0 = kmap::stats().switch_remaps;
         let h0 = hypercall::raw::hypercall_count();
         let t0 = crate::platform::rdtsc();
@@ -498,7 +507,7 @@ fn switch_cost(_: &mut Kernel) -> TestResult {
         let ra = a.and_then(sched::join);
         let rb = b.and_then(sched::join);
         let cycles = crate::platform::rdtsc() - t0;
-        let switches = (sched::stats().context_switches - s0).max(1);
+        let switches = (cpu0_switches() - s0).max(1);
         let remaps = kmap::stats().switch_remaps - r0;
         let hcalls = hypercall::raw::hypercall_count() - h0;
         log::info!(
