@@ -81,6 +81,7 @@ pub const OPTIONS: &[OptionSpec] = &[
             "stack",
             "thread-stack",
             "lazy-preemptible",
+            "kmap-unbalanced",
         ]),
     },
     OptionSpec {
