@@ -181,7 +181,12 @@ fn page_table_refused(k: &mut Kernel) -> TestResult {
         e == Err(KmapError::PageTableWritable(root)),
         "writable kmap of the root refused",
     )?;
-    check_eq("hypercalls for the refusal", h1 - h0, 0)?;
+    // The hypercall counter is global: exact only while no other CPU runs
+    // (with several CPUs their ticks and idle blocks land in it). The typed
+    // error above is pvmmu's own; Xen's refusal would have been a Xen error.
+    if crate::percpu::online_count() == 1 {
+        check_eq("hypercalls for the refusal", h1 - h0, 0)?;
+    }
     let g = kmap_local(root, RO).map_err(kerr("read-only kmap of the root"))?;
     let off = kspace::KSPACE_SLOT * 8;
     let via_kmap = g.read_u64(off).map_err(kerr("read root"))?;
