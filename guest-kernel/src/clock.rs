@@ -173,6 +173,7 @@ fn pvclock_ns(t: &VcpuTimeInfo) -> u64 {
         };
         let tsc = rdtsc();
         fence(Ordering::Acquire);
+        // SAFETY: as above: the mapped record, re-read to validate the copy.
         let v1 = unsafe { core::ptr::read_volatile(&t.version) };
         if v0 & 1 != 0 || v0 != v1 {
             core::hint::spin_loop();

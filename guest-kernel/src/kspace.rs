@@ -172,8 +172,6 @@ struct Kspace {
     space: Space,
     /// Which stack slots are in use.
     stacks: [bool; MAX_STACKS],
-    /// Xen PV start-of-day facts (for the p2m).
-    pv: Option<PvBoot>,
     /// The thread whose lazy batch is open in `space` (see [`crate::lazy`]).
     lazy_owner: Option<usize>,
     /// TLB flushes owed by that batch, done when it closes.
@@ -232,7 +230,6 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
     *KSPACE.lock() = Some(Kspace {
         space,
         stacks: [false; MAX_STACKS],
-        pv: kernel.pv.clone(),
         lazy_owner: None,
         lazy_flush: Flush::none(),
     });
@@ -424,7 +421,6 @@ pub fn map_foreign_pv(fix: Fixmap, mfn: u64) -> Result<u64, KspaceError> {
         match result {
             Ok(()) => {
                 s.allocator_mut().give(placeholder);
-                let _ = &ks.pv;
                 Ok(va)
             }
             Err(e) => {
