@@ -302,6 +302,17 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
+/// `(a * b + c) % n`; in 64-bit arithmetic when it cannot overflow (every
+/// guest this model stands for), in 128-bit otherwise. The p2m is
+/// consulted on every entry of every walk, so this is the property tests'
+/// hot path.
+fn mul_add_mod(a: u64, b: u64, c: u64, n: u64) -> u64 {
+    match a.checked_mul(b).and_then(|p| p.checked_add(c)) {
+        Some(v) => v % n,
+        None => ((u128::from(a) * u128::from(b) + u128::from(c)) % u128::from(n)) as u64,
+    }
+}
+
 /// Inverse of `a` modulo `n` (`gcd(a, n) == 1`, `n >= 1`).
 fn mod_inverse(a: u64, n: u64) -> u64 {
     let (mut t, mut new_t) = (0i128, 1i128);
@@ -381,9 +392,8 @@ impl XenModel {
         if pfn.0 >= self.nr_pages {
             return None;
         }
-        let n = u128::from(self.nr_pages);
-        let x = (u128::from(pfn.0) * u128::from(self.p2m_mul) + u128::from(self.p2m_add)) % n;
-        Some(Mfn(GUEST_MFN_BASE + x as u64))
+        let x = mul_add_mod(pfn.0, self.p2m_mul, self.p2m_add, self.nr_pages);
+        Some(Mfn(GUEST_MFN_BASE + x))
     }
 
     /// Guest frame backed by `mfn` (the inverse p2m), if the guest owns it.
@@ -391,10 +401,15 @@ impl XenModel {
         if self.owner(mfn) != Owner::Guest {
             return None;
         }
-        let n = u128::from(self.nr_pages);
-        let x = u128::from(mfn.0 - GUEST_MFN_BASE);
-        let y = (x + n - u128::from(self.p2m_add)) % n;
-        Some(Pfn((y * u128::from(self.p2m_inv) % n) as u64))
+        let n = self.nr_pages;
+        // x < n and p2m_add < n: no overflow, one subtraction modulo n.
+        let x = mfn.0 - GUEST_MFN_BASE;
+        let y = if x >= self.p2m_add {
+            x - self.p2m_add
+        } else {
+            x + (n - self.p2m_add)
+        };
+        Some(Pfn(mul_add_mod(y, self.p2m_inv, 0, n)))
     }
 
     /// Owner of machine frame `mfn`.

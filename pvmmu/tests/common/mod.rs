@@ -204,7 +204,25 @@ fn sign_extend(va: u64) -> u64 {
 /// Every mapped 4 KiB page of the tree (large pages expanded), skipping
 /// Xen's L4 slots under PV.
 pub fn leaves<B: Backend>(b: &B, root: Pfn) -> BTreeMap<u64, Leaf> {
-    fn walk<B: Backend>(b: &B, table: Pfn, level: Level, base: u64, out: &mut BTreeMap<u64, Leaf>) {
+    leaves_outside(b, root, None)
+}
+
+/// [`leaves`] without the pages of `skip` (`[start, end)`): an entry whose
+/// whole span lies inside it is not descended into, so a large mapping the
+/// caller checks otherwise (a direct map) costs nothing per call.
+pub fn leaves_outside<B: Backend>(
+    b: &B,
+    root: Pfn,
+    skip: Option<(u64, u64)>,
+) -> BTreeMap<u64, Leaf> {
+    fn walk<B: Backend>(
+        b: &B,
+        table: Pfn,
+        level: Level,
+        base: u64,
+        skip: Option<(u64, u64)>,
+        out: &mut BTreeMap<u64, Leaf>,
+    ) {
         let mut entries = [0u64; 512];
         b.read_table(table, &mut entries);
         for (i, raw) in entries.iter().enumerate() {
@@ -216,14 +234,23 @@ pub fn leaves<B: Backend>(b: &B, root: Pfn) -> BTreeMap<u64, Leaf> {
                 continue;
             }
             let va = sign_extend(base | ((i as u64) << level.shift()));
+            if let Some((start, end)) = skip {
+                if va >= start && va.wrapping_add(level.entry_span() - 1) < end {
+                    continue;
+                }
+            }
             let pfn = b.to_pfn(e.mfn()).expect("entry points to a guest frame").0;
             let leaf = level == Level::L1 || (e.is_huge() && b.kind() == Kind::Native);
             if leaf {
                 let flags = b.normalize(e.flags() - Flags::HUGE_PAGE - HARDWARE_SET);
                 let n = level.entry_span() / 4096;
                 for k in 0..n {
+                    let page = va + k * 4096;
+                    if skip.is_some_and(|(start, end)| page >= start && page < end) {
+                        continue;
+                    }
                     out.insert(
-                        va + k * 4096,
+                        page,
                         Leaf {
                             pfn: pfn + k,
                             flags,
@@ -233,12 +260,12 @@ pub fn leaves<B: Backend>(b: &B, root: Pfn) -> BTreeMap<u64, Leaf> {
                     );
                 }
             } else if let Some(lower) = level.lower() {
-                walk(b, Pfn(pfn), lower, va, out);
+                walk(b, Pfn(pfn), lower, va, skip, out);
             }
         }
     }
     let mut out = BTreeMap::new();
-    walk(b, root, Level::L4, 0, &mut out);
+    walk(b, root, Level::L4, 0, skip, &mut out);
     out
 }
 
