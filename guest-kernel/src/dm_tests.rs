@@ -7,8 +7,9 @@
 //! write only to frames the allocator owns (and restore nothing else).
 
 use pvmmu::backend::{Backend, CpuTlb, Native, XenPv};
-use pvmmu::invariants::{self, Rules, Violation};
-use pvmmu::Pfn;
+use pvmmu::entry::{Entry, Flags, Level, TABLE_FLAGS};
+use pvmmu::invariants::{self, Oracle, Rules, Violation};
+use pvmmu::{Mfn, Pfn};
 
 use crate::directmap::{DirectMap, DirectMem};
 use crate::selftest::{check, check_eq, Failure, Only, SelfTest, TestResult};
@@ -32,6 +33,12 @@ pub const SUITE: &[SelfTest] = &[
         bootstrap_within_bounds,
     ),
     SelfTest::new("dm_rounds_logarithmic", rounds_logarithmic),
+    SelfTest::only(
+        "dm_tables_top_of_previous_chunk",
+        Only::XenPv,
+        tables_top_of_previous_chunk,
+    ),
+    SelfTest::new("dm_walker_finds_broken_tree", walker_finds_broken_tree),
 ];
 
 fn dm(kernel: &Kernel) -> Result<&DirectMap, Failure> {
@@ -301,6 +308,219 @@ fn rounds_logarithmic(kernel: &mut Kernel) -> TestResult {
             what: "bootstrap rounds",
             got: u64::from(r.rounds),
         });
+    }
+    Ok(())
+}
+
+/// The design's central rule, read back from the live tree under PV: every
+/// bootstrap round but the last put the next round's tables at the very top
+/// of the chunk it had just mapped, so the top frame of each such chunk is a
+/// page table of the live tree. (The host test of the same rule runs the
+/// bootstrap against the model; this one asks the tree real Xen validated.)
+fn tables_top_of_previous_chunk(kernel: &mut Kernel) -> TestResult {
+    let dm = dm(kernel)?;
+    let pv = kernel.pv.clone().ok_or(Failure::Check("not PV"))?;
+    let r = &dm.report;
+    let rounds = r.rounds as usize;
+    check(rounds >= 1 && rounds <= r.chunks.len(), "bootstrap rounds")?;
+    let tops = &r.chunks[..rounds - 1];
+    let mut found = [false; 8];
+    check(tops.len() <= found.len(), "more rounds than the test holds")?;
+    let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
+    // SAFETY: PV guest.
+    let xen = unsafe { hypercall::Xen::new() };
+    let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn);
+    invariants::for_each_table(&backend, dm.root, &mut |pfn, _| {
+        for (k, c) in tops.iter().enumerate() {
+            if pfn.0 + 1 == c.end.0 {
+                found[k] = true;
+            }
+        }
+    });
+    for (k, c) in tops.iter().enumerate() {
+        if !found[k] {
+            log::error!(
+                "round {}: the top frame {:#x} of chunk {k} is no table of the live tree",
+                k + 1,
+                c.end.0 - 1
+            );
+            return Err(Failure::Check(
+                "a round's tables are not at the top of its chunk",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A small scratch tree, never loaded, with each rule of the walker broken
+/// once; the walker must report exactly those breaks. Under PV the oracle
+/// types the live root and three of the scratch tables (the scratch root
+/// unpinned, its L1 untyped), as Xen would see them.
+fn walker_finds_broken_tree(kernel: &mut Kernel) -> TestResult {
+    let mut f = [Pfn(0); 5];
+    for slot in f.iter_mut() {
+        *slot = match kernel.frames.allocate_lowest() {
+            Some(p) => p,
+            None => {
+                free_all(kernel, &f);
+                return Err(Failure::Check("no free frame"));
+            }
+        };
+    }
+    let result = broken_tree(kernel, f);
+    free_all(kernel, &f);
+    result
+}
+
+fn free_all(kernel: &mut Kernel, frames: &[Pfn]) {
+    for &p in frames.iter().filter(|p| p.0 != 0) {
+        if kernel.frames.try_free(p).is_err() {
+            log::error!("scratch frame {:#x} not freed", p.0);
+        }
+    }
+}
+
+/// The types the walker's oracle answers with.
+struct Types {
+    typed: [(Mfn, Level); 4],
+}
+
+impl Oracle for Types {
+    fn table_level(&self, mfn: Mfn) -> Option<Level> {
+        self.typed.iter().find(|t| t.0 == mfn).map(|t| t.1)
+    }
+    fn is_pinned(&self, _mfn: Mfn) -> bool {
+        false
+    }
+}
+
+fn broken_tree(kernel: &mut Kernel, f: [Pfn; 5]) -> TestResult {
+    let dm = dm(kernel)?;
+    let [l4, l3, l2, l1, data] = f;
+    let pv = kernel.pv.clone();
+    let mfn = |p: Pfn| -> Result<Mfn, Failure> {
+        match &pv {
+            Some(pv) => pv
+                .pfn_to_mfn(p.0)
+                .map(Mfn)
+                .ok_or(Failure::Check("frame has no mfn")),
+            None => Ok(Mfn(p.0)),
+        }
+    };
+    let write = |table: Pfn, index: usize, e: Entry| {
+        let va = DirectMem::va(table) + index as u64 * 8;
+        // SAFETY: the scratch frames are the allocator's, mapped writable in
+        // the direct map, never a table to Xen or the CPU (nothing loads or
+        // pins this tree): plain memory.
+        unsafe { core::ptr::write_volatile(va as *mut u64, e.0) };
+    };
+    for t in [l4, l3, l2, l1] {
+        for i in 0..512 {
+            write(t, i, Entry::EMPTY);
+        }
+    }
+    let rw = Flags::PRESENT | Flags::WRITABLE;
+    let base: u64 = 1 << 39; // L4 index 1
+    write(l4, 1, Entry::new(mfn(l3)?, TABLE_FLAGS));
+    write(l3, 0, Entry::new(mfn(l2)?, TABLE_FLAGS));
+    write(l2, 0, Entry::new(mfn(l1)?, TABLE_FLAGS));
+    // L1[0]: writable and executable.
+    write(l1, 0, Entry::new(mfn(data)?, rw));
+    // L1[1]: a writable mapping of the live root (a page table to Xen).
+    let live_root = mfn(dm.root)?;
+    write(l1, 1, Entry::new(live_root, rw | Flags::NO_EXECUTE));
+    // L1[2]: machine frame 1, which no guest owns (PV only).
+    if pv.is_some() {
+        write(
+            l1,
+            2,
+            Entry::new(Mfn(1), Flags::PRESENT | Flags::NO_EXECUTE),
+        );
+    }
+    // L2[1]: a writable, executable 2 MiB page (PS is refused under PV).
+    write(l2, 1, Entry::new(mfn(data)?, rw | Flags::HUGE_PAGE));
+    let mut got = [None::<Violation>; 12];
+    let mut n = 0;
+    let mut note = |v: Violation| {
+        if n < got.len() {
+            got[n] = Some(v);
+        }
+        n += 1;
+    };
+    let expected_pv;
+    let expected: &[Violation] = match &pv {
+        Some(pvb) => {
+            // SAFETY: PV guest.
+            let xen = unsafe { hypercall::Xen::new() };
+            let backend = XenPv::new(xen, dm.mem, pvb.clone(), dm.aliases, Some(live_root));
+            let types = Types {
+                typed: [
+                    (live_root, Level::L4),
+                    (mfn(l4)?, Level::L4),
+                    (mfn(l3)?, Level::L3),
+                    (mfn(l2)?, Level::L2),
+                ],
+            };
+            invariants::check(
+                &backend,
+                l4,
+                Rules::for_backend(&backend),
+                Some(&types),
+                &mut note,
+            );
+            let raw = Entry::new(mfn(data)?, rw | Flags::HUGE_PAGE).0;
+            expected_pv = [
+                Violation::RootNotPinned { mfn: mfn(l4)? },
+                Violation::WrongType {
+                    mfn: mfn(l1)?,
+                    level: Level::L1,
+                    found: None,
+                },
+                Violation::WriteExecute { va: base },
+                Violation::WritableTable {
+                    va: base + 4096,
+                    mfn: live_root,
+                },
+                Violation::ForeignFrame {
+                    va: base + 2 * 4096,
+                    level: Level::L1,
+                    mfn: Mfn(1),
+                },
+                Violation::ForbiddenFlags {
+                    va: base + (2 << 20),
+                    level: Level::L2,
+                    raw,
+                },
+                Violation::WriteExecute {
+                    va: base + (2 << 20),
+                },
+            ];
+            &expected_pv
+        }
+        None => {
+            // SAFETY: ring 0; this tree is never loaded, the TLB is unused.
+            let backend = Native::with_tlb(dm.mem, unsafe { CpuTlb::new() });
+            invariants::check(&backend, l4, Rules::for_backend(&backend), None, &mut note);
+            &[
+                Violation::WriteExecute { va: base },
+                Violation::WriteExecute {
+                    va: base + (2 << 20),
+                },
+            ]
+        }
+    };
+    let found = &got[..n.min(got.len())];
+    let same = n == expected.len() && found.iter().zip(expected).all(|(g, e)| *g == Some(*e));
+    if !same {
+        for g in found.iter().flatten() {
+            log::error!("walker reported {g:?}");
+        }
+        for e in expected {
+            log::error!("expected {e:?}");
+        }
+        return Err(Failure::Check(
+            "the walker's findings differ from the breaks made",
+        ));
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ commands:
   test [--verbose]          host tests, clippy, fmt, then every boot of the boot table
   ci [--verbose]            everything `test` does, plus the `--mode xl` boots
   bench                     run the benchmarks, print their BENCH lines, write <target>/bench.md
+  mutants [--minutes N]     cargo-mutants over pvmmu's core against its host tests, stopped
+                              after N minutes (default: 150); summary in <target>/mutants/summary.md
   help                      this text";
 
 /// The smallest guest the reference kernel supports, in MiB.
@@ -220,6 +222,8 @@ pub enum Command {
     Ci(TestOptions),
     /// `cargo xtask bench`.
     Bench,
+    /// `cargo xtask mutants`: the time budget in minutes.
+    Mutants(u64),
     /// `cargo xtask help`.
     Help,
 }
@@ -229,7 +233,7 @@ pub enum Command {
 pub enum UsageError {
     /// No command was given.
     NoCommand,
-    /// The command is not one of build/run/test/ci/bench/help.
+    /// The command is not one of build/run/test/ci/bench/mutants/help.
     UnknownCommand(String),
     /// A flag the command does not take.
     UnknownFlag {
@@ -288,6 +292,8 @@ pub enum UsageError {
     SmpTooLarge(u32),
     /// `--timeout 0`.
     TimeoutZero,
+    /// `mutants --minutes 0`.
+    MinutesZero,
     /// An argument that is not valid UTF-8 (shown with replacement chars).
     NotUtf8(String),
     /// The kernel command line is longer than the kernel can be given.
@@ -358,6 +364,7 @@ impl fmt::Display for UsageError {
             UsageError::SmpZero => write!(f, "--smp must be at least 1"),
             UsageError::SmpTooLarge(n) => write!(f, "--smp {n} is too many: at most {MAX_SMP}"),
             UsageError::TimeoutZero => write!(f, "--timeout must be at least 1 second"),
+            UsageError::MinutesZero => write!(f, "--minutes must be at least 1"),
             UsageError::NotUtf8(arg) => {
                 write!(f, "argument `{arg}` is not valid UTF-8")
             }
@@ -478,6 +485,7 @@ pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
         "test" => "test",
         "ci" => "ci",
         "bench" => "bench",
+        "mutants" => "mutants",
         "help" | "-h" | "--help" => return Ok(Command::Help),
         other => return Err(UsageError::UnknownCommand(other.to_string())),
     };
@@ -516,6 +524,19 @@ pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
             } else {
                 Command::Ci(options)
             })
+        }
+        "mutants" => {
+            let mut minutes = crate::mutants::DEFAULT_MINUTES;
+            while let Some(flag) = args.next_flag()? {
+                match flag.name {
+                    "--minutes" => minutes = args.number(&flag, "--minutes")?,
+                    _ => return Err(args.unknown(&flag)),
+                }
+            }
+            if minutes == 0 {
+                return Err(UsageError::MinutesZero);
+            }
+            Ok(Command::Mutants(minutes))
         }
         _ => {
             if let Some(flag) = args.next_flag()? {
@@ -744,6 +765,18 @@ mod tests {
         );
         assert_eq!(parse(&argv("ci")), Ok(Command::Ci(TestOptions::default())));
         assert_eq!(parse(&argv("bench")), Ok(Command::Bench));
+        assert_eq!(
+            parse(&argv("mutants")),
+            Ok(Command::Mutants(crate::mutants::DEFAULT_MINUTES))
+        );
+        assert_eq!(
+            parse(&argv("mutants --minutes 30")),
+            Ok(Command::Mutants(30))
+        );
+        assert_eq!(
+            parse(&argv("mutants --minutes 0")),
+            Err(UsageError::MinutesZero)
+        );
         assert_eq!(parse(&argv("--help")), Ok(Command::Help));
     }
 

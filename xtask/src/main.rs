@@ -14,6 +14,7 @@ mod error;
 mod harness;
 mod host;
 mod kernel_bench;
+mod mutants;
 mod negative;
 mod qemu;
 mod report;
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
             suite::run(&ws, options, with_xl)
         }
         Command::Bench => bench::run(&ws).map(|()| true),
+        Command::Mutants(minutes) => mutants::run(&ws, minutes),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
