@@ -27,6 +27,10 @@ pub struct BootOptions {
     /// `pvmmu.bench`: run the in-kernel benchmarks after the self-tests
     /// (`BENCH` lines, see `crate::bench`).
     pub bench: bool,
+    /// `pvmmu.bench_smp`: run only the benchmarks that depend on the CPU
+    /// count (the TLB shootdowns), after the running kernel's self-tests
+    /// (the SMP boots of `cargo xtask bench`).
+    pub bench_smp: bool,
     /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible|kmap-unbalanced`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
@@ -69,6 +73,14 @@ pub const OPTIONS: &[OptionSpec] = &[
     },
     OptionSpec {
         name: "pvmmu.4k",
+        kind: OptionKind::Flag,
+    },
+    OptionSpec {
+        name: "pvmmu.bench",
+        kind: OptionKind::Flag,
+    },
+    OptionSpec {
+        name: "pvmmu.bench_smp",
         kind: OptionKind::Flag,
     },
     OptionSpec {
@@ -130,6 +142,7 @@ impl BootOptions {
             fail_selftest: line.flag("pvmmu.fail_selftest"),
             only_4k: line.flag("pvmmu.4k"),
             bench: line.flag("pvmmu.bench"),
+            bench_smp: line.flag("pvmmu.bench_smp"),
             crash: match line.value("pvmmu.crash") {
                 Some("panic") => Some(CrashKind::Panic),
                 Some("ud") => Some(CrashKind::InvalidOpcode),

@@ -118,8 +118,13 @@ pub fn enable() {
 /// Makes Xen deliver a pending upcall now: any hypercall returns through
 /// Xen's event check.
 fn force_callback() {
+    // Not thread code's hypercall: kept out of the per-CPU thread count
+    // (the count hook runs before the hypercall, so the upcall delivered
+    // on its return may clear the mark again).
+    percpu::set_forcing_delivery(true);
     // SAFETY: PV (only called under PV); XENVER_version has no buffer.
     let _ = unsafe { hypercall::ops::xen_version() };
+    percpu::set_forcing_delivery(false);
 }
 
 /// Unmasks after a pending check was forced (PV): how often that happened.

@@ -481,7 +481,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     }
     // Before the tick: no interrupt in the timed runs, and the hypercall
     // counts are the benchmarked calls' alone.
-    if kernel.options.bench {
+    if kernel.options.bench && !kernel.options.bench_smp {
         selftest::run_suite(&mut kernel, bench::SUITE, &mut tally);
     }
 
@@ -512,6 +512,11 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.cpus_offered = smp.offered as u64;
     for suite in RUNNING_SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
+    }
+    if kernel.options.bench_smp {
+        selftest::run_suite(&mut kernel, bench::SMP_SUITE, &mut tally);
+    } else if kernel.options.bench {
+        selftest::run_suite(&mut kernel, bench::RUNNING_SUITE, &mut tally);
     }
     if kernel.pv.is_some() {
         let (upcalls, events, stray) = events::counts();

@@ -41,6 +41,14 @@ pub struct PerCpu {
     need_resched: AtomicU32,
     /// CPU number (GS:20).
     cpu: AtomicU32,
+    /// Hypercalls issued on this CPU, in any context (GS:24).
+    hypercalls: AtomicU64,
+    /// Of those, the ones thread code asked for: outside handlers, and not
+    /// the one [`crate::irq::enable`] makes to have a pending event
+    /// delivered (GS:32).
+    thread_hypercalls: AtomicU64,
+    /// Non-zero while `irq::enable` forces an event delivery (GS:40).
+    forcing_delivery: AtomicU32,
     /// Whether this CPU runs the kernel.
     pub online: AtomicBool,
     /// Xen PV: this vCPU's `vcpu_info`.
@@ -73,12 +81,18 @@ mod off {
     pub const DEPTH: usize = 12;
     pub const RESCHED: usize = 16;
     pub const CPU: usize = 20;
+    pub const HYPERCALLS: usize = 24;
+    pub const THREAD_HYPERCALLS: usize = 32;
+    pub const FORCING: usize = 40;
 }
 const _: () = {
     assert!(core::mem::offset_of!(PerCpu, preempt_count) == off::PREEMPT);
     assert!(core::mem::offset_of!(PerCpu, irq_depth) == off::DEPTH);
     assert!(core::mem::offset_of!(PerCpu, need_resched) == off::RESCHED);
     assert!(core::mem::offset_of!(PerCpu, cpu) == off::CPU);
+    assert!(core::mem::offset_of!(PerCpu, hypercalls) == off::HYPERCALLS);
+    assert!(core::mem::offset_of!(PerCpu, thread_hypercalls) == off::THREAD_HYPERCALLS);
+    assert!(core::mem::offset_of!(PerCpu, forcing_delivery) == off::FORCING);
 };
 
 const NONE: usize = usize::MAX;
@@ -90,6 +104,9 @@ const CPU_INIT: PerCpu = PerCpu {
     irq_depth: AtomicU32::new(0),
     need_resched: AtomicU32::new(0),
     cpu: AtomicU32::new(0),
+    hypercalls: AtomicU64::new(0),
+    thread_hypercalls: AtomicU64::new(0),
+    forcing_delivery: AtomicU32::new(0),
     online: AtomicBool::new(false),
     vcpu_info: AtomicPtr::new(core::ptr::null_mut()),
     current: AtomicUsize::new(0),
@@ -117,7 +134,8 @@ pub enum PerCpuError {
 }
 
 /// Points this CPU's GS base at `CPUS[cpu]`. Called first thing on every
-/// CPU (the boot CPU at entry, others on their way up).
+/// CPU (the boot CPU at entry, others on their way up). From then on every
+/// hypercall is also counted per CPU ([`count_hypercall`]).
 pub fn install(cpu: usize) -> Result<(), PerCpuError> {
     let pc = CPUS.get(cpu).ok_or(PerCpuError::TooMany(cpu))?;
     let base = pc as *const PerCpu as u64;
@@ -130,7 +148,54 @@ pub fn install(cpu: usize) -> Result<(), PerCpuError> {
         // Ring 0; IA32_GS_BASE takes any canonical address.
         x86_64::registers::model_specific::GsBase::write(x86_64::VirtAddr::new(base));
     }
+    // Every CPU that can issue a hypercall has its GS base before its
+    // first one (the boot CPU here, Xen PV vCPUs from their initial
+    // context), so the hook's `%gs:` stores always land in a `PerCpu`.
+    hypercall::raw::set_count_hook(Some(count_hypercall));
     Ok(())
+}
+
+/// The hypercall count hook: counts on this CPU, and in the thread count
+/// when thread code (handler depth 0, not a forced event delivery) issued
+/// it. Each counter is one `%gs:` instruction, so a migration cannot split
+/// an update; a thread that migrates between the depth check and the
+/// thread count is counted on the CPU it lands on (benchmarks read the
+/// count with preemption off, where this cannot happen).
+fn count_hypercall() {
+    // SAFETY: GS points at this CPU's `PerCpu` (see `install`).
+    unsafe { asm!("inc qword ptr gs:[24]", options(nostack)) };
+    if depth() == 0 && forcing() == 0 {
+        // SAFETY: as above.
+        unsafe { asm!("inc qword ptr gs:[32]", options(nostack)) };
+    }
+}
+
+fn forcing() -> u32 {
+    let v: u32;
+    // SAFETY: a single `%gs:` load.
+    unsafe { asm!("mov {:e}, gs:[40]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    v
+}
+
+/// Marks (or unmarks) the hypercall `irq::enable` makes only to have a
+/// pending event delivered, so that it is not counted as thread code's.
+pub fn set_forcing_delivery(on: bool) {
+    let v = u32::from(on);
+    // SAFETY: a single `%gs:` store.
+    unsafe { asm!("mov dword ptr gs:[40], {:e}", in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Hypercalls issued on CPU `cpu` so far: (in any context, by thread
+/// code). Readable from any CPU. The thread count between two reads is
+/// exactly what thread code on `cpu` asked for meanwhile, whatever the
+/// other CPUs and this CPU's handlers did.
+pub fn hypercalls_of(cpu: usize) -> (u64, u64) {
+    CPUS.get(cpu).map_or((0, 0), |c| {
+        (
+            c.hypercalls.load(Ordering::Relaxed),
+            c.thread_hypercalls.load(Ordering::Relaxed),
+        )
+    })
 }
 
 /// Fills CPU `cpu`'s self pointer and number before it starts (its GS

@@ -15,7 +15,9 @@
 //!   registers; the `call` pushes a return address, so that path is not
 //!   `nostack`. A debug Xen scrambles unused argument registers here too.
 //!
-//! Both paths count in [`hypercall_count`]. Neither asm is `nomem` or
+//! Both paths count in [`hypercall_count`] (one counter for the whole
+//! guest) and call the count hook, if one is set ([`set_count_hook`]): a
+//! kernel with per-CPU data counts there per CPU. Neither asm is `nomem` or
 //! `readonly`, so each is a compiler memory barrier: stores before it
 //! (page-table contents Xen is about to validate, request arrays) are
 //! emitted before it and loads after it are not hoisted above it.
@@ -26,12 +28,15 @@
 //! platform (a #UD or a jump through an unset LSTAR).
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use crate::XenError;
 
 /// Number of hypercalls issued through this module since boot.
 static HYPERCALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The count hook as a `fn()` cast to a pointer; null: none.
+static COUNT_HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 
 /// Virtual address of the installed hypercall page; 0 selects `syscall`.
 static HYPERCALL_PAGE: AtomicU64 = AtomicU64::new(0);
@@ -61,6 +66,27 @@ pub fn hypercall_page() -> Option<u64> {
 /// Hypercalls issued through [`call5`] (and so through every real wrapper).
 pub fn hypercall_count() -> u64 {
     HYPERCALLS.load(Ordering::Relaxed)
+}
+
+/// Makes every later hypercall call `hook` first, on the issuing CPU,
+/// before the hypercall instruction (`None`: no hook). For a per-CPU
+/// count: the global [`hypercall_count`] cannot tell CPUs apart.
+///
+/// The hook runs wherever a hypercall is issued (interrupt handlers
+/// included) and must not issue one itself.
+pub fn set_count_hook(hook: Option<fn()>) {
+    let ptr = hook.map_or(core::ptr::null_mut(), |f| f as *mut ());
+    COUNT_HOOK.store(ptr, Ordering::SeqCst);
+}
+
+fn run_count_hook() {
+    let ptr = COUNT_HOOK.load(Ordering::Relaxed);
+    if !ptr.is_null() {
+        // SAFETY: a non-null value of COUNT_HOOK was stored by
+        // `set_count_hook` from a `fn()`, so it converts back to one.
+        let hook = unsafe { core::mem::transmute::<*mut (), fn()>(ptr) };
+        hook();
+    }
 }
 
 /// Stubs in a hypercall page (32 bytes each).
@@ -101,6 +127,7 @@ macro_rules! hypercall_asm {
 #[inline]
 pub unsafe fn call5(nr: u32, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> i64 {
     HYPERCALLS.fetch_add(1, Ordering::Relaxed);
+    run_count_hook();
     if let Some(page) = hypercall_page() {
         if nr >= STUBS {
             // Past the page: no stub to call, as Xen answers unknown numbers.
@@ -186,6 +213,12 @@ mod tests {
         static TEST_HYPERCALL_PAGE: u8;
     }
 
+    static HOOKED: AtomicU64 = AtomicU64::new(0);
+
+    fn count_hook() {
+        HOOKED.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// With a page installed, `call5` calls stub `nr` with the arguments in
     /// rdi, rsi, rdx, r10, r8, returns rax, and counts the call; with the
     /// page removed again nothing is called (no syscall is made here: the
@@ -197,7 +230,9 @@ mod tests {
         // SAFETY: the page holds stubs with Xen's register contract.
         unsafe { use_hypercall_page(page) };
         assert_eq!(hypercall_page(), Some(page));
+        set_count_hook(Some(count_hook));
         let before = hypercall_count();
+        let hooked = HOOKED.load(Ordering::Relaxed);
         for nr in [0u32, 1, 34, 127] {
             // SAFETY: stubs only compute; no pointer is dereferenced.
             let ret = unsafe { call5(nr, 0x11, 0x22, 0x33, 0x44, 0x55) };
@@ -219,6 +254,13 @@ mod tests {
         let past = unsafe { call2(STUBS, 0, 0) };
         assert_eq!(XenError::check(past), Err(XenError::NoSys));
         assert_eq!(hypercall_count() - before, 7);
+        // The hook saw every one of them, and sees none once cleared.
+        assert_eq!(HOOKED.load(Ordering::Relaxed) - hooked, 7);
+        set_count_hook(None);
+        // SAFETY: as above.
+        let _ = unsafe { call2(3, 0, 0) };
+        assert_eq!(HOOKED.load(Ordering::Relaxed) - hooked, 7);
+        assert_eq!(hypercall_count() - before, 8);
         // SAFETY: 0 selects the PV path again.
         unsafe { use_hypercall_page(0) };
         assert_eq!(hypercall_page(), None);

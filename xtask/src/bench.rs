@@ -38,13 +38,20 @@ impl BenchLine {
     }
 }
 
-/// Parses a BENCH line; `None` for any other line.
+/// The value of a figure that does not exist on the platform that
+/// printed it (e.g. a large-page split under Xen PV).
+pub const NOT_APPLICABLE: &str = "n/a";
+
+/// Parses a BENCH line (its value a number or [`NOT_APPLICABLE`]); `None`
+/// for any other line.
 pub fn parse_line(line: &str) -> Option<BenchLine> {
     let rest = line.trim().strip_prefix("BENCH ")?;
     let mut words = rest.split_whitespace();
     let name = words.next()?;
     let value = words.next()?;
-    value.parse::<f64>().ok()?;
+    if value != NOT_APPLICABLE {
+        value.parse::<f64>().ok()?;
+    }
     let unit = words.collect::<Vec<_>>().join(" ");
     if unit.is_empty() {
         return None;
@@ -186,6 +193,11 @@ mod tests {
         );
         assert_eq!(parse_line("BENCH no-unit 3"), None);
         assert_eq!(parse_line("BENCH bad-value fast x"), None);
+        assert_eq!(
+            parse_line("BENCH pv-split-2m n/a cycles/call").map(|b| b.value),
+            Some("n/a".into())
+        );
+        assert_eq!(parse_line("BENCH pv-split-2m N/A cycles/call"), None);
         assert_eq!(parse_line("test foo ... bench: 10 ns/iter"), None);
         assert_eq!(parse_line("BENCHMARK x 1 y"), None);
     }

@@ -1,14 +1,20 @@
-//! The in-kernel half of `cargo xtask bench`: the guest kernel booted with
-//! `pvmmu.bench` natively and as Xen PV dom0, back to back, its `BENCH`
-//! lines collected from both consoles and paired into PV/native ratios.
+//! The in-kernel half of `cargo xtask bench`: the guest kernel booted in
+//! bench mode natively and as Xen PV dom0, in pairs, back to back: on one
+//! CPU with `pvmmu.bench` (every one-CPU figure), then with 2 and 4 CPUs
+//! with `pvmmu.bench_smp` (the figures that depend on the CPU count, the
+//! TLB shootdowns, whose names carry it: `shootdown-1p-2cpu`). Their
+//! `BENCH` lines are collected from every console and paired into PV/native
+//! ratios.
 //!
-//! Invariant: both boots run the same kernel build at the same memory in
-//! the same invocation, and both must pass (one valid `PVMMU-REPORT`, then
-//! `PVMMU-RESULT PASS`) and print at least one `BENCH` line, or the command
-//! fails. A ratio `<name>-pv-vs-native` exists only for a `pv-<name>` and a
-//! `native-<name>` figure with the same unit, both above zero; nothing here
-//! knows the figures' names, so a new figure in the kernel gets its line,
-//! its table row and its ratio without a change here.
+//! Invariant: the two boots of a pair run the same kernel build at the same
+//! memory and CPU count in the same invocation, and every boot must pass
+//! (one valid `PVMMU-REPORT`, then `PVMMU-RESULT PASS`) and print at least
+//! one `BENCH` line, or the command fails. A ratio `<name>-pv-vs-native`
+//! exists only for a `pv-<name>` and a `native-<name>` figure with the same
+//! unit, both numbers above zero (a figure that cannot exist on a platform
+//! is printed as `n/a` and has no ratio); nothing here knows the figures'
+//! names, so a new figure in the kernel gets its line, its table row and
+//! its ratio without a change here.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,48 +28,72 @@ use crate::host;
 use crate::request::{self, BootRequest};
 use crate::workspace::Workspace;
 
-/// Guest memory of both bench boots: the bootstraps are compared at this
-/// size, and the largest run (262,144 pages, 1 GiB) needs a contiguous GiB
-/// of RAM frames in either mode.
+/// Guest memory of the one-CPU bench boots: the bootstraps are compared
+/// at this size, and the largest runs (262,144 pages, 1 GiB) need a
+/// contiguous GiB of RAM frames in either mode.
 pub const BENCH_MEMORY_MIB: u64 = 1280;
 
-/// Time limit of one bench boot (the Xen boot took 160 s in TCG, most of it
-/// in the one-call-per-page runs over 262,144 pages).
+/// Guest memory of the SMP bench boots (their figures touch 512 pages).
+pub const SMP_BENCH_MEMORY_MIB: u64 = 512;
+
+/// CPU counts of the SMP bench boots.
+pub const SMP_CPUS: [u32; 2] = [2, 4];
+
+/// Time limit of one bench boot (the one-CPU Xen boot took 160 s in TCG,
+/// most of it in the one-call-per-page runs over 262,144 pages).
 pub const BENCH_TIMEOUT_SECS: u64 = 900;
 
-/// The platform words of the two boots, as the kernel prints them.
+/// The platform words of the two boots of a pair, as the kernel prints them.
 pub const PV: &str = "pv";
 /// See [`PV`].
 pub const NATIVE: &str = "native";
 
-/// The two boots: natively with a 4 KiB-only direct map (what PV builds),
-/// then as Xen PV dom0.
-pub fn boots() -> [RunOptions; 2] {
-    let bench = |mode, cmdline: &str| RunOptions {
+/// The boots, in pairs (native with a 4 KiB-only direct map, what PV
+/// builds, then Xen PV dom0): one CPU with every figure, then 2 and 4
+/// CPUs with the SMP figures.
+pub fn boots() -> Vec<RunOptions> {
+    let bench = |mode, memory_mib, smp, cmdline: &str| RunOptions {
         mode,
-        memory_mib: BENCH_MEMORY_MIB,
+        memory_mib,
+        smp,
         cmdline: cmdline.to_string(),
         timeout_secs: Some(BENCH_TIMEOUT_SECS),
         ..RunOptions::default()
     };
-    [
-        bench(Mode::Native, "pvmmu.bench pvmmu.4k"),
-        bench(Mode::Xen, "pvmmu.bench"),
-    ]
+    let mut boots = vec![
+        bench(Mode::Native, BENCH_MEMORY_MIB, 1, "pvmmu.bench pvmmu.4k"),
+        bench(Mode::Xen, BENCH_MEMORY_MIB, 1, "pvmmu.bench"),
+    ];
+    for cpus in SMP_CPUS {
+        boots.push(bench(
+            Mode::Native,
+            SMP_BENCH_MEMORY_MIB,
+            cpus,
+            "pvmmu.bench_smp pvmmu.4k",
+        ));
+        boots.push(bench(
+            Mode::Xen,
+            SMP_BENCH_MEMORY_MIB,
+            cpus,
+            "pvmmu.bench_smp",
+        ));
+    }
+    boots
 }
 
 /// What the bench boots produced.
 #[derive(Debug, Default)]
 pub struct KernelFigures {
-    /// Every kernel `BENCH` line, native boot first, in console order.
+    /// Every kernel `BENCH` line, in boot order, each boot's in console
+    /// order.
     pub lines: Vec<BenchLine>,
     /// The ratios computed from them.
     pub ratios: Vec<BenchLine>,
-    /// One sentence per boot: mode, memory, command line, time.
+    /// One sentence per boot: mode, memory, CPUs, command line, time.
     pub boots: Vec<String>,
 }
 
-/// Builds the kernel, runs both bench boots and pairs their figures.
+/// Runs every bench boot of the built kernel and pairs their figures.
 /// Prints the kernel's and the ratio lines on stdout as they are known.
 pub fn run(ws: &Workspace, kernel: PathBuf) -> Result<KernelFigures, XtaskError> {
     let mut figures = KernelFigures::default();
@@ -82,10 +112,11 @@ pub fn run(ws: &Workspace, kernel: PathBuf) -> Result<KernelFigures, XtaskError>
             echo: Echo::Quiet,
         };
         eprintln!(
-            "xtask: bench boot {} (--mode {} --memory {} --cmdline \"{}\")",
+            "xtask: bench boot {} (--mode {} --memory {} --smp {} --cmdline \"{}\")",
             request.label,
             request.options.mode.name(),
             request.options.memory_mib,
+            request.options.smp,
             request.options.cmdline
         );
         let outcome = boot::boot(ws, &request)?;
@@ -125,9 +156,11 @@ pub fn run(ws: &Workspace, kernel: PathBuf) -> Result<KernelFigures, XtaskError>
 
 fn describe(options: &RunOptions, elapsed: Duration) -> String {
     format!(
-        "`--mode {}`, {} MiB, kernel command line `{}`, {:.0} s",
+        "`--mode {}`, {} MiB, {} CPU{}, kernel command line `{}`, {:.0} s",
         options.mode.name(),
         options.memory_mib,
+        options.smp,
+        if options.smp == 1 { "" } else { "s" },
         options.cmdline,
         elapsed.as_secs_f64()
     )
@@ -145,8 +178,8 @@ pub fn split_platform(name: &str) -> Option<(&str, &str)> {
 }
 
 /// `<name>-pv-vs-native` for every `pv-<name>` with a `native-<name>` of
-/// the same unit, both above zero: PV's figure over native's, two
-/// decimals, unit `x`.
+/// the same unit, both numbers above zero (not `n/a`): PV's figure over
+/// native's, two decimals, unit `x`.
 pub fn ratios(lines: &[BenchLine]) -> Vec<BenchLine> {
     let value = |platform: &str, name: &str, unit: &str| {
         lines.iter().find_map(|l| {
@@ -226,15 +259,64 @@ mod tests {
 
     #[test]
     fn boots_compare_like_with_like() {
-        let [native, xen] = boots();
-        assert_eq!((native.mode, xen.mode), (Mode::Native, Mode::Xen));
-        assert_eq!(native.memory_mib, xen.memory_mib);
-        assert!(native.cmdline.split_whitespace().any(|w| w == "pvmmu.4k"));
-        for options in [&native, &xen] {
-            assert!(options
-                .cmdline
-                .split_whitespace()
-                .any(|w| w == "pvmmu.bench"));
+        let boots = boots();
+        assert_eq!(boots.len(), 2 * (1 + SMP_CPUS.len()));
+        let pairs: Vec<&[RunOptions]> = boots.chunks(2).collect();
+        for pair in &pairs {
+            let [native, xen] = pair else {
+                panic!("boots come in pairs")
+            };
+            assert_eq!((native.mode, xen.mode), (Mode::Native, Mode::Xen));
+            assert_eq!(native.memory_mib, xen.memory_mib);
+            assert_eq!(native.smp, xen.smp);
+            assert!(native.cmdline.split_whitespace().any(|w| w == "pvmmu.4k"));
+            assert!(!xen.cmdline.split_whitespace().any(|w| w == "pvmmu.4k"));
+            // The same bench option on both sides: every one-CPU figure
+            // on one CPU, only the SMP figures on more.
+            let option = if native.smp == 1 {
+                "pvmmu.bench"
+            } else {
+                "pvmmu.bench_smp"
+            };
+            for options in [native, xen] {
+                let words: Vec<&str> = options.cmdline.split_whitespace().collect();
+                assert!(words.contains(&option), "{words:?}");
+                assert_eq!(
+                    words
+                        .iter()
+                        .filter(|w| w.starts_with("pvmmu.bench"))
+                        .count(),
+                    1
+                );
+            }
+        }
+        let cpus: Vec<u32> = pairs.iter().map(|p| p[0].smp).collect();
+        assert_eq!(cpus, [1, 2, 4]);
+        assert_eq!(boots[0].memory_mib, BENCH_MEMORY_MIB);
+    }
+
+    /// A `pvmmu.*` word the kernel does not know prints a `PVMMU-WARNING`,
+    /// which fails the boot: every option of a bench boot must be in the
+    /// kernel's option table (`pvmmu.bench` was missing from it once).
+    #[test]
+    fn the_kernel_knows_every_bench_option() {
+        let table = include_str!("../../guest-kernel/src/cmdline.rs");
+        for options in boots() {
+            for word in options.cmdline.split_whitespace() {
+                assert!(word.starts_with("pvmmu."), "{word}");
+                assert!(
+                    table.contains(&format!("name: \"{word}\",")),
+                    "{word} is not in the kernel's OPTIONS"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn labels_of_the_boots_differ() {
+        let labels: Vec<String> = boots().iter().map(request::label).collect();
+        for (i, l) in labels.iter().enumerate() {
+            assert!(!labels[i + 1..].contains(l), "two boots log to {l}");
         }
     }
 
@@ -269,16 +351,29 @@ mod tests {
             "BENCH native-unmap-1-range 0.0 cycles/page",
             "BENCH pv-unmap-1-range 5.0 cycles/page",
             "BENCH pvh-map-16-range 120.0 cycles/page",
+            // Not there on one side: no ratio.
+            "BENCH native-split-2m 5000.0 cycles/call",
+            "BENCH pv-split-2m n/a cycles/call",
+            // The CPU count is part of the name: 2 CPUs pair with 2.
+            "BENCH native-shootdown-1p-2cpu 400.0 cycles/call",
+            "BENCH native-shootdown-1p-4cpu 800.0 cycles/call",
+            "BENCH pv-shootdown-1p-4cpu 1000.0 cycles/call",
+            "BENCH pv-shootdown-1p-2cpu 200.0 cycles/call",
         ]
         .map(line);
         let got = ratios(&lines);
+        let ratio = |name: &str, value: &str| BenchLine {
+            name: name.into(),
+            value: value.into(),
+            unit: "x".into(),
+        };
         assert_eq!(
             got,
-            vec![BenchLine {
-                name: "map-16-range-pv-vs-native".into(),
-                value: "2.50".into(),
-                unit: "x".into(),
-            }]
+            vec![
+                ratio("map-16-range-pv-vs-native", "2.50"),
+                ratio("shootdown-1p-4cpu-pv-vs-native", "1.25"),
+                ratio("shootdown-1p-2cpu-pv-vs-native", "0.50"),
+            ]
         );
     }
 
@@ -290,6 +385,8 @@ mod tests {
             "BENCH pv-map-1-range 30.0 cycles/page",
             "BENCH pv-map-1-range-hypercalls 1.0 hypercalls/call",
             "BENCH pv-translate-1 6.0 cycles/page",
+            "BENCH native-split-2m 5000.0 cycles/call",
+            "BENCH pv-split-2m n/a cycles/call",
         ]
         .map(line)
         .to_vec();
@@ -306,6 +403,7 @@ mod tests {
                 "| map-1-range | 10.0 | 30.0 | 3.00 | cycles/page |",
                 "| map-1-range-hypercalls | – | 1.0 | – | hypercalls/call |",
                 "| translate-1 | 5.0 | 6.0 | 1.20 | cycles/page |",
+                "| split-2m | 5000.0 | n/a | – | cycles/call |",
             ]
         );
     }

@@ -2,9 +2,10 @@
 //! median, and the `BENCH` line that carries it.
 //!
 //! Invariant: every line printed here is `BENCH <platform>-<name> <value>
-//! <unit>` with one word for the name, a decimal number for the value and a
-//! unit without the platform in it, so that the same figure from two boots
-//! differs only in the platform word.
+//! <unit>` with one word for the name, a decimal number for the value (or
+//! `n/a` for a figure that cannot exist on this platform, [`emit_na`]) and
+//! a unit without the platform in it, so that the same figure from two
+//! boots differs only in the platform word.
 
 use core::fmt;
 
@@ -74,6 +75,13 @@ pub fn platform_word() -> &'static str {
 }
 
 /// Prints one figure: `BENCH <platform>-<name> <value> <unit>`.
-pub fn emit(name: fmt::Arguments<'_>, value: impl fmt::Display, unit: &str) {
+pub fn emit(name: fmt::Arguments<'_>, value: impl fmt::Display, unit: impl fmt::Display) {
     crate::kprintln!("BENCH {}-{} {} {}", platform_word(), name, value, unit);
+}
+
+/// Prints a figure that does not exist on this platform (e.g. a large-page
+/// split under Xen PV, which has no large pages): `BENCH <platform>-<name>
+/// n/a <unit>`, so the table says so instead of showing a number.
+pub fn emit_na(name: fmt::Arguments<'_>, unit: &str) {
+    crate::kprintln!("BENCH {}-{} n/a {}", platform_word(), name, unit);
 }

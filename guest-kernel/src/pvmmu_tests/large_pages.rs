@@ -104,7 +104,7 @@ pub(super) fn large_pages<B: LiveBackend>(cx: &mut Cx<'_, B>) -> TestResult {
 }
 
 /// The first run of `pages` RAM frames starting at a multiple of `pages`.
-fn aligned_ram(mem: &DirectMem, pages: u64) -> Option<Pfn> {
+pub(crate) fn aligned_ram(mem: &DirectMem, pages: u64) -> Option<Pfn> {
     mem.ram().iter().find_map(|r| {
         let s = r.start.0.next_multiple_of(pages);
         (s + pages <= r.end.0).then_some(Pfn(s))

@@ -40,6 +40,7 @@ use crate::selftest::{Only, SelfTest, TestResult};
 /// The live address space and its steps, for the in-kernel benchmarks.
 pub(crate) use backends::LiveBackend;
 pub(crate) use harness::{check_invariants, live, Cx};
+pub(crate) use large_pages::aligned_ram;
 pub(crate) use steps::{failed, give, map, pattern, protect, read, take, unmap, write};
 
 /// L4 slot of the test area (where Linux keeps vmalloc).
