@@ -33,8 +33,10 @@ commands:
   test [--verbose]          host tests, clippy, fmt, then every boot of the boot table
   ci [--verbose]            everything `test` does, plus the `--mode xl` boots
   bench                     run the benchmarks, print their BENCH lines, write <target>/bench.md
-  mutants [--minutes N]     cargo-mutants over pvmmu's core against its host tests, stopped
-                              after N minutes (default: 150); summary in <target>/mutants/summary.md
+  mutants [--minutes N] [--shard K/N]
+                            cargo-mutants over pvmmu's core against its host tests, stopped
+                              after N minutes (default: 150); --shard tests the K-th of N
+                              slices (0-based); summary in <target>/mutants/summary.md
   help                      this text";
 
 /// The smallest guest the reference kernel supports, in MiB.
@@ -222,8 +224,8 @@ pub enum Command {
     Ci(TestOptions),
     /// `cargo xtask bench`.
     Bench,
-    /// `cargo xtask mutants`: the time budget in minutes.
-    Mutants(u64),
+    /// `cargo xtask mutants`.
+    Mutants(crate::mutants::MutantsOptions),
     /// `cargo xtask help`.
     Help,
 }
@@ -294,6 +296,8 @@ pub enum UsageError {
     TimeoutZero,
     /// `mutants --minutes 0`.
     MinutesZero,
+    /// `mutants --shard` is not `K/N` with `K < N`.
+    BadShard(String),
     /// An argument that is not valid UTF-8 (shown with replacement chars).
     NotUtf8(String),
     /// The kernel command line is longer than the kernel can be given.
@@ -365,6 +369,9 @@ impl fmt::Display for UsageError {
             UsageError::SmpTooLarge(n) => write!(f, "--smp {n} is too many: at most {MAX_SMP}"),
             UsageError::TimeoutZero => write!(f, "--timeout must be at least 1 second"),
             UsageError::MinutesZero => write!(f, "--minutes must be at least 1"),
+            UsageError::BadShard(s) => {
+                write!(f, "--shard {s}: expected K/N with 0 <= K < N (e.g. 0/12)")
+            }
             UsageError::NotUtf8(arg) => {
                 write!(f, "argument `{arg}` is not valid UTF-8")
             }
@@ -526,17 +533,21 @@ pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
             })
         }
         "mutants" => {
-            let mut minutes = crate::mutants::DEFAULT_MINUTES;
+            let mut options = crate::mutants::MutantsOptions::default();
             while let Some(flag) = args.next_flag()? {
                 match flag.name {
-                    "--minutes" => minutes = args.number(&flag, "--minutes")?,
+                    "--minutes" => options.minutes = args.number(&flag, "--minutes")?,
+                    "--shard" => {
+                        let value = args.value(&flag, "--shard")?;
+                        options.shard = Some(parse_shard(value)?);
+                    }
                     _ => return Err(args.unknown(&flag)),
                 }
             }
-            if minutes == 0 {
+            if options.minutes == 0 {
                 return Err(UsageError::MinutesZero);
             }
-            Ok(Command::Mutants(minutes))
+            Ok(Command::Mutants(options))
         }
         _ => {
             if let Some(flag) = args.next_flag()? {
@@ -544,6 +555,18 @@ pub fn parse(argv: &[String]) -> Result<Command, UsageError> {
             }
             Ok(Command::Bench)
         }
+    }
+}
+
+/// `K/N` with `K < N`.
+fn parse_shard(value: &str) -> Result<(u32, u32), UsageError> {
+    let bad = || UsageError::BadShard(value.to_string());
+    let (k, n) = value.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u32, u32) = (k.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if k < n {
+        Ok((k, n))
+    } else {
+        Err(bad())
     }
 }
 
@@ -767,12 +790,21 @@ mod tests {
         assert_eq!(parse(&argv("bench")), Ok(Command::Bench));
         assert_eq!(
             parse(&argv("mutants")),
-            Ok(Command::Mutants(crate::mutants::DEFAULT_MINUTES))
+            Ok(Command::Mutants(crate::mutants::MutantsOptions::default()))
         );
         assert_eq!(
-            parse(&argv("mutants --minutes 30")),
-            Ok(Command::Mutants(30))
+            parse(&argv("mutants --minutes 30 --shard 2/12")),
+            Ok(Command::Mutants(crate::mutants::MutantsOptions {
+                minutes: 30,
+                shard: Some((2, 12)),
+            }))
         );
+        for bad in ["12/12", "1", "a/2", "1/0"] {
+            assert_eq!(
+                parse(&argv(&format!("mutants --shard {bad}"))),
+                Err(UsageError::BadShard(bad.to_string()))
+            );
+        }
         assert_eq!(
             parse(&argv("mutants --minutes 0")),
             Err(UsageError::MinutesZero)

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             suite::run(&ws, options, with_xl)
         }
         Command::Bench => bench::run(&ws).map(|()| true),
-        Command::Mutants(minutes) => mutants::run(&ws, minutes),
+        Command::Mutants(options) => mutants::run(&ws, options),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

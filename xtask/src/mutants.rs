@@ -28,6 +28,25 @@ use crate::workspace::Workspace;
 /// The budget when `--minutes` is not given.
 pub const DEFAULT_MINUTES: u64 = 150;
 
+/// What `cargo xtask mutants` was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MutantsOptions {
+    /// The time budget in minutes.
+    pub minutes: u64,
+    /// Only the `k`-th of `n` slices of the mutants (cargo-mutants'
+    /// `--shard k/n`), for a budget smaller than the whole run.
+    pub shard: Option<(u32, u32)>,
+}
+
+impl Default for MutantsOptions {
+    fn default() -> Self {
+        Self {
+            minutes: DEFAULT_MINUTES,
+            shard: None,
+        }
+    }
+}
+
 /// pvmmu's core: the files whose mutants are tested (paths as cargo-mutants
 /// sees them, relative to the workspace).
 const FILES: &[&str] = &[
@@ -121,9 +140,13 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// The cargo-mutants arguments selecting pvmmu's core.
-fn selection() -> Vec<String> {
+/// The cargo-mutants arguments selecting pvmmu's core (and the shard).
+fn selection(shard: Option<(u32, u32)>) -> Vec<String> {
     let mut args = vec!["--package".to_string(), "pvmmu".to_string()];
+    if let Some((k, n)) = shard {
+        args.push("--shard".into());
+        args.push(format!("{k}/{n}"));
+    }
     for f in FILES {
         args.push("--file".into());
         args.push((*f).into());
@@ -152,12 +175,12 @@ fn ensure_installed() -> Result<(), XtaskError> {
 }
 
 /// How many mutants the selection holds (`cargo mutants --list`).
-fn count(ws: &Workspace) -> Result<usize, XtaskError> {
+fn count(ws: &Workspace, shard: Option<(u32, u32)>) -> Result<usize, XtaskError> {
     let mut list = cargo();
     list.current_dir(&ws.root)
         .arg("mutants")
         .arg("--list")
-        .args(selection());
+        .args(selection(shard));
     let output = list.output().map_err(|source| XtaskError::Spawn {
         program: "cargo mutants".into(),
         source,
@@ -176,16 +199,18 @@ fn count(ws: &Workspace) -> Result<usize, XtaskError> {
 
 /// Runs cargo-mutants for at most `minutes`, then writes and prints the
 /// summary. `Ok(true)` only when every mutant was tested and none missed.
-pub fn run(ws: &Workspace, minutes: u64) -> Result<bool, XtaskError> {
+pub fn run(ws: &Workspace, options: MutantsOptions) -> Result<bool, XtaskError> {
+    let MutantsOptions { minutes, shard } = options;
     ensure_installed()?;
-    let total = count(ws)?;
+    let total = count(ws, shard)?;
     let out_dir: PathBuf = ws.target_dir.join("mutants");
     fs::create_dir_all(&out_dir).map_err(|source| XtaskError::Io {
         context: format!("creating {}", out_dir.display()),
         source,
     })?;
+    let slice = shard.map_or(String::new(), |(k, n)| format!(" (shard {k}/{n})"));
     eprintln!(
-        "xtask: cargo-mutants: {total} mutants in pvmmu's core, budget {minutes} min, \
+        "xtask: cargo-mutants: {total} mutants in pvmmu's core{slice}, budget {minutes} min, \
          output in {}",
         out_dir.display()
     );
@@ -194,7 +219,7 @@ pub fn run(ws: &Workspace, minutes: u64) -> Result<bool, XtaskError> {
         .current_dir(&ws.root)
         .env("PVMMU_PROPS_CASES", PROPS_CASES)
         .arg("mutants")
-        .args(selection())
+        .args(selection(shard))
         .args(["--no-shuffle", "--baseline", "run", "--timeout"])
         .arg(TEST_TIMEOUT_SECS.to_string())
         .arg("--output")
@@ -232,7 +257,10 @@ pub fn run(ws: &Workspace, minutes: u64) -> Result<bool, XtaskError> {
         }
     };
     let outcomes = Outcomes::read(&out_dir.join("mutants.out"));
-    let summary = outcomes.summary(total, started.elapsed().as_secs_f64() / 60.0, minutes);
+    let mut summary = outcomes.summary(total, started.elapsed().as_secs_f64() / 60.0, minutes);
+    if let Some((k, n)) = shard {
+        summary.insert_str(0, &format!("Shard {k}/{n} of the mutants.\n"));
+    }
     let path = out_dir.join("summary.md");
     fs::write(&path, &summary).map_err(|source| XtaskError::Io {
         context: format!("writing {}", path.display()),
