@@ -28,6 +28,7 @@ mod lazy;
 mod map;
 mod protect;
 mod pv_refusals;
+mod stale;
 mod steps;
 mod unmap;
 mod x86_64_traits;
@@ -87,6 +88,10 @@ pub const SUITE: &[SelfTest] = &[
         unmap::unmap_frees_tables
     ),
     live_test!("pvmmu_range_across_tables", map::range_across_tables),
+    live_test!(
+        "pvmmu_no_stale_translation_after_any_shape",
+        stale::no_stale_translation_after_any_shape
+    ),
     live_test!(
         "pvmmu_errors_mapped_and_unmapped",
         errors::errors_mapped_unmapped
