@@ -23,6 +23,7 @@
 use hypercall::MmuHypercalls;
 use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
+use pvmmu::lazy_task::BatchOwner;
 use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases};
@@ -172,10 +173,9 @@ struct Kspace {
     space: Space,
     /// Which stack slots are in use.
     stacks: [bool; MAX_STACKS],
-    /// The thread whose lazy batch is open in `space` (see [`crate::lazy`]).
-    lazy_owner: Option<usize>,
-    /// TLB flushes owed by that batch, done when it closes.
-    lazy_flush: Flush,
+    /// The thread whose lazy batch is open in `space` and the TLB flushes
+    /// it owes (see [`crate::lazy`]).
+    batch: BatchOwner,
 }
 
 static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
@@ -230,8 +230,7 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
     *KSPACE.lock() = Some(Kspace {
         space,
         stacks: [false; MAX_STACKS],
-        lazy_owner: None,
-        lazy_flush: Flush::none(),
+        batch: BatchOwner::new(),
     });
     Ok(())
 }
@@ -617,30 +616,27 @@ pub enum LazyOp {
     },
 }
 
+impl LazyOp {
+    /// Performs the change on `s`; returns the flush it owes.
+    fn run<B: Backend, A: FrameAllocator>(
+        self,
+        s: &mut AddressSpace<B, A>,
+    ) -> Result<Flush, pvmmu::Error> {
+        match self {
+            LazyOp::Map { va, pfn, flags } => s.map(va, pfn, 4096, flags),
+            LazyOp::Unmap { va } => s.unmap(va, 4096),
+            LazyOp::Protect { va, len, flags } => {
+                s.apply_to_range(va, len, false, |_, _| Some(flags))
+            }
+        }
+    }
+}
+
 impl Kspace {
     /// Closes the open lazy batch, if any: its queued writes go out, then
     /// the flushes it owes.
-    fn close_lazy(&mut self) -> Result<(), KspaceError> {
-        if self.lazy_owner.take().is_none() {
-            return Ok(());
-        }
-        let owed = core::mem::replace(&mut self.lazy_flush, Flush::none());
-        on_space!(&mut self.space, s => {
-            let closed = s.close_lazy();
-            let flushed = s.flush(owed);
-            closed.and(flushed)?;
-        });
-        Ok(())
-    }
-
-    fn apply(&mut self, op: LazyOp) -> Result<Flush, KspaceError> {
-        Ok(on_space!(&mut self.space, s => match op {
-            LazyOp::Map { va, pfn, flags } => s.map(va, pfn, 4096, flags)?,
-            LazyOp::Unmap { va } => s.unmap(va, 4096)?,
-            LazyOp::Protect { va, len, flags } => {
-                s.apply_to_range(va, len, false, |_, _| Some(flags))?
-            }
-        }))
+    fn close_lazy(&mut self) -> Result<bool, KspaceError> {
+        Ok(on_space!(&mut self.space, s => self.batch.close(s))?)
     }
 }
 
@@ -654,16 +650,10 @@ pub fn lazy_apply(thread: usize, op: LazyOp) -> Result<usize, KspaceError> {
     let mut guard = KSPACE.lock();
     let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
     crate::lazy::check_cpu_owner(thread);
-    if ks.lazy_owner.is_some_and(|o| o != thread) {
-        ks.close_lazy()?;
-    }
-    if ks.lazy_owner.is_none() {
-        on_space!(&mut ks.space, s => s.open_lazy());
-        ks.lazy_owner = Some(thread);
-    }
-    let flush = ks.apply(op)?;
-    ks.lazy_flush = ks.lazy_flush.merge(flush);
-    Ok(on_space!(&ks.space, s => s.backend().pending()))
+    on_space!(&mut ks.space, s => {
+        ks.batch.apply(s, thread, |s| op.run(s))?;
+        Ok(s.backend().pending())
+    })
 }
 
 /// Closes `thread`'s lazy batch if it is the open one (its writes and
@@ -676,11 +666,7 @@ pub fn lazy_close(thread: usize) -> Result<bool, KspaceError> {
 }
 
 fn lazy_close_locked(ks: &mut Kspace, thread: usize) -> Result<bool, KspaceError> {
-    if ks.lazy_owner != Some(thread) {
-        return Ok(false);
-    }
-    ks.close_lazy()?;
-    Ok(true)
+    Ok(on_space!(&mut ks.space, s => ks.batch.close_for(s, thread))?)
 }
 
 /// [`lazy_close`] from the switch path (interrupts off): spins for the
@@ -712,7 +698,7 @@ pub fn lazy_owner() -> Result<Option<usize>, KspaceError> {
     let _p = crate::sched::preempt_disable();
     let guard = KSPACE.lock();
     let ks = guard.as_ref().ok_or(KspaceError::NotReady)?;
-    Ok(ks.lazy_owner)
+    Ok(ks.batch.owner())
 }
 
 /// Writes queued in the kernel space and not yet applied (0 natively).
@@ -732,8 +718,6 @@ pub fn try_apply_now(op: LazyOp) -> Result<Option<()>, KspaceError> {
         return Ok(None);
     };
     let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
-    ks.close_lazy()?;
-    let flush = ks.apply(op)?;
-    on_space!(&mut ks.space, s => s.flush(flush))?;
+    on_space!(&mut ks.space, s => ks.batch.apply_now(s, |s| op.run(s)))?;
     Ok(Some(()))
 }

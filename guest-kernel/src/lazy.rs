@@ -32,12 +32,19 @@
 //! through [`cpu_lazy_thread`], which checks at run time and panics when
 //! called from preemptible code.
 //!
+//! The state machine itself (depths, preempted marks, each CPU's lazy
+//! thread; the batch owner under the kspace lock) is pvmmu's
+//! [`pvmmu::lazy_task`], which the host tests drive with simulated CPUs and
+//! loom model-checks.
+//!
 //! Invariant: at most one batch is open in the kernel space, owned by a
 //! thread in lazy mode that has not been switched out since it opened it;
-//! `DEPTH[t]` is changed only by thread `t` itself.
+//! a thread's depth is changed only by the thread itself.
 
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use pvmmu::lazy_task::LazyTasks;
 
 use crate::irq::{self, IrqGuard};
 use crate::kspace::{self, KspaceError, LazyOp};
@@ -50,23 +57,9 @@ pub const LAZY_AREA: u64 = kspace::STACK_AREA + (4 << 30);
 /// Bytes of [`LAZY_AREA`].
 pub const LAZY_AREA_BYTES: u64 = 1 << 30;
 
-const NONE: usize = usize::MAX;
-
-/// Lazy-section depth of each thread.
-static DEPTH: [AtomicU32; MAX_THREADS] = [const { AtomicU32::new(0) }; MAX_THREADS];
-/// Whether a thread's current section was switched out at least once.
-static PREEMPTED: [AtomicBool; MAX_THREADS] = [const { AtomicBool::new(false) }; MAX_THREADS];
-/// A drain at a switch failed during the thread's current section.
-static SWITCH_ERROR: [AtomicBool; MAX_THREADS] = [const { AtomicBool::new(false) }; MAX_THREADS];
-/// The CPU a thread's section last ran on.
-static SECTION_CPU: [AtomicUsize; MAX_THREADS] = [const { AtomicUsize::new(NONE) }; MAX_THREADS];
-/// The thread in lazy mode on each CPU.
-static CPU_LAZY: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(NONE) }; MAX_CPUS];
-
-static BATCHES: AtomicU64 = AtomicU64::new(0);
-static BATCHES_PREEMPTED: AtomicU64 = AtomicU64::new(0);
-static MIGRATIONS: AtomicU64 = AtomicU64::new(0);
-static SWITCH_CLOSES: AtomicU64 = AtomicU64::new(0);
+/// Depths, preempted marks and each CPU's lazy thread (the hand-off state
+/// machine, shared with the host tests and the loom model).
+static TASKS: LazyTasks<MAX_CPUS, MAX_THREADS> = LazyTasks::new();
 static HOOKED: AtomicBool = AtomicBool::new(false);
 
 /// Why a lazy section could not be used.
@@ -130,12 +123,7 @@ impl<'g> CpuLocal<'g> {
 
     /// The thread in lazy mode on this CPU, if any.
     pub fn lazy_thread(&self) -> Option<ThreadId> {
-        let t = CPU_LAZY[self.cpu].load(Ordering::Relaxed);
-        (t != NONE).then_some(ThreadId(t))
-    }
-
-    fn set_lazy_thread(&self, t: Option<usize>) {
-        CPU_LAZY[self.cpu].store(t.unwrap_or(NONE), Ordering::Relaxed);
+        TASKS.cpu_task(self.cpu).map(ThreadId)
     }
 }
 
@@ -147,8 +135,7 @@ pub fn cpu_lazy_thread() -> Option<ThreadId> {
     if percpu::preempt_count() == 0 && irq::enabled() {
         panic!("BUG: lazy MMU per-CPU state used from preemptible code");
     }
-    let t = CPU_LAZY[percpu::cpu_id()].load(Ordering::Relaxed);
-    (t != NONE).then_some(ThreadId(t))
+    TASKS.cpu_task(percpu::cpu_id()).map(ThreadId)
 }
 
 /// Called by kspace under its lock (preemption off) before a lazy change:
@@ -168,7 +155,7 @@ pub fn active() -> bool {
     if irq::in_interrupt() {
         return false;
     }
-    DEPTH[sched::current().0].load(Ordering::Relaxed) > 0
+    TASKS.is_lazy(sched::current().0)
 }
 
 /// An open lazy section of the running thread (nests; not `Send`: it
@@ -188,16 +175,8 @@ pub fn enter() -> Result<LazySection, LazyError> {
     }
     let thread = sched::current().0;
     let outermost = {
-        let _p = sched::preempt_disable();
-        let depth = DEPTH[thread].fetch_add(1, Ordering::Relaxed);
-        if depth == 0 {
-            PREEMPTED[thread].store(false, Ordering::Relaxed);
-            SWITCH_ERROR[thread].store(false, Ordering::Relaxed);
-            let here = CpuLocal::new(&_p);
-            here.set_lazy_thread(Some(thread));
-            SECTION_CPU[thread].store(here.cpu(), Ordering::Relaxed);
-        }
-        depth == 0
+        let p = sched::preempt_disable();
+        TASKS.enter(thread, CpuLocal::new(&p).cpu())
     };
     Ok(LazySection {
         thread,
@@ -223,7 +202,7 @@ impl LazySection {
 
     /// Whether the section was switched out since the outermost one began.
     pub fn was_preempted(&self) -> bool {
-        PREEMPTED[self.thread].load(Ordering::Relaxed)
+        TASKS.was_preempted(self.thread)
     }
 
     /// Ends the section: the outermost one sends the batch.
@@ -241,18 +220,12 @@ impl LazySection {
         } else {
             Ok(())
         };
-        let _p = sched::preempt_disable();
-        DEPTH[self.thread].fetch_sub(1, Ordering::Relaxed);
-        if !self.outermost {
-            return result.map_err(LazyError::from);
-        }
-        CpuLocal::new(&_p).set_lazy_thread(None);
-        BATCHES.fetch_add(1, Ordering::Relaxed);
-        if PREEMPTED[self.thread].load(Ordering::Relaxed) {
-            BATCHES_PREEMPTED.fetch_add(1, Ordering::Relaxed);
-        }
+        let end = {
+            let p = sched::preempt_disable();
+            TASKS.leave(self.thread, CpuLocal::new(&p).cpu())
+        };
         result?;
-        if SWITCH_ERROR[self.thread].load(Ordering::Relaxed) {
+        if end.is_some_and(|e| e.switch_failed) {
             return Err(LazyError::SwitchDrain);
         }
         Ok(())
@@ -275,26 +248,8 @@ fn on_switch(from: ThreadId, to: ThreadId) {
     // `CpuLocal` asks for.
     let irqs = irq::save();
     let here = CpuLocal::with_irqs_off(&irqs);
-    if DEPTH[from.0].load(Ordering::Relaxed) > 0 {
-        PREEMPTED[from.0].store(true, Ordering::Relaxed);
-        match kspace::lazy_close_irqs_off(from.0) {
-            Ok(true) => {
-                SWITCH_CLOSES.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => {}
-            Err(e) => {
-                log::error!("lazy batch of thread {} at a switch: {e:?}", from.0);
-                SWITCH_ERROR[from.0].store(true, Ordering::Relaxed);
-            }
-        }
-        here.set_lazy_thread(None);
-    }
-    if DEPTH[to.0].load(Ordering::Relaxed) > 0 {
-        here.set_lazy_thread(Some(to.0));
-        let last = SECTION_CPU[to.0].swap(here.cpu(), Ordering::Relaxed);
-        if last != here.cpu() {
-            MIGRATIONS.fetch_add(1, Ordering::Relaxed);
-        }
+    if let Err(e) = TASKS.on_switch(here.cpu(), from.0, to.0, kspace::lazy_close_irqs_off) {
+        log::error!("lazy batch of thread {} at a switch: {e:?}", from.0);
     }
 }
 
@@ -304,24 +259,9 @@ pub fn lookup(va: u64) -> Result<Option<pvmmu::Translation>, LazyError> {
 }
 
 /// Counters for the report.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    /// Outermost sections ended.
-    pub batches: u64,
-    /// Of those, sections switched out at least once.
-    pub batches_preempted: u64,
-    /// Sections resumed on another CPU than where they last ran.
-    pub migrations: u64,
-    /// Batches closed by the switch hook.
-    pub switch_closes: u64,
-}
+pub use pvmmu::lazy_task::LazyStats as Stats;
 
 /// The counters.
 pub fn stats() -> Stats {
-    Stats {
-        batches: BATCHES.load(Ordering::Relaxed),
-        batches_preempted: BATCHES_PREEMPTED.load(Ordering::Relaxed),
-        migrations: MIGRATIONS.load(Ordering::Relaxed),
-        switch_closes: SWITCH_CLOSES.load(Ordering::Relaxed),
-    }
+    TASKS.stats()
 }

@@ -14,6 +14,7 @@ pub mod bootstrap;
 pub mod entry;
 pub mod invariants;
 pub mod lazy;
+pub mod lazy_task;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod negative;

@@ -936,16 +936,7 @@ fn run_seeds_sized(
     cases: u32,
     body: impl Fn(&[Op]) -> Result<(), TestCaseError>,
 ) -> Counted {
-    // PVMMU_SEED=<hex> replaces the random seed (to replay a failure).
-    let replay = std::env::var("PVMMU_SEED")
-        .ok()
-        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
-    let random: u64 = replay.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-    });
+    let random = random_seed();
     let seeds = [0x5eed_0001u64, 0x5eed_0002, random];
     let before = COUNTED.with(|c| c.get());
     for seed in seeds {

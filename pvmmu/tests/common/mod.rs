@@ -275,3 +275,17 @@ pub fn violations<B: Backend>(b: &B, root: Pfn, oracle: Option<&dyn Oracle>) -> 
     invariants::check(b, root, Rules::for_backend(b), oracle, &mut |x| v.push(x));
     v
 }
+
+/// The random seed of a property test's run: `PVMMU_SEED=<hex>` (to replay
+/// a failure), otherwise from the clock.
+pub fn random_seed() -> u64 {
+    let replay = std::env::var("PVMMU_SEED")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    replay.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+    })
+}
