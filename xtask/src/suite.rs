@@ -199,13 +199,15 @@ pub const CI_BOOTS: &[Boot] = &[
 
 /// The loom stage (run with `RUSTFLAGS="--cfg loom"`, see `run`).
 pub const LOOM_STAGE: (&str, &[&str]) = (
-    "loom: TLB shootdown protocol (pvmmu)",
+    "loom: TLB shootdown, lazy-mode hand-off (pvmmu)",
     &[
         "test",
         "-p",
         "pvmmu",
         "--test",
         "loom_shootdown",
+        "--test",
+        "loom_lazy",
         "--release",
     ],
 );
@@ -520,7 +522,8 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
         ));
     }
     {
-        // The TLB shootdown protocol, model-checked with loom. Everything
+        // The TLB shootdown protocol and the lazy-mode hand-off,
+        // model-checked with loom. Everything
         // is built with `--cfg loom`, so in its own target directory.
         let (name, args) = LOOM_STAGE;
         let mut command = build::cargo(ws);
