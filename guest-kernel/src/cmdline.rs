@@ -38,7 +38,14 @@ pub struct BootOptions {
     pub seed: Option<u64>,
     /// `pvmmu.stress_ops=N`: operations of the randomized stress.
     pub stress_ops: Option<u64>,
+    /// `pvmmu.lazy_tick_us=N`: the tick period, in us, while the lazy-MMU
+    /// stress runs ([`LAZY_TICK_US`]; default: the normal 1 ms tick).
+    pub lazy_tick_us: Option<u64>,
 }
+
+/// The values `pvmmu.lazy_tick_us` accepts, in us: from Xen's default
+/// timer slop (50 us) to the normal tick.
+pub const LAZY_TICK_US: core::ops::RangeInclusive<u64> = 50..=1000;
 
 /// A deliberate crash (`pvmmu.crash=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +111,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "pvmmu.stress_ops",
         kind: OptionKind::Number,
     },
+    OptionSpec {
+        name: "pvmmu.lazy_tick_us",
+        kind: OptionKind::Number,
+    },
 ];
 
 /// The prefix of the kernel's own options.
@@ -131,6 +142,16 @@ pub fn warn_about(line: &Cmdline, options: &BootOptions, platform: Platform) -> 
         );
         count += 1;
     }
+    let tick = line.value("pvmmu.lazy_tick_us").and_then(parse_number);
+    if let Some(us) = tick.filter(|us| !LAZY_TICK_US.contains(us)) {
+        crate::kprintln!(
+            "{WARNING_MARKER} cmdline: pvmmu.lazy_tick_us={us} is outside {}..={} us (the \
+             lazy stress keeps the normal tick)",
+            LAZY_TICK_US.start(),
+            LAZY_TICK_US.end()
+        );
+        count += 1;
+    }
     count
 }
 
@@ -155,6 +176,10 @@ impl BootOptions {
             },
             seed: line.value("pvmmu.seed").and_then(parse_number),
             stress_ops: line.value("pvmmu.stress_ops").and_then(parse_number),
+            lazy_tick_us: line
+                .value("pvmmu.lazy_tick_us")
+                .and_then(parse_number)
+                .filter(|us| LAZY_TICK_US.contains(us)),
         }
     }
 }

@@ -542,10 +542,34 @@ fn stress_thread(arg: u64) -> u64 {
     0
 }
 
-/// More threads than CPUs run long lazy batches over private ranges (each
+/// More threads than CPUs run long lazy batches (with the tick
+/// `pvmmu.lazy_tick_us` asks for) over private ranges (each
 /// change a spin apart, so ticks fall inside batches) and verify every
 /// entry after each batch; at least one batch must have been preempted.
-fn stress(_: &mut Kernel) -> TestResult {
+fn stress(kernel: &mut Kernel) -> TestResult {
+    // `pvmmu.lazy_tick_us`: a faster tick for the stress, so that many
+    // ticks (and switches) land inside each batch.
+    let tick_ns = kernel
+        .options
+        .lazy_tick_us
+        .map_or(timer::TICK_NS, |us| us * 1000);
+    timer::set_period_ns(tick_ns);
+    let r = stress_body();
+    timer::set_period_ns(timer::TICK_NS);
+    STRESS_TICK_US.store(tick_ns / 1000, Ordering::Relaxed);
+    r
+}
+
+/// The tick period the stress ran with, us (0: it did not run).
+static STRESS_TICK_US: AtomicU64 = AtomicU64::new(0);
+
+/// The tick period the lazy stress ran with, us (0: it did not run), for
+/// the report's `lazy_tick_us`.
+pub fn stress_tick_us() -> u64 {
+    STRESS_TICK_US.load(Ordering::Relaxed)
+}
+
+fn stress_body() -> TestResult {
     let cpus = percpu::online_count().max(1);
     let n = (2 * cpus + 1).min(12);
     {
@@ -555,6 +579,7 @@ fn stress(_: &mut Kernel) -> TestResult {
         }
     }
     let s0 = lazy::stats();
+    let k0 = timer::ticks();
     let t0 = clock::now_ns();
     let mut ids = [None; 12];
     let mut spawn_err = false;
@@ -577,9 +602,11 @@ fn stress(_: &mut Kernel) -> TestResult {
     }
     let s = lazy::stats();
     log::info!(
-        "lazy stress: {n} threads on {cpus} CPU(s) in {} ms: {} batches, {} preempted, \
-         {} closed at a switch, {} migrations",
+        "lazy stress: {n} threads on {cpus} CPU(s) in {} ms, tick every {} us ({} ticks): {} \
+         batches, {} preempted, {} closed at a switch, {} migrations",
         (clock::now_ns() - t0) / 1_000_000,
+        timer::period_ns() / 1000,
+        timer::ticks() - k0,
         s.batches - s0.batches,
         s.batches_preempted - s0.batches_preempted,
         s.switch_closes - s0.switch_closes,

@@ -554,6 +554,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.lazy_batches = lz.batches;
     kernel.report.lazy_batches_preempted = lz.batches_preempted;
     kernel.report.lazy_migrations = lz.migrations;
+    kernel.report.lazy_tick_us = lazy_tests::stress_tick_us();
     let km = kmap::stats();
     kernel.report.kmaps = km.kmaps;
     kernel.report.kmap_max_depth = km.max_depth;

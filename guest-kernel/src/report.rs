@@ -81,6 +81,8 @@ pub struct Report {
     pub lazy_batches_preempted: u64,
     /// Lazy sections resumed on another CPU.
     pub lazy_migrations: u64,
+    /// The tick period the lazy stress ran with, us (0: not run).
+    pub lazy_tick_us: u64,
     /// kmap_local calls that mapped a slot.
     pub kmaps: u64,
     /// Highest kmap depth per context: thread, interrupt, nested exception.
@@ -130,6 +132,7 @@ impl Report {
             lazy_batches: 0,
             lazy_batches_preempted: 0,
             lazy_migrations: 0,
+            lazy_tick_us: 0,
             kmaps: 0,
             kmap_max_depth: [0; 3],
             kmap_switch_remaps: 0,
@@ -208,13 +211,15 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{},\
-             \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{}",
+             \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{},\
+             \"lazy_tick_us\":{}",
             self.cpa_calls,
             self.cpa_splits,
             self.cpa_faults_verified,
             self.lazy_batches,
             self.lazy_batches_preempted,
-            self.lazy_migrations
+            self.lazy_migrations,
+            self.lazy_tick_us
         )?;
         let [thread, irq, nested] = self.kmap_max_depth;
         write!(

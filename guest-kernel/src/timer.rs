@@ -21,8 +21,13 @@ use crate::events::{self, EventError};
 use crate::xen_pv::PvBoot;
 use crate::{clock, sched};
 
-/// Tick period.
+/// Tick period (the default; [`set_period_ns`] changes it for a while).
 pub const TICK_NS: u64 = 1_000_000;
+/// Shortest period [`set_period_ns`] accepts.
+pub const MIN_PERIOD_NS: u64 = 50_000;
+
+/// The period in force: each CPU's next deadline is its last one plus this.
+static PERIOD_NS: AtomicU64 = AtomicU64::new(TICK_NS);
 
 /// Ticks on all CPUs.
 static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -180,16 +185,28 @@ pub fn on_tick() {
     let late = now.saturating_sub(due);
     LATE_SUM_NS.fetch_add(late, Ordering::Relaxed);
     LATE_MAX_NS.fetch_max(late, Ordering::Relaxed);
-    let mut next = due + TICK_NS;
+    let period = period_ns();
+    let mut next = due + period;
     if next <= now {
-        MISSED.fetch_add((now - next) / TICK_NS + 1, Ordering::Relaxed);
-        next = now + TICK_NS;
+        MISSED.fetch_add((now - next) / period + 1, Ordering::Relaxed);
+        next = now + period;
     }
     pc.deadline.store(next, Ordering::Relaxed);
     if let Err(e) = arm(next) {
         panic!("cannot re-arm the timer: {e:?}");
     }
     sched::tick(now);
+}
+
+/// The tick period in force, ns.
+pub fn period_ns() -> u64 {
+    PERIOD_NS.load(Ordering::Relaxed)
+}
+
+/// Sets the tick period (at least [`MIN_PERIOD_NS`]); each CPU switches
+/// at its next tick. A test that shortens it puts [`TICK_NS`] back.
+pub fn set_period_ns(ns: u64) {
+    PERIOD_NS.store(ns.max(MIN_PERIOD_NS), Ordering::Relaxed);
 }
 
 /// Ticks taken since start.

@@ -131,6 +131,9 @@ impl Boot {
     }
 }
 
+/// The lazy-MMU stress with a 100 us tick (issue 11).
+pub const FAST_LAZY_TICK: &str = "pvmmu.lazy_tick_us=100";
+
 /// Every boot `cargo xtask test` performs, in order. One line per boot: add
 /// memory sizes and command-line variants here.
 /// Columns: mode, guest MiB, kernel command line, expected result, extra check.
@@ -176,12 +179,14 @@ pub const BOOTS: &[Boot] = &[
     // Issue 10: every CPU up, threads and ticks on all of them, and the
     // cross-CPU stale-translation test (10,000 rounds) with zero stale
     // accesses (`tlb_stale` checked for every row with cpus > 1).
-    boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing).smp(2),
+    // Issue 11: the 2-CPU rows run the lazy-MMU stress with a 100 us tick
+    // (the report's lazy_tick_us must say so).
+    boot(Mode::Native, 512, FAST_LAZY_TICK,       Expect::Pass,     Check::Nothing).smp(2),
     boot(Mode::Native, 512, "",                   Expect::Pass,     Check::Nothing).smp(4),
-    boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
+    boot(Mode::Xen,    512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
-    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite).smp(2),
-    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus", Expect::Warning, Check::Nothing),
+    boot(Mode::Xl,     512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
+    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus pvmmu.lazy_tick_us=5", Expect::Warning, Check::Nothing),
     boot(Mode::Xen,    512, "pvmmu.4k",           Expect::Warning,  Check::Nothing),
     // Issue 13: two kmaps released out of order; the guard's drop fails
     // loudly, naming the slot (the kmap self-tests run in every PASS row).
@@ -328,7 +333,8 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
             {
                 return Err(format!("report counter {key} is 0 or missing"));
             }
-            smp_judgement(row, report)
+            smp_judgement(row, report)?;
+            lazy_tick_judgement(row, report)
         }
         (Expect::Pass, Verdict::Fail(failure)) => Err(failure.to_string()),
         (Expect::Fail, Verdict::Fail(failure)) if failure.is_result_fail() => Ok(()),
@@ -373,6 +379,25 @@ fn smp_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), Strin
     if rounds < need || stale != 0 {
         return Err(format!(
             "stale-translation test: {rounds} rounds (need {need}), {stale} stale accesses"
+        ));
+    }
+    Ok(())
+}
+
+/// A row that sets `pvmmu.lazy_tick_us=N` must report that the lazy
+/// stress ran with that tick.
+fn lazy_tick_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), String> {
+    let Some(want) = row
+        .cmdline
+        .split_whitespace()
+        .find_map(|o| o.strip_prefix("pvmmu.lazy_tick_us="))
+    else {
+        return Ok(());
+    };
+    let got = report.counter("lazy_tick_us");
+    if got.map(|us| us.to_string()).as_deref() != Some(want) {
+        return Err(format!(
+            "lazy_tick_us is {got:?}: the lazy stress must run with the {want} us tick the row asks for"
         ));
     }
     Ok(())
@@ -791,7 +816,12 @@ selftest xen_pvh_c ... ok";
 
     #[test]
     fn bad_option_rows_expect_the_warning() {
-        for cmdline in ["pvmmu.bogus", "pvmmu.crash=bogus", "pvmmu.4k"] {
+        for cmdline in [
+            "pvmmu.bogus",
+            "pvmmu.crash=bogus",
+            "pvmmu.4k",
+            "pvmmu.lazy_tick_us=5",
+        ] {
             assert!(BOOTS
                 .iter()
                 .any(|b| b.cmdline.contains(cmdline) && b.expect == Expect::Warning));
@@ -856,6 +886,19 @@ selftest xen_pvh_c ... ok";
             .unwrap_err()
             .contains("stale"));
         assert!(judge(&smp2, &Verdict::Pass(smp_report(2, 9_999, 0))).is_err());
+        // A row asking for a fast lazy tick: the report must show it.
+        let fast = boot(Mode::Xen, 512, FAST_LAZY_TICK, Expect::Pass, Check::Nothing);
+        let tick_report = |us: u64| {
+            parse_report(&format!(
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"lazy_tick_us":{us}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(judge(&fast, &Verdict::Pass(tick_report(100))), Ok(()));
+        assert!(judge(&fast, &Verdict::Pass(tick_report(1000)))
+            .unwrap_err()
+            .contains("lazy_tick_us"));
+        assert_eq!(judge(&pass_xen, &Verdict::Pass(tick_report(1000))), Ok(()));
         let timeout = Verdict::Fail(Failure::Timeout {
             after: Duration::from_secs(60),
             saw_report: false,
