@@ -275,9 +275,12 @@ static H_PFN: AtomicU64 = AtomicU64::new(0);
 /// Bit 0: done; bit 1: lazy mode read as off; bit 2: the thread was this
 /// CPU's lazy thread; bit 3: the thread's queued entry was live before the
 /// handler's own; bit 4: the handler's map was live at once; bit 5: its
-/// unmap was too.
+/// unmap was too; bit 6: its unmap of the thread's second queued entry
+/// left that page unmapped (it went out after the thread's map of it).
 static H_RESULT: AtomicU64 = AtomicU64::new(0);
 static H_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Where the thread's second entry lies, from its first.
+const H_SHARED_OFFSET: u64 = 2 * 4096;
 
 fn handler_hook() {
     if percpu::cpu_id() != H_CPU.load(Ordering::Acquire)
@@ -321,6 +324,22 @@ fn handler_hook() {
     if read(va).is_none() {
         bits |= 32;
     }
+    // The thread's second entry, queued before the handler ran: unmapping
+    // it leaves it unmapped only if the thread's map went out first.
+    let shared = H_THREAD_VA.load(Ordering::Relaxed) + H_SHARED_OFFSET;
+    loop {
+        match kspace::try_apply_now(LazyOp::Unmap { va: shared }) {
+            Ok(None) => core::hint::spin_loop(),
+            Ok(Some(())) => break,
+            Err(_) => {
+                H_ERRORS.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    if read(shared).is_none() {
+        bits |= 64;
+    }
     H_RESULT.store(bits | 1, Ordering::Release);
 }
 
@@ -328,7 +347,8 @@ fn handler_hook() {
 /// thread has a batch open: lazy mode reads as off in the handler, the
 /// thread's queued entry goes out before the handler's, both of the
 /// handler's changes are live before it returns, and the thread then sees
-/// its own entries.
+/// its own entries. The handler also unmaps a second page the thread has
+/// a map of queued: the page ends unmapped, so the two went out in order.
 fn handler_in_order(_: &mut Kernel) -> TestResult {
     let mut f = [Pfn(0); 3];
     take(3, &mut f)?;
@@ -362,6 +382,12 @@ fn handler_body(f: [Pfn; 3]) -> TestResult {
             flags: RW,
         })
         .map_err(kerr("lazy map"))?;
+        sec.apply(LazyOp::Map {
+            va: tva + H_SHARED_OFFSET,
+            pfn: f[0],
+            flags: RO,
+        })
+        .map_err(kerr("lazy map of the entry the handler unmaps"))?;
         if queues() {
             check(read(tva).is_none(), "PV: the thread's entry is queued")?;
         }
@@ -389,6 +415,14 @@ fn handler_body(f: [Pfn; 3]) -> TestResult {
     check(
         bits & 32 != 0,
         "the handler's unmap was live before it returned",
+    )?;
+    check(
+        bits & 64 != 0,
+        "the handler's unmap of the thread's queued entry went out after it",
+    )?;
+    check(
+        pfn_at(tva + H_SHARED_OFFSET)?.is_none(),
+        "the thread sees the handler's unmap of its entry",
     )?;
     sec.apply(LazyOp::Map {
         va: tva + 4096,
