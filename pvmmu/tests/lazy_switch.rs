@@ -494,7 +494,8 @@ fn protect(
 fn run(steps: &[Step]) -> Result<(u64, u64, u64), TestCaseError> {
     let mut k = Kernel::new();
     for (i, step) in steps.iter().enumerate() {
-        k.step(step)?;
+        k.step(step)
+            .map_err(|e| TestCaseError::fail(format!("step {i} ({step:?}): {e}")))?;
         k.check(i)?;
     }
     k.finish()?;
