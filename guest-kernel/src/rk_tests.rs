@@ -190,13 +190,33 @@ fn spawn_failure(e: SchedError) -> Failure {
 /// happens when the guard drops.
 fn preempt_disable_holds(_: &mut Kernel) -> TestResult {
     // One spinner per CPU: with this thread too, one more runnable thread
-    // than CPUs, so this CPU's tick always has someone to switch to.
+    // than CPUs, so this CPU's tick always has someone to switch to. The
+    // last spinner is pinned to the CPU this thread is pinned to: when the
+    // guard drops it is ready there and no other CPU can have taken it (an
+    // unpinned one may be mid-switch on another CPU at that instant, and
+    // then not switching is right: seen once on a loaded 2-CPU boot).
+    let here = {
+        let _p = sched::preempt_disable();
+        crate::percpu::cpu_id()
+    };
+    sched::pin_current(Some(here));
     let cpus = crate::percpu::online_count().clamp(1, MAX_SPINNERS);
     SPIN_UNTIL.store(clock::now_ns() + 3_500 * MS, Ordering::Relaxed);
     SPIN_QUORUM.store(0, Ordering::SeqCst);
     let mut others = [ThreadId(0); MAX_SPINNERS];
     for (i, id) in others[..cpus].iter_mut().enumerate() {
-        *id = sched::spawn("spinner", spinner, i as u64).map_err(spawn_failure)?;
+        let spawned = if i + 1 == cpus {
+            sched::spawn_on(here, "spinner", spinner, i as u64)
+        } else {
+            sched::spawn("spinner", spinner, i as u64)
+        };
+        *id = match spawned {
+            Ok(id) => id,
+            Err(e) => {
+                sched::pin_current(None);
+                return Err(spawn_failure(e));
+            }
+        };
     }
     let (switches_in, ticks_in, deferred_in, cpu, switches_end) = {
         let _p = sched::preempt_disable();
@@ -226,6 +246,7 @@ fn preempt_disable_holds(_: &mut Kernel) -> TestResult {
     let switched_after = crate::percpu::CPUS[cpu].switches.load(Ordering::Relaxed) > switches_end;
     // Let the spinners finish.
     SPIN_UNTIL.store(0, Ordering::SeqCst);
+    sched::pin_current(None);
     for id in &others[..cpus] {
         sched::join(*id).map_err(spawn_failure)?;
     }
