@@ -15,6 +15,7 @@ use hypercall::{MmuHypercalls, XenError};
 use pvmmu::backend::xen::{Alias, AliasMap, MAX_ALIASES};
 use pvmmu::entry::{pv_normalize, Entry, Flags, Level};
 use pvmmu::negative::{self, Line, NegativeEnv};
+use pvmmu::oracle::{self, OracleEnv};
 use pvmmu::{FrameMap, Mfn, Pfn, PhysMem};
 
 use crate::directmap::{DirectMem, KernelAliases};
@@ -31,6 +32,9 @@ pub struct XenNegativeEnv<'k> {
     aliases: KernelAliases,
     frames: &'k mut Frames,
     root: Mfn,
+    /// The oracle's window frame: its direct-map page is the live-tree
+    /// slot the oracle rewrites.
+    window: Option<Pfn>,
 }
 
 impl XenNegativeEnv<'_> {
@@ -111,6 +115,25 @@ impl NegativeEnv for XenNegativeEnv<'_> {
     }
 }
 
+impl OracleEnv for XenNegativeEnv<'_> {
+    /// The direct-map page of a frame taken from the allocator for the
+    /// run: nothing else in the kernel uses that address while the frame
+    /// is ours (its other alias, if it lies in Xen's start-of-day area, is
+    /// left alone), and its L1 entry is a 4 KiB leaf of the live tree.
+    fn window_va(&mut self) -> Option<u64> {
+        let pfn = match self.window {
+            Some(pfn) => pfn,
+            None => {
+                let pfn = self.frames.allocate_lowest()?;
+                self.window = Some(pfn);
+                pfn
+            }
+        };
+        let va = self.mem.frame_ptr(pfn)?.as_ptr() as u64;
+        self.leaf(va).map(|_| va)
+    }
+}
+
 /// Runs the negative suite under Xen PV (does nothing and returns `None` on
 /// other platforms) and prints one line per case for the harness, which
 /// compares them with the model. Each answer is also checked here against
@@ -135,6 +158,7 @@ pub fn run(kernel: &mut Kernel) -> Option<usize> {
         aliases,
         frames: &mut kernel.frames,
         root,
+        window: None,
     };
     log::info!(
         "negative suite: {} cases against Xen",
@@ -183,4 +207,110 @@ pub fn run(kernel: &mut Kernel) -> Option<usize> {
         mismatches += 1;
     }
     Some(mismatches)
+}
+
+/// A line of at most 256 bytes, formatted on the stack so that it leaves
+/// in one console write.
+struct LineBuf {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl LineBuf {
+    fn new() -> Self {
+        Self {
+            bytes: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.bytes[..self.len]).unwrap_or("?")
+    }
+}
+
+impl core::fmt::Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.bytes.len() {
+            return Err(core::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// What the oracle run under Xen did, for the report and the verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct OracleFigures {
+    /// Requests applied (and printed).
+    pub requests: u64,
+    /// Whether the run set up, ran every request and gave every frame back.
+    pub clean: bool,
+}
+
+/// Runs the oracle's random requests under Xen PV (does nothing and
+/// returns `None` on other platforms), seeded with `seed`, printing the
+/// `ORACLE` lines the harness compares with the model's replay.
+pub fn run_oracle(kernel: &mut Kernel, seed: u64) -> Option<OracleFigures> {
+    let (Some(pv), Some(dm)) = (kernel.pv.clone(), kernel.direct_map.as_ref()) else {
+        return None;
+    };
+    let Some(root) = pv.pfn_to_mfn(dm.root.0).map(Mfn) else {
+        crate::kprintln!("ORACLE-END setup EINVAL");
+        return Some(OracleFigures {
+            requests: 0,
+            clean: false,
+        });
+    };
+    let (mem, aliases) = (dm.mem, dm.aliases);
+    let before = kernel.frames.free_count();
+    let mut env = XenNegativeEnv {
+        // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
+        xen: unsafe { hypercall::Xen::new() },
+        mem,
+        pv,
+        aliases,
+        frames: &mut kernel.frames,
+        root,
+        window: None,
+    };
+    let requests = oracle::DEFAULT_REQUESTS;
+    let start = crate::platform::rdtsc();
+    let mut figures = OracleFigures {
+        requests: 0,
+        clean: false,
+    };
+    oracle::run(
+        &mut env,
+        seed,
+        requests,
+        &mut |begin| crate::kprintln!("{begin}"),
+        &mut |line| {
+            use core::fmt::Write;
+            let mut buf = LineBuf::new();
+            let _ = write!(buf, "{line}");
+            crate::kprintln!("{}", buf.as_str());
+            figures.requests += 1;
+        },
+        &mut |end| {
+            crate::kprintln!("{end}");
+            figures.clean = matches!(end, oracle::End::Done { leaked: 0, .. });
+        },
+    );
+    if let Some(w) = env.window.take() {
+        env.free_frame(w);
+    }
+    let cycles = crate::platform::rdtsc().wrapping_sub(start);
+    log::info!(
+        "oracle: {} requests against Xen in {cycles} cycles (seed {seed:#x})",
+        figures.requests
+    );
+    let after = kernel.frames.free_count();
+    if after != before {
+        log::error!("oracle: {before} free frames before, {after} after");
+        figures.clean = false;
+    }
+    Some(figures)
 }

@@ -41,6 +41,8 @@ pub struct Report {
     pub random_mismatches: u64,
     /// Its seed (`pvmmu.seed=` replays it).
     pub random_seed: u64,
+    /// Requests of the oracle's random differential against Xen (PV only).
+    pub oracle_requests: u64,
     /// Xen PV: dom0 or domU.
     pub xen_domain: Option<XenDomain>,
     /// Hypervisor CPUID signature seen (PVH entry only).
@@ -111,6 +113,7 @@ impl Report {
             selftests_failed: 0,
             random_ops: 0,
             random_mismatches: 0,
+            oracle_requests: 0,
             random_seed: 0,
             xen_domain: None,
             hypervisor: None,
@@ -188,8 +191,8 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            ",\"random_ops\":{},\"random_mismatches\":{},\"random_seed\":{}",
-            self.random_ops, self.random_mismatches, self.random_seed
+            ",\"random_ops\":{},\"random_mismatches\":{},\"random_seed\":{},\"oracle_requests\":{}",
+            self.random_ops, self.random_mismatches, self.random_seed, self.oracle_requests
         )?;
         write!(
             f,

@@ -18,6 +18,7 @@ pub mod lazy_task;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod negative;
+pub mod oracle;
 pub mod phys;
 pub mod shootdown;
 pub mod space;

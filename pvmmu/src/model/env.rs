@@ -10,6 +10,7 @@ use hypercall::{MmuHypercalls, XenError};
 
 use super::{DomainKind, XenModel};
 use crate::negative::NegativeEnv;
+use crate::oracle::OracleEnv;
 use crate::phys::{FrameMap, PhysMem};
 use crate::types::{Mfn, Pfn};
 
@@ -87,5 +88,16 @@ impl NegativeEnv for ModelNegativeEnv {
 
     fn current_root(&self) -> Mfn {
         self.model.current_root().unwrap_or(Mfn(0))
+    }
+}
+
+/// The oracle's window: an empty entry of the boot mapping's L1, past the
+/// mapped image and tables.
+pub const MODEL_WINDOW_VA: u64 = MODEL_VIRT_BASE + 0x100 * 0x1000;
+
+impl OracleEnv for ModelNegativeEnv {
+    fn window_va(&mut self) -> Option<u64> {
+        self.model.l1_slot_of(MODEL_WINDOW_VA).ok()?;
+        Some(MODEL_WINDOW_VA)
     }
 }

@@ -45,7 +45,7 @@ mod shared;
 mod tests;
 
 pub use boot::StartOfDay;
-pub use env::{ModelNegativeEnv, MODEL_VIRT_BASE};
+pub use env::{ModelNegativeEnv, MODEL_VIRT_BASE, MODEL_WINDOW_VA};
 pub use hypercalls::is_guest_l4_slot;
 pub use shared::SharedModel;
 
