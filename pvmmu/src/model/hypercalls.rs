@@ -77,11 +77,15 @@ impl XenModel {
 
     fn run_mmu_update(&mut self, reqs: &[mmu_update]) -> Result<(), BatchError> {
         self.stats.mmu_update_entries += reqs.len() as u64;
+        let mut result = Ok(());
         for (done, req) in reqs.iter().enumerate() {
-            self.mmu_update_one(req)
-                .map_err(|error| BatchError { done, error })?;
+            if let Err(error) = self.mmu_update_one(req) {
+                result = Err(BatchError { done, error });
+                break;
+            }
         }
-        Ok(())
+        self.put_old_table();
+        result
     }
 
     /// Validates (if needed) and pins `mfn` as a table of `level`
@@ -185,11 +189,15 @@ impl XenModel {
 
     fn run_mmuext(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
         self.stats.mmuext_ops += ops.len() as u64;
+        let mut result = Ok(());
         for (done, op) in ops.iter().enumerate() {
-            self.mmuext_one(op)
-                .map_err(|error| BatchError { done, error })?;
+            if let Err(error) = self.mmuext_one(op) {
+                result = Err(BatchError { done, error });
+                break;
+            }
         }
-        Ok(())
+        self.put_old_table();
+        result
     }
 
     /// The L1 table and index that map `va` under the current kernel root

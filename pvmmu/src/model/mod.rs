@@ -269,6 +269,14 @@ pub struct XenModel {
     /// Frame contents by mfn, allocated on first touch. Each pointer comes
     /// from `Box::into_raw` and is freed in `Drop`.
     memory: RefCell<BTreeMap<u64, NonNull<FrameWords>>>,
+    /// Frames left half-validated (Xen's `PGT_partial` with the type count
+    /// at 1), with how many leading entries hold references
+    /// (`nr_validated_ptes`): the one pending clean-up in `old_table`, and
+    /// any Xen lost track of (see `rules.rs`, "stuck tables").
+    partial: BTreeMap<u64, usize>,
+    /// Xen's `old_guest_table`: the half-validated table whose references
+    /// the end of the current hypercall drops.
+    old_table: Option<u64>,
     root: u64,
     user_root: u64,
     stats: HypercallStats,
@@ -369,6 +377,8 @@ impl XenModel {
             types: BTreeMap::new(),
             shadows: BTreeMap::new(),
             linear: BTreeMap::new(),
+            partial: BTreeMap::new(),
+            old_table: None,
             memory: RefCell::new(BTreeMap::new()),
             root: 0,
             user_root: 0,
@@ -477,6 +487,12 @@ impl XenModel {
     /// Linear page-table count of `mfn` (Xen's `linear_pt_count`).
     pub fn linear_count(&self, mfn: Mfn) -> i32 {
         self.linear.get(&mfn.0).copied().unwrap_or(0)
+    }
+
+    /// Frames Xen left half-validated and no longer tracks (a stuck table:
+    /// see `docs/xen-pv-rules.md`), lowest first.
+    pub fn stuck_tables(&self) -> impl Iterator<Item = Mfn> + '_ {
+        self.partial.keys().map(|&m| Mfn(m))
     }
 
     /// Number of frames currently validated as page tables.

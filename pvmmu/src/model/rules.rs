@@ -74,7 +74,10 @@ impl XenModel {
     }
 
     /// Takes a type reference of `ty` on guest frame `mfn`, validating it as
-    /// a table when its type changes (`_get_page_type`).
+    /// a table when its type changes (`_get_page_type`). A half-validated
+    /// table (see "stuck tables" below) asked for its own type resumes its
+    /// validation where it stopped, and the caller takes over the
+    /// reference it held.
     pub(crate) fn get_page_type(&mut self, mfn: u64, ty: PageType) -> Result<(), XenError> {
         let mut tw = self.tyword(mfn);
         if tw.count >= Self::type_count_max() {
@@ -93,30 +96,72 @@ impl XenModel {
                 return Ok(());
             }
             self.linear.remove(&mfn);
-            match self.promote(mfn, level) {
-                Ok(()) => {
-                    let mut now = self.tyword(mfn);
-                    now.validated = true;
-                    self.set_tyword(mfn, now);
-                    self.take_shadow(mfn);
-                    Ok(())
-                }
-                Err(e) => {
-                    self.set_tyword(mfn, TypeWord::default());
-                    self.linear.remove(&mfn);
-                    Err(e)
-                }
-            }
+            self.finish_promote(mfn, ty, 0)
+        } else if let (true, Some(&from)) = (
+            tw.page_type() == ty && !tw.validated,
+            self.partial.get(&mfn),
+        ) {
+            // Resume (`PGT_partial` cleared, the count of 1 kept).
+            self.partial.remove(&mfn);
+            self.finish_promote(mfn, ty, from)
         } else if tw.page_type() != ty || !tw.validated {
             // The wrong type is held, or the frame is half-way through its
             // own validation (where Xen would wait; only reachable through
-            // recursion, which Xen also refuses).
+            // recursion, which Xen also refuses), or stuck half-validated.
             Err(XenError::Inval)
         } else {
             tw.count += 1;
             self.set_tyword(mfn, tw);
             Ok(())
         }
+    }
+
+    /// Validates `mfn` as a table of `ty` from entry `from` on, with its
+    /// type word already set (count 1, not validated); on failure the frame
+    /// is left half-validated if Xen leaves it so, else untyped.
+    fn finish_promote(&mut self, mfn: u64, ty: PageType, from: usize) -> Result<(), XenError> {
+        match self.promote(mfn, ty.level(), from) {
+            Ok(()) => {
+                let mut now = self.tyword(mfn);
+                now.validated = true;
+                self.set_tyword(mfn, now);
+                self.take_shadow(mfn);
+                Ok(())
+            }
+            Err(e) => {
+                if !self.partial.contains_key(&mfn) {
+                    self.set_tyword(mfn, TypeWord::default());
+                    self.linear.remove(&mfn);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the current hypercall's partial validation, if any
+    /// (`put_old_guest_table`): the half-validated table drops the
+    /// references of the entries it had validated and loses its type.
+    pub(crate) fn put_old_table(&mut self) {
+        if let Some(old) = self.old_table.take() {
+            self.drop_partial(old);
+        }
+    }
+
+    /// Drops a half-validated table's references and its type.
+    fn drop_partial(&mut self, mfn: u64) {
+        let Some(done) = self.partial.remove(&mfn) else {
+            return;
+        };
+        let level = self.tyword(mfn).page_type().level();
+        for j in (0..done).rev() {
+            if level == 4 && is_xen_l4_slot(j) {
+                continue;
+            }
+            let e = self.mem_read(mfn, j);
+            self.put_entry(level, e, mfn);
+        }
+        self.set_tyword(mfn, TypeWord::default());
+        self.linear.remove(&mfn);
     }
 
     /// Drops a type reference on `mfn`; the last one on a table demotes it
@@ -141,12 +186,26 @@ impl XenModel {
         }
     }
 
-    /// Validates every guest entry of `mfn` as a table of `level`, taking
-    /// the references they need and writing back the adjusted entries
-    /// (`promote_l1_table`..`promote_l4_table`). On failure every reference
-    /// taken is dropped again.
-    fn promote(&mut self, mfn: u64, level: u8) -> Result<(), XenError> {
-        for i in 0..ENTRIES {
+    /// Validates every guest entry of `mfn` from `from` on as a table of
+    /// `level`, taking the references they need and writing back the
+    /// adjusted entries (`promote_l1_table`..`promote_l4_table`).
+    ///
+    /// On failure at entry `i`: an L1 drops every reference it took at
+    /// once. An L2..L4 that fails at `i > 0` keeps them and becomes the
+    /// hypercall's `old_guest_table` (dropped at its end,
+    /// [`XenModel::put_old_table`]).
+    ///
+    /// Stuck tables: if `old_guest_table` is already set at that point
+    /// (a lower table failed at an entry > 0 inside this one), an L3/L4
+    /// whose failing entry `i` points to that lower table takes over its
+    /// clean-up; otherwise (an L2, or the lower table sits behind an
+    /// intermediate table that failed at entry 0) Xen 4.17 and 4.20
+    /// overwrite `old_guest_table` (an `ASSERT` only in debug builds) and
+    /// the lower table stays half-validated, type count 1, for good: every
+    /// write to it and every other use of it is refused with `EINVAL` until
+    /// something asks for its own type again, which resumes its validation.
+    fn promote(&mut self, mfn: u64, level: u8, from: usize) -> Result<(), XenError> {
+        for i in from..ENTRIES {
             if level == 4 && is_xen_l4_slot(i) {
                 continue;
             }
@@ -161,13 +220,24 @@ impl XenModel {
             };
             match got {
                 Ok(e) => self.write_entry(mfn, i, adjust(level, e)),
-                Err(err) => {
+                Err(err) if level == 1 => {
                     for j in (0..i).rev() {
-                        if level == 4 && is_xen_l4_slot(j) {
-                            continue;
-                        }
                         let e = self.mem_read(mfn, j);
                         self.put_entry(level, e, mfn);
+                    }
+                    return Err(err);
+                }
+                Err(err) => {
+                    if i > 0 {
+                        if let Some(prev) = self.old_table.take() {
+                            if level >= 3 && prev == entry_mfn(e) {
+                                // The clean-up of `mfn` covers `prev`.
+                                self.drop_partial(prev);
+                            }
+                            // Else: `prev` stays stuck.
+                        }
+                        self.partial.insert(mfn, i);
+                        self.old_table = Some(mfn);
                     }
                     return Err(err);
                 }

@@ -357,6 +357,62 @@ fn failed_validation_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_table_behind_one_that_fails_at_entry_0_stays_half_validated() {
+    // L4 10 -> (entry 2) L3 11 -> (entry 0) L2 12 -> (entry 0) L1 13, fine,
+    // and (entry 1) L1 14, which has a cache attribute an unprivileged L1
+    // may not: 12 fails at entry 1 and becomes the hypercall's
+    // old_guest_table, 11 fails at entry 0, 10 fails at entry 2 and
+    // replaces 12 as old_guest_table. 12 is left half-validated (what the
+    // oracle found under Xen 4.17 and 4.20; see docs/xen-pv-rules.md).
+    let mut m = XenModel::new(256);
+    poke(&m, 13, 0, pte(&m, 70, P));
+    poke(&m, 14, 0, pte(&m, 71, P | PAGE_PCD));
+    poke(&m, 12, 0, pte(&m, 13, P | RW));
+    poke(&m, 12, 1, pte(&m, 14, P | RW));
+    poke(&m, 11, 0, pte(&m, 12, P | RW));
+    poke(&m, 10, 2, pte(&m, 11, P | RW));
+    assert_eq!(pin(&mut m, 10, PinLevel::L4), Err(XenError::Inval));
+    let stuck = Mfn(mfn(&m, 12));
+    assert_eq!(m.stuck_tables().collect::<Vec<_>>(), [stuck]);
+    assert_eq!(ty(&m, 12), (PageType::L2, 1));
+    // Its entry 0 still holds the L1 it validated.
+    assert_eq!(ty(&m, 13), (PageType::L1, 1));
+    for pfn in [10, 11, 14] {
+        assert_eq!(ty(&m, pfn), (PageType::None, 0), "pfn {pfn}");
+    }
+    // Every write and every other type is refused...
+    assert_eq!(set!(m, 12, 3, 0), Err(XenError::Inval));
+    assert_eq!(pin(&mut m, 12, PinLevel::L1), Err(XenError::Inval));
+    assert_eq!(pin(&mut m, 20, PinLevel::L1), Ok(()));
+    assert_eq!(set!(m, 20, 0, pte(&m, 12, P | RW)), Err(XenError::Busy));
+    // ...until its own type is asked for: the validation resumes at entry
+    // 1 and fails there again; this time the clean-up happens.
+    assert_eq!(pin(&mut m, 12, PinLevel::L2), Err(XenError::Inval));
+    assert_eq!(m.stuck_tables().count(), 0);
+    for pfn in [12, 13] {
+        assert_eq!(ty(&m, pfn), (PageType::None, 0), "pfn {pfn}");
+    }
+    assert_eq!(set!(m, 12, 3, 0), Ok(()));
+    // Stuck again, then 14 fixed: the resumed validation completes and the
+    // pin holds the one reference the stuck table had.
+    assert_eq!(pin(&mut m, 10, PinLevel::L4), Err(XenError::Inval));
+    assert_eq!(m.stuck_tables().count(), 1);
+    assert_eq!(set!(m, 14, 0, 0), Ok(()));
+    assert_eq!(pin(&mut m, 12, PinLevel::L2), Ok(()));
+    assert_eq!(m.stuck_tables().count(), 0);
+    assert_eq!(ty(&m, 12), (PageType::L2, 1));
+    assert_eq!(
+        (ty(&m, 13), ty(&m, 14)),
+        ((PageType::L1, 1), (PageType::L1, 1))
+    );
+    assert_eq!(unpin(&mut m, 12), Ok(()));
+    for pfn in [12, 13, 14] {
+        assert_eq!(ty(&m, pfn), (PageType::None, 0), "pfn {pfn}");
+    }
+    assert_eq!(m.check_integrity(), Ok(()));
+}
+
+#[test]
 fn hook_and_unhook_move_type_counts() {
     let mut m = XenModel::new(256);
     pin(&mut m, 10, PinLevel::L2).unwrap();

@@ -84,7 +84,11 @@ impl OracleEnv for Traced {
                 )
             })
             .collect();
-        eprintln!("{index}: {:?}\n    {}", requests.next_request(), types.join(" "));
+        eprintln!(
+            "{index}: {:?}\n    {}",
+            requests.next_request(),
+            types.join(" ")
+        );
     }
 }
 
@@ -100,13 +104,15 @@ fn main() {
     let trace = args.iter().any(|a| a == "--trace");
     args.retain(|a| a != "--trace");
     let parsed = match args.as_slice() {
-        [seed, requests, domain] => parse_seed(seed)
-            .zip(requests.parse::<u32>().ok())
-            .zip(match domain.as_str() {
-                "dom0" => Some(DomainKind::Hardware),
-                "domu" => Some(DomainKind::Unprivileged),
-                _ => None,
-            }),
+        [seed, requests, domain] => {
+            parse_seed(seed)
+                .zip(requests.parse::<u32>().ok())
+                .zip(match domain.as_str() {
+                    "dom0" => Some(DomainKind::Hardware),
+                    "domu" => Some(DomainKind::Unprivileged),
+                    _ => None,
+                })
+        }
         _ => None,
     };
     let Some(((seed, requests), kind)) = parsed else {
