@@ -16,6 +16,7 @@ mod host;
 mod kernel_bench;
 mod mutants;
 mod negative;
+mod oracle;
 mod qemu;
 mod report;
 mod request;
@@ -102,11 +103,26 @@ fn run(ws: &Workspace, options: RunOptions) -> Result<bool, XtaskError> {
         request.options.memory_mib,
         outcome.elapsed.as_secs_f64()
     );
+    let domain = match request.options.mode {
+        cli::Mode::Xl => oracle::Domain::DomU,
+        _ => oracle::Domain::Dom0,
+    };
     match &outcome.verdict {
-        Verdict::Pass(report) => {
-            eprintln!("xtask: PASS ({what}): {}", report.summary());
-            Ok(true)
-        }
+        Verdict::Pass(report) => match oracle::check(ws, &outcome.transcript, domain)
+            .and_then(|c| c.map_or(Ok(String::new()), |c| c.verdict().map(|()| c.figures())))
+        {
+            Ok(figures) => {
+                eprintln!("xtask: PASS ({what}): {} {figures}", report.summary());
+                Ok(true)
+            }
+            Err(why) => {
+                eprintln!(
+                    "xtask: FAIL ({what}): {why}\nxtask: console log: {}",
+                    outcome.log_path.display()
+                );
+                Ok(false)
+            }
+        },
         Verdict::Fail(failure) => {
             eprintln!(
                 "xtask: FAIL ({what}): {failure}\nxtask: console log: {}",

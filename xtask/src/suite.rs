@@ -19,6 +19,7 @@ use crate::error::XtaskError;
 use crate::harness::{Echo, Failure, Outcome, Verdict};
 use crate::host;
 use crate::negative;
+use crate::oracle;
 use crate::qemu;
 use crate::request::{self, BootRequest};
 use crate::selftests;
@@ -619,6 +620,28 @@ pub fn run(ws: &Workspace, options: TestOptions, with_xl: bool) -> Result<bool, 
                     line.got = "DIFF".into();
                     line.detail = why;
                 }
+            }
+            // Every Xen PV row runs the oracle's random requests too.
+            let domain = match row.mode {
+                Mode::Xl => oracle::Domain::DomU,
+                _ => oracle::Domain::Dom0,
+            };
+            let oracle = oracle::check(ws, &outcome.transcript, domain).and_then(|c| {
+                let c =
+                    c.ok_or_else(|| "the kernel printed no ORACLE lines under Xen".to_string())?;
+                c.verdict().map(|()| c.figures())
+            });
+            match (line.ok, oracle) {
+                (true, Ok(figures)) => {
+                    line.detail.push(' ');
+                    line.detail.push_str(&figures);
+                }
+                (true, Err(why)) => {
+                    line.ok = false;
+                    line.got = "DIFF".into();
+                    line.detail = why;
+                }
+                (false, _) => {}
             }
         }
         if let (true, Check::Console(text), Ok(outcome)) = (line.ok, row.check, &outcome) {

@@ -1,0 +1,57 @@
+//! The oracle's replay on the host against transcripts recorded under real
+//! Xen (the kernel's `ORACLE` lines, cut after 2,000 requests): the Xen
+//! model must print exactly what Xen printed, line for line. The 4.17 dom0
+//! transcript holds the case that taught the model Xen's half-validated
+//! ("stuck") tables, at request 1,255.
+
+use pvmmu::model::{DomainKind, ModelNegativeEnv};
+use pvmmu::oracle::{self, End};
+
+/// Runs the model for the transcript's seed and as many requests as it
+/// holds; returns (the transcript's request lines, the model's).
+fn replay(transcript: &str, kind: DomainKind) -> (Vec<String>, Vec<String>) {
+    let mut lines = transcript.lines();
+    let header = lines.next().expect("a header line");
+    let seed = header
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("seed=0x"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .expect("a seed in the header");
+    let xen: Vec<String> = lines.map(str::to_string).collect();
+    let mut env = ModelNegativeEnv::new(kind, 16 * 1024).expect("the model boots");
+    let mut model = Vec::new();
+    let mut end = None;
+    oracle::run(
+        &mut env,
+        seed,
+        xen.len() as u32,
+        &mut |b| assert_eq!(b.seed, seed),
+        &mut |line| model.push(line.to_string()),
+        &mut |e| end = Some(e),
+    );
+    assert_eq!(
+        end,
+        Some(End::Done {
+            requests: xen.len() as u32,
+            leaked: 0
+        })
+    );
+    (xen, model)
+}
+
+fn assert_same(xen: &[String], model: &[String]) {
+    assert_eq!(xen.len(), model.len());
+    if let Some((n, (x, m))) = xen.iter().zip(model).enumerate().find(|(_, (x, m))| x != m) {
+        panic!("request {n}: Xen `{x}`, model `{m}`");
+    }
+}
+
+#[test]
+fn the_model_replays_a_xen_4_17_dom0_transcript() {
+    let (xen, model) = replay(
+        include_str!("../fixtures/oracle-xen-4.17-dom0.txt"),
+        DomainKind::Hardware,
+    );
+    assert_eq!(xen.len(), 2_000);
+    assert_same(&xen, &model);
+}
