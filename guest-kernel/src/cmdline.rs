@@ -41,6 +41,9 @@ pub struct BootOptions {
     /// `pvmmu.lazy_tick_us=N`: the tick period, in us, while the lazy-MMU
     /// stress runs ([`LAZY_TICK_US`]; default: the normal 1 ms tick).
     pub lazy_tick_us: Option<u64>,
+    /// `pvmmu.oracle_lines`: the oracle prints every request's line, not
+    /// one hash per block of them (see `pvmmu::oracle`).
+    pub oracle_lines: bool,
 }
 
 /// The values `pvmmu.lazy_tick_us` accepts, in us: from Xen's default
@@ -115,6 +118,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "pvmmu.lazy_tick_us",
         kind: OptionKind::Number,
     },
+    OptionSpec {
+        name: "pvmmu.oracle_lines",
+        kind: OptionKind::Flag,
+    },
 ];
 
 /// The prefix of the kernel's own options.
@@ -180,6 +187,7 @@ impl BootOptions {
                 .value("pvmmu.lazy_tick_us")
                 .and_then(parse_number)
                 .filter(|us| LAZY_TICK_US.contains(us)),
+            oracle_lines: line.flag("pvmmu.oracle_lines"),
         }
     }
 }

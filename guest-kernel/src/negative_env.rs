@@ -252,8 +252,12 @@ pub struct OracleFigures {
 
 /// Runs the oracle's random requests under Xen PV (does nothing and
 /// returns `None` on other platforms), seeded with `seed`, printing the
-/// `ORACLE` lines the harness compares with the model's replay.
-pub fn run_oracle(kernel: &mut Kernel, seed: u64) -> Option<OracleFigures> {
+/// `ORACLE` lines the harness compares with the model's replay: one
+/// `ORACLE-BLOCK` hash line per block of requests, or every request's line
+/// with `pvmmu.oracle_lines` (`replay` names the option that draws the
+/// same seed again).
+pub fn run_oracle(kernel: &mut Kernel, seed: u64, replay: u64) -> Option<OracleFigures> {
+    let every_line = kernel.options.oracle_lines;
     let (Some(pv), Some(dm)) = (kernel.pv.clone(), kernel.direct_map.as_ref()) else {
         return None;
     };
@@ -283,6 +287,8 @@ pub fn run_oracle(kernel: &mut Kernel, seed: u64) -> Option<OracleFigures> {
         clean: false,
     };
     let mut print_cycles = 0u64;
+    let mut blocks = oracle::Blocks::new();
+    let mut end = None;
     oracle::run(
         &mut env,
         seed,
@@ -291,23 +297,37 @@ pub fn run_oracle(kernel: &mut Kernel, seed: u64) -> Option<OracleFigures> {
         &mut |line| {
             use core::fmt::Write;
             let mut buf = LineBuf::new();
-            let _ = write!(buf, "{line}");
-            let t = crate::platform::rdtsc();
-            crate::kprintln!("{}", buf.as_str());
-            print_cycles += crate::platform::rdtsc().wrapping_sub(t);
+            let _ = if every_line {
+                write!(buf, "{line}")
+            } else {
+                match blocks.push(line) {
+                    Some(block) => write!(buf, "{block}"),
+                    None => Ok(()),
+                }
+            };
+            if buf.len > 0 {
+                let t = crate::platform::rdtsc();
+                crate::kprintln!("{}", buf.as_str());
+                print_cycles += crate::platform::rdtsc().wrapping_sub(t);
+            }
             figures.requests += 1;
         },
-        &mut |end| {
-            crate::kprintln!("{end}");
-            figures.clean = matches!(end, oracle::End::Done { leaked: 0, .. });
-        },
+        &mut |e| end = Some(e),
     );
+    if let Some(block) = blocks.finish() {
+        crate::kprintln!("{block}");
+    }
+    if let Some(end) = end {
+        crate::kprintln!("{end}");
+        figures.clean = matches!(end, oracle::End::Done { leaked: 0, .. });
+    }
     if let Some(w) = env.window.take() {
         env.free_frame(w);
     }
     let cycles = crate::platform::rdtsc().wrapping_sub(start);
     log::info!(
-        "oracle: {} requests against Xen in {cycles} cycles, {print_cycles} of them printing (seed {seed:#x})",
+        "oracle: {} requests against Xen in {cycles} cycles, {print_cycles} of them printing \
+         (seed {seed:#x}; every line with pvmmu.seed={replay:#x} pvmmu.oracle_lines)",
         figures.requests
     );
     let after = kernel.frames.free_count();

@@ -466,6 +466,90 @@ impl fmt::Display for Line {
     }
 }
 
+/// Requests per `ORACLE-BLOCK` line.
+pub const BLOCK: u32 = 100;
+
+/// One `ORACLE-BLOCK <first> <count> #<hash>` line: FNV-1a (64-bit) over
+/// the text of `count` request lines from request `first` on, each with
+/// its newline. The kernel prints these instead of the request lines
+/// unless asked for every line; the model's replay computes the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLine {
+    /// First request of the block.
+    pub first: u32,
+    /// Requests in it.
+    pub count: u32,
+    /// The hash of their lines.
+    pub hash: u64,
+}
+
+impl fmt::Write for BlockLine {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            self.hash ^= u64::from(b);
+            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for BlockLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ORACLE-BLOCK {} {} #{:016x}",
+            self.first, self.count, self.hash
+        )
+    }
+}
+
+/// Folds request lines into [`BlockLine`]s of [`BLOCK`] requests.
+#[derive(Debug, Clone)]
+pub struct Blocks {
+    current: BlockLine,
+}
+
+impl Default for Blocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Blocks {
+    const EMPTY: BlockLine = BlockLine {
+        first: 0,
+        count: 0,
+        hash: 0xcbf2_9ce4_8422_2325,
+    };
+
+    /// No line yet.
+    pub fn new() -> Self {
+        Self {
+            current: Self::EMPTY,
+        }
+    }
+
+    /// Adds `line`; returns the block it completes, if it does.
+    pub fn push(&mut self, line: &Line) -> Option<BlockLine> {
+        use fmt::Write;
+        if self.current.count == 0 {
+            self.current.first = line.index;
+        }
+        let _ = writeln!(self.current, "{line}");
+        self.current.count += 1;
+        (self.current.count == BLOCK).then(|| self.take())
+    }
+
+    /// The last, incomplete block, if any.
+    pub fn finish(&mut self) -> Option<BlockLine> {
+        (self.current.count > 0).then(|| self.take())
+    }
+
+    fn take(&mut self) -> BlockLine {
+        core::mem::replace(&mut self.current, Self::EMPTY)
+    }
+}
+
 /// The run's header line: `ORACLE-BEGIN seed=<hex> requests=<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Begin {
@@ -862,9 +946,13 @@ impl Runner<'_> {
 
     /// Unpins every pool frame and clears every entry the requests (and
     /// `mirror`) can have written, a few times over (a table held by
-    /// another pool table stops being one when that entry goes).
+    /// another pool table stops being one when that entry goes). In the
+    /// first passes each frame is also asked for each upper table type: a
+    /// table Xen left half-validated resumes its validation that way and is
+    /// cleaned up (or pinned, and unpinned by the next pass).
     fn empty_pool(&mut self) {
-        for _ in 0..4 {
+        const PASSES: usize = 4;
+        for pass in 0..PASSES {
             for n in 0..POOL {
                 let op = MmuExt::Unpin { mfn: self.mfn[n] }.encode();
                 let _ = self.env.hypercalls().mmuext_op(&[op]);
@@ -889,6 +977,18 @@ impl Runner<'_> {
                 // L4) must not stop the others.
                 for r in &reqs[..k] {
                     let _ = self.env.hypercalls().mmu_update(core::slice::from_ref(r));
+                }
+            }
+            if pass + 1 < PASSES {
+                for n in 0..POOL {
+                    for level in [PinLevel::L2, PinLevel::L3, PinLevel::L4] {
+                        let op = MmuExt::Pin {
+                            level,
+                            mfn: self.mfn[n],
+                        }
+                        .encode();
+                        let _ = self.env.hypercalls().mmuext_op(&[op]);
+                    }
                 }
             }
         }
@@ -1058,6 +1158,111 @@ mod tests {
             kinds[k] += 1;
         }
         assert!(kinds.iter().all(|&n| n > 100), "{kinds:?}");
+    }
+
+    #[test]
+    fn a_run_against_the_model_gives_everything_back() {
+        use crate::model::{DomainKind, ModelNegativeEnv};
+        for seed in 1..=4 {
+            let mut env = ModelNegativeEnv::new(DomainKind::Hardware, 4096).unwrap();
+            let m = env.model();
+            let (root, tables, count) = (
+                m.current_root().unwrap(),
+                m.live_tables(),
+                m.type_count(m.current_root().unwrap()),
+            );
+            let (mut lines, mut end) = (0, None);
+            run(
+                &mut env,
+                seed,
+                3_000,
+                &mut |_| {},
+                &mut |_| lines += 1,
+                &mut |e| end = Some(e),
+            );
+            assert_eq!(lines, 3_000);
+            assert_eq!(
+                end,
+                Some(End::Done {
+                    requests: 3_000,
+                    leaked: 0
+                }),
+                "seed {seed}"
+            );
+            let m = env.model();
+            assert_eq!(m.current_root(), Some(root));
+            assert!(m.is_pinned(root));
+            assert_eq!(m.type_count(root), count);
+            assert_eq!(m.live_tables(), tables, "seed {seed}");
+            assert_eq!(m.stuck_tables().count(), 0);
+            assert_eq!(m.check_integrity(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn the_requests_reach_every_answer() {
+        use crate::model::{DomainKind, ModelNegativeEnv};
+        let mut env = ModelNegativeEnv::new(DomainKind::Hardware, 4096).unwrap();
+        let mut seen = alloc::collections::BTreeSet::new();
+        let mut based = 0;
+        run(
+            &mut env,
+            7,
+            10_000,
+            &mut |_| {},
+            &mut |line| {
+                for a in &line.answers[..usize::from(line.n_answers)] {
+                    seen.insert(alloc::format!("{a}").replace(|c: char| c.is_ascii_digit(), ""));
+                }
+                based += usize::from(line.n_answers == 1 && line.answers[0] == Answer::Ok);
+            },
+            &mut |_| {},
+        );
+        for want in ["OK", "EINVAL", "EBUSY", "ENOSYS", "EINVAL@", "SKIP"] {
+            assert!(seen.contains(want), "{want} never answered: {seen:?}");
+        }
+        assert!(based > 1_000);
+    }
+
+    #[test]
+    fn blocks_hash_the_text_of_their_lines() {
+        let line = |index: u32, hash: u32| Line {
+            index,
+            answers: [Answer::Ok; MAX_STEPS],
+            n_answers: 1,
+            seen: [Seen {
+                frame: None,
+                index: 0,
+                token: 0,
+                flags: 0,
+            }; MAX_STEPS],
+            n_seen: 0,
+            hash,
+        };
+        let fold = |lines: &[Line]| {
+            let mut b = Blocks::new();
+            let mut out: alloc::vec::Vec<BlockLine> =
+                lines.iter().filter_map(|l| b.push(l)).collect();
+            out.extend(b.finish());
+            out
+        };
+        let lines: alloc::vec::Vec<Line> = (0..250).map(|i| line(i, i)).collect();
+        let blocks = fold(&lines);
+        assert_eq!(
+            blocks
+                .iter()
+                .map(|b| (b.first, b.count))
+                .collect::<alloc::vec::Vec<_>>(),
+            [(0, 100), (100, 100), (200, 50)]
+        );
+        // One line different: only its block's hash changes.
+        let mut other = lines.clone();
+        other[150].hash = 1;
+        let changed = fold(&other);
+        assert_eq!(changed[0], blocks[0]);
+        assert_ne!(changed[1], blocks[1]);
+        assert_eq!(changed[2], blocks[2]);
+        assert!(alloc::format!("{}", blocks[2]).starts_with("ORACLE-BLOCK 200 50 #"));
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! The oracle's cross-check: the kernel's random requests under real Xen
 //! (`ORACLE` lines, see `pvmmu::oracle`) replayed against the Xen model by
 //! the tests crate's `oracle-model` binary, with the seed and count the
-//! kernel printed; the two transcripts must be equal line for line.
+//! kernel printed; the two transcripts must be equal line for line. By
+//! default the kernel prints one `ORACLE-BLOCK` hash per block of requests
+//! (the model then does too); with `pvmmu.oracle_lines` every request's
+//! line. On a differing block the model's lines of that block go to stderr,
+//! and the kernel's come from a boot with the replay options it printed.
 //!
 //! Invariant: a comparison passes only if the kernel's run has its header,
 //! at least [`MIN_REQUESTS`] request lines and its end line, and every line
@@ -76,6 +80,7 @@ pub fn model_lines(
     seed: u64,
     requests: u64,
     domain: Domain,
+    blocks: bool,
 ) -> Result<Vec<String>, XtaskError> {
     let mut command = build::cargo(ws);
     command
@@ -91,6 +96,7 @@ pub fn model_lines(
         .arg(format!("{seed:#x}"))
         .arg(requests.to_string())
         .arg(domain.arg())
+        .args(blocks.then_some("--blocks"))
         .stderr(Stdio::inherit());
     let output = command.output().map_err(|source| XtaskError::Spawn {
         program: "cargo".into(),
@@ -133,8 +139,9 @@ impl Comparison {
         if let Some((n, model, xen)) = &self.first {
             return Err(format!(
                 "{}: the oracle differs from the model first at line {n}: model `{model}`, \
-                 Xen `{xen}` (replay: cargo run -p pvmmu-tests --bin oracle-model -- <seed> \
-                 <requests> dom0|domu --trace)",
+                 Xen `{xen}` (the kernel's every line: boot with the options its `oracle:` \
+                 log line names; the model's: cargo run -p pvmmu-tests --bin oracle-model -- \
+                 <seed> <requests> dom0|domu --trace)",
                 self.figures()
             ));
         }
@@ -148,10 +155,24 @@ impl Comparison {
     }
 }
 
+/// Requests a line stands for: 1 for a request line, the count of a block
+/// line, 0 otherwise.
+fn requests_of(line: &str) -> u64 {
+    if line.starts_with("ORACLE ") {
+        1
+    } else if let Some(rest) = line.strip_prefix("ORACLE-BLOCK ") {
+        rest.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// Compares the model's lines with Xen's.
 pub fn compare(model: &[String], xen: &[String]) -> Comparison {
-    let is_request = |l: &&String| l.starts_with("ORACLE ");
-    let requests = xen.iter().filter(is_request).count() as u64;
+    let requests = xen.iter().map(|l| requests_of(l)).sum();
     let mut disagreements = 0;
     let mut first = None;
     let longest = model.len().max(xen.len());
@@ -185,9 +206,33 @@ pub fn check(
     }
     let (seed, requests) = header(&xen)
         .ok_or_else(|| "the kernel's oracle printed no ORACLE-BEGIN line".to_string())?;
-    let model = model_lines(ws, seed, requests, domain).map_err(|e| e.to_string())?;
-    Ok(Some(compare(&model, &xen)))
+    let blocks = xen.iter().any(|l| l.starts_with("ORACLE-BLOCK "));
+    let model = model_lines(ws, seed, requests, domain, blocks).map_err(|e| e.to_string())?;
+    let comparison = compare(&model, &xen);
+    if let (true, Some((_, line, _))) = (blocks, &comparison.first) {
+        // The model's lines of the first differing block, for the reader.
+        let first: Option<u64> = line
+            .strip_prefix("ORACLE-BLOCK ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
+        if let Some(first) = first {
+            let all = model_lines(ws, seed, requests, domain, false).map_err(|e| e.to_string())?;
+            eprintln!("xtask: the model's lines of the block from request {first}:");
+            let from = format!("ORACLE {first} ");
+            for l in all
+                .iter()
+                .skip_while(|l| !l.starts_with(&from))
+                .take(usize::try_from(BLOCK).unwrap_or(100))
+            {
+                eprintln!("  {l}");
+            }
+        }
+    }
+    Ok(Some(comparison))
 }
+
+/// Requests per `ORACLE-BLOCK` line (`pvmmu::oracle::BLOCK`).
+const BLOCK: u64 = 100;
 
 #[cfg(test)]
 mod tests {
@@ -243,6 +288,17 @@ mod tests {
         );
         let short = compare(&model, &xen[..2]);
         assert_eq!((short.requests, short.disagreements), (1, 2));
+        let blocks = owned(&[
+            "ORACLE-BEGIN seed=0x1 requests=150",
+            "ORACLE-BLOCK 0 100 #00000000000000aa",
+            "ORACLE-BLOCK 100 50 #00000000000000bb",
+            "ORACLE-END requests=150 leaked=0",
+        ]);
+        let mut other = blocks.clone();
+        other[2] = "ORACLE-BLOCK 100 50 #00000000000000cc".into();
+        let c = compare(&blocks, &other);
+        assert_eq!((c.requests, c.disagreements), (150, 1));
+        assert_eq!(c.first.map(|f| f.0), Some(3));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! boot tables.
 //!
 //! Invariant: frames handed out are never part of the boot mapping, so the
-//! model has no alias of them to make read-only (`set_alias_writable` is a
-//! no-op, as the contract allows).
+//! model has no alias of them to make read-only (`set_alias_writable`
+//! changes nothing, as the contract allows; it only refuses a writable
+//! alias of a frame Xen holds as a table, as Xen would).
 
 use hypercall::{MmuHypercalls, XenError};
 
@@ -82,7 +83,14 @@ impl NegativeEnv for ModelNegativeEnv {
         self.freed.push(pfn);
     }
 
-    fn set_alias_writable(&mut self, _pfn: Pfn, _writable: bool) -> Result<(), XenError> {
+    /// There is no alias to change, but a writable one would be refused
+    /// where Xen refuses it: for a frame that holds a table type.
+    fn set_alias_writable(&mut self, pfn: Pfn, writable: bool) -> Result<(), XenError> {
+        let mfn = self.model.mfn_of(pfn).ok_or(XenError::Inval)?;
+        let ty = self.model.page_type(mfn);
+        if writable && ty != super::PageType::None && ty != super::PageType::Writable {
+            return Err(XenError::Busy);
+        }
         Ok(())
     }
 

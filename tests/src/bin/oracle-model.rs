@@ -2,9 +2,11 @@
 //! the guest kernel prints under real Xen for the same seed, so that the
 //! harness can compare the two transcripts line for line.
 //!
-//! Usage: `oracle-model <seed> <requests> dom0|domu [--trace]`; with
-//! `--trace`, each request and the model's page type, type count and pin
-//! of every pool frame after it go to stderr.
+//! Usage: `oracle-model <seed> <requests> dom0|domu [--blocks] [--trace]`;
+//! with `--blocks`, one `ORACLE-BLOCK` line per block of requests instead
+//! of the request lines (what the kernel prints by default); with
+//! `--trace`, each request and the model's page type, type count, pin and
+//! entries of every pool frame after it go to stderr.
 //!
 //! Invariant: the model plays the domain the kernel was (the hardware
 //! domain for `--mode xen`, an unprivileged one for `--mode xl`); exit
@@ -102,7 +104,8 @@ fn parse_seed(s: &str) -> Option<u64> {
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let trace = args.iter().any(|a| a == "--trace");
-    args.retain(|a| a != "--trace");
+    let blocks = args.iter().any(|a| a == "--blocks");
+    args.retain(|a| a != "--trace" && a != "--blocks");
     let parsed = match args.as_slice() {
         [seed, requests, domain] => {
             parse_seed(seed)
@@ -116,7 +119,7 @@ fn main() {
         _ => None,
     };
     let Some(((seed, requests), kind)) = parsed else {
-        eprintln!("usage: oracle-model <seed> <requests> dom0|domu [--trace]");
+        eprintln!("usage: oracle-model <seed> <requests> dom0|domu [--blocks] [--trace]");
         std::process::exit(2);
     };
     let env = match ModelNegativeEnv::new(kind, 16 * 1024) {
@@ -130,12 +133,26 @@ fn main() {
         env,
         requests: trace.then(|| Requests::new(seed)),
     };
+    let mut folded = oracle::Blocks::new();
+    let mut end = None;
     oracle::run(
         &mut traced,
         seed,
         requests,
         &mut |b| println!("{b}"),
-        &mut |line| println!("{line}"),
-        &mut |e| println!("{e}"),
+        &mut |line| {
+            if !blocks {
+                println!("{line}");
+            } else if let Some(block) = folded.push(line) {
+                println!("{block}");
+            }
+        },
+        &mut |e| end = Some(e),
     );
+    if let Some(block) = folded.finish() {
+        println!("{block}");
+    }
+    if let Some(e) = end {
+        println!("{e}");
+    }
 }
