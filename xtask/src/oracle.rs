@@ -51,8 +51,11 @@ pub fn lines(transcript: &[String]) -> Vec<String> {
             let at = line.find(MARKER)?;
             let rest = &line[at..];
             let kind = rest.split(' ').next().unwrap_or("");
-            matches!(kind, "ORACLE" | "ORACLE-BEGIN" | "ORACLE-END")
-                .then(|| rest.trim().to_string())
+            matches!(
+                kind,
+                "ORACLE" | "ORACLE-BEGIN" | "ORACLE-BLOCK" | "ORACLE-END"
+            )
+            .then(|| rest.trim().to_string())
         })
         .collect()
 }
@@ -250,6 +253,8 @@ mod tests {
             "ORACLE 0 OK p1.0=p2:67 #0000abcd",
             "[INFO ] guest_kernel::negative_env: oracle: 2 requests",
             "(d1) ORACLE 1 EINVAL@1 #0000abcd",
+            "ORACLE-BLOCK 0 2 #00000000000000ff",
+            "ORACLE-BLOCKED is not one",
             "ORACLE-END requests=2 leaked=0",
         ]);
         let got = lines(&transcript);
@@ -259,6 +264,7 @@ mod tests {
                 "ORACLE-BEGIN seed=0x1f requests=2",
                 "ORACLE 0 OK p1.0=p2:67 #0000abcd",
                 "ORACLE 1 EINVAL@1 #0000abcd",
+                "ORACLE-BLOCK 0 2 #00000000000000ff",
                 "ORACLE-END requests=2 leaked=0",
             ])
         );
