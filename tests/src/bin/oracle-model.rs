@@ -5,8 +5,9 @@
 //! Usage: `oracle-model <seed> <requests> dom0|domu [--blocks] [--trace]`;
 //! with `--blocks`, one `ORACLE-BLOCK` line per block of requests instead
 //! of the request lines (what the kernel prints by default); with
-//! `--trace`, each request and the model's page type, type count, pin and
-//! entries of every pool frame after it go to stderr.
+//! `--trace`, each request and the model's page type, type count, pin
+//! (`P`), stuck half-validation (`S`) and entries of every pool frame
+//! after it go to stderr.
 //!
 //! Invariant: the model plays the domain the kernel was (the hardware
 //! domain for `--mode xen`, an unprivileged one for `--mode xl`); exit
@@ -77,11 +78,13 @@ impl OracleEnv for Traced {
                     })
                     .filter(|s| !s.is_empty())
                     .collect();
+                let stuck = m.stuck_tables().any(|s| s == mfn);
                 format!(
-                    "p{n}:{:?}/{}{}[{}]",
+                    "p{n}:{:?}/{}{}{}[{}]",
                     m.page_type(mfn),
                     m.type_count(mfn),
                     if m.is_pinned(mfn) { "P" } else { "" },
+                    if stuck { "S" } else { "" },
                     entries.join(",")
                 )
             })
