@@ -42,7 +42,9 @@
 //!   back in the same `mmuext_op` batch, only when that frame holds the
 //!   live root's every present guest L4 entry (the `mirror` request copies
 //!   them): if Xen accepts it (and runs the guest between the two, e.g. on
-//!   a preemption), the guest sees its whole address space unchanged. A
+//!   a preemption), the guest sees its whole address space unchanged (as
+//!   long as nothing fills a new L4 slot of the live root meanwhile: the
+//!   kernel runs the oracle after its other work, when nothing does). A
 //!   pool L4 cannot be an L1..L3 with those entries (Xen refuses to type
 //!   it so), and the requests' own entry indices ([`INDICES`]) never
 //!   overlap a mirrored slot (checked at setup), so only `mirror` and
