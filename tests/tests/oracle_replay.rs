@@ -1,8 +1,9 @@
 //! The oracle's replay on the host against transcripts recorded under real
-//! Xen (the kernel's `ORACLE` lines, cut after 2,000 requests): the Xen
-//! model must print exactly what Xen printed, line for line. The 4.17 dom0
-//! transcript holds the case that taught the model Xen's half-validated
-//! ("stuck") tables, at request 1,255.
+//! Xen (the kernel's `ORACLE` lines with `pvmmu.oracle_lines`, cut after
+//! 2,000 requests): the Xen model must print exactly what Xen printed, line
+//! for line. The 4.17 dom0 transcript holds the case that taught the model
+//! Xen's half-validated ("stuck") tables, at request 1,255; the domU one
+//! (an `xl` guest) the refusals of cache attributes without I/O privilege.
 
 use pvmmu::model::{DomainKind, ModelNegativeEnv};
 use pvmmu::oracle::{self, End};
@@ -54,4 +55,25 @@ fn the_model_replays_a_xen_4_17_dom0_transcript() {
     );
     assert_eq!(xen.len(), 2_000);
     assert_same(&xen, &model);
+}
+
+#[test]
+fn the_model_replays_a_xen_4_20_dom0_transcript() {
+    let (xen, model) = replay(
+        include_str!("../fixtures/oracle-xen-4.20-dom0.txt"),
+        DomainKind::Hardware,
+    );
+    assert_eq!(xen.len(), 2_000);
+    assert_same(&xen, &model);
+}
+
+#[test]
+fn the_model_replays_a_xen_4_17_xl_domu_transcript() {
+    let text = include_str!("../fixtures/oracle-xen-4.17-domu.txt");
+    let (xen, model) = replay(text, DomainKind::Unprivileged);
+    assert_eq!(xen.len(), 2_000);
+    assert_same(&xen, &model);
+    // The domain kind matters: the same seed as dom0 answers otherwise.
+    let (_, as_dom0) = replay(text, DomainKind::Hardware);
+    assert_ne!(as_dom0, xen);
 }
