@@ -86,6 +86,21 @@ fn check_pv(run: &PvRun, stride: u64) {
             assert!(flags & F::WRITABLE.bits() != 0);
         }
     }
+    // Xen's initial tables lie in the image's data region: a retired one is
+    // writable again through that alias too, one still a table read-only.
+    let mut data_aliases = 0;
+    for p in run.old_tables.start.0..run.old_tables.end.0 {
+        let (pfn, flags, _) = translate(&*model, r.root, VIRT_BASE + p * PAGE_SIZE, &*model)
+            .unwrap_or_else(|| panic!("old table {p:#x}: no alias in the data region"));
+        assert_eq!(pfn, p);
+        assert_eq!(
+            flags & F::WRITABLE.bits() != 0,
+            r.freed.contains(Pfn(p)),
+            "old table {p:#x}: data-region alias writable iff given back"
+        );
+        data_aliases += 1;
+    }
+    assert!(data_aliases > 0);
     // Every RAM frame is in the direct map, tables read-only, the rest RW.
     let mut p = 0;
     while p < nr {
