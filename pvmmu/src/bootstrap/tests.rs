@@ -322,3 +322,54 @@ fn refuses_bad_layouts() {
         "{e:?}"
     );
 }
+
+/// `check_layout`'s edges, each one page from the limit both ways: a region
+/// touching Xen's hole, the direct map or the previous region is accepted;
+/// one page into it, or misaligned, is refused. (cargo-mutants found every
+/// comparison of the check movable by one without a test noticing.)
+#[test]
+fn layout_edges_are_exact() {
+    let ram = [PfnRange::new(0x100, 0x1000)];
+    let dm_end = DM + 0x1000 * PAGE_SIZE;
+    let check = |regions: &[(u64, u64)]| {
+        let regions: Vec<Region> = regions
+            .iter()
+            .map(|&(va, pages)| Region {
+                va,
+                pfns: PfnRange::new(0x100, 0x100 + pages),
+                access: Access::Data,
+            })
+            .collect();
+        check_layout(&Layout {
+            ram: &ram,
+            reserved: &[],
+            first_chunk: PfnRange::new(0x100, 0x200),
+            entry_alias_base: 0,
+            direct_map_base: DM,
+            regions: &regions,
+            page_sizes: PageSizes::Only4K,
+        })
+    };
+    let image = 0xffff_ffff_8000_0000u64;
+    let ok: &[&[(u64, u64)]] = &[
+        &[(XEN_HOLE.0 - 4 * PAGE_SIZE, 4)],
+        &[(XEN_HOLE.1, 4)],
+        &[(DM - 4 * PAGE_SIZE, 4)],
+        &[(dm_end, 4)],
+        &[(image, 4), (image + 4 * PAGE_SIZE, 2)],
+    ];
+    for regions in ok {
+        assert_eq!(check(regions), Ok(()), "{regions:#x?}");
+    }
+    let refused: &[&[(u64, u64)]] = &[
+        &[(XEN_HOLE.0 - 3 * PAGE_SIZE, 4)],
+        &[(XEN_HOLE.1 - PAGE_SIZE, 4)],
+        &[(DM - 3 * PAGE_SIZE, 4)],
+        &[(dm_end - PAGE_SIZE, 4)],
+        &[(image, 4), (image + 3 * PAGE_SIZE, 2)],
+        &[(image + 8, 1)],
+    ];
+    for regions in refused {
+        assert_eq!(check(regions), Err(BootError::BadLayout), "{regions:#x?}");
+    }
+}
