@@ -38,9 +38,15 @@
 //! hold a translation of it that is ever used; the CPU that changes a slot
 //! invalidates its own entry.
 //!
-//! Invariant: on every CPU, with interrupts off, `top` equals the running
-//! thread's depth plus the slots its handlers hold, and slot `i < top`
-//! maps `ptes[i]`, slot `i >= top` is empty.
+//! The books (push, pop, nesting, depths, the switch) are
+//! `pvmmu::kmap::SlotStack` and `pvmmu::kmap::switch`, host-tested against
+//! a reference model and the Xen model (`pvmmu/tests/kmap.rs`); this
+//! module adds the hardware slot changes and the per-CPU and per-thread
+//! storage.
+//!
+//! Invariant: on every CPU, with interrupts off, the CPU stack's `top`
+//! equals the running thread's depth plus the slots its handlers hold, and
+//! slot `i < top` maps the stack's entry `i`, slot `i >= top` is empty.
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -49,6 +55,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hypercall::MmuHypercalls;
 use pvmmu::entry::Flags;
+use pvmmu::kmap::{self as books, SlotStack, StackError};
 use pvmmu::Pfn;
 
 use crate::directmap::DirectMem;
@@ -67,7 +74,7 @@ pub const TASK_SLOTS: usize = 16;
 /// Index in the window's L1 of the page that keeps the table alive.
 const ANCHOR_INDEX: u64 = 511;
 /// Contexts whose depth is tracked: thread, interrupt, nested exception.
-pub const LEVELS: usize = 3;
+pub const LEVELS: usize = books::LEVELS;
 
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 2;
@@ -81,23 +88,10 @@ const _: () = assert!(SLOTS_PER_CPU * MAX_CPUS <= ANCHOR_INDEX as usize);
 pub enum KmapError {
     /// [`init`] has not run.
     NotReady,
-    /// The window (or the thread's share of it) is full.
-    Overflow {
-        /// The slot that would have been taken.
-        slot: usize,
-    },
-    /// A release of a slot that is not the top of the stack.
-    OutOfOrder {
-        /// The slot released.
-        slot: usize,
-        /// Slots in use on this CPU.
-        top: usize,
-    },
-    /// A release from another context than the kmap (thread vs handler).
-    WrongContext {
-        /// The slot released.
-        slot: usize,
-    },
+    /// The stack refused: overflow (the window or the thread's share of
+    /// it is full), an out-of-order release, a release from another
+    /// context, or a kmap over a handler's leftover slot.
+    Stack(StackError),
     /// A writable kmap of a frame the kernel keeps read-only (a page table
     /// or descriptor table under PV): refused before Xen sees it.
     PageTableWritable(Pfn),
@@ -116,16 +110,24 @@ pub enum KmapError {
     Kspace(KspaceError),
 }
 
+impl From<StackError> for KmapError {
+    fn from(e: StackError) -> Self {
+        KmapError::Stack(e)
+    }
+}
+
 impl fmt::Display for KmapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KmapError::OutOfOrder { slot, top } => write!(
+            KmapError::Stack(StackError::OutOfOrder { slot, top }) => write!(
                 f,
                 "out-of-order release of kmap slot {slot} (top of stack is slot {})",
                 top.wrapping_sub(1)
             ),
-            KmapError::Overflow { slot } => write!(f, "kmap overflow at slot {slot}"),
-            KmapError::WrongContext { slot } => {
+            KmapError::Stack(StackError::Overflow { slot }) => {
+                write!(f, "kmap overflow at slot {slot}")
+            }
+            KmapError::Stack(StackError::WrongContext { slot }) => {
                 write!(f, "kmap slot {slot} released from another context")
             }
             e => write!(f, "{e:?}"),
@@ -145,19 +147,10 @@ struct Window {
 
 static WINDOW: spin::Once<Window> = spin::Once::new();
 
-/// One CPU's stack of slots.
-struct CpuKmaps {
-    top: usize,
-    ptes: [u64; SLOTS_PER_CPU],
-    level: [u8; SLOTS_PER_CPU],
-    per_level: [u32; LEVELS],
-}
-
+/// One CPU's stack of slots (the books; `pvmmu::kmap`, host-tested).
+type CpuKmaps = SlotStack<SLOTS_PER_CPU>;
 /// One thread's kmaps (its share of the window, saved across switches).
-struct TaskKmaps {
-    depth: usize,
-    ptes: [u64; TASK_SLOTS],
-}
+type TaskKmaps = SlotStack<TASK_SLOTS>;
 
 struct CpuCell(UnsafeCell<CpuKmaps>);
 struct TaskCell(UnsafeCell<TaskKmaps>);
@@ -169,21 +162,10 @@ unsafe impl Sync for CpuCell {}
 // (the scheduler's ON_CPU flag keeps `t` on one CPU at a time).
 unsafe impl Sync for TaskCell {}
 
-#[allow(clippy::declare_interior_mutable_const)]
-const CPU_INIT: CpuCell = CpuCell(UnsafeCell::new(CpuKmaps {
-    top: 0,
-    ptes: [0; SLOTS_PER_CPU],
-    level: [0; SLOTS_PER_CPU],
-    per_level: [0; LEVELS],
-}));
-#[allow(clippy::declare_interior_mutable_const)]
-const TASK_INIT: TaskCell = TaskCell(UnsafeCell::new(TaskKmaps {
-    depth: 0,
-    ptes: [0; TASK_SLOTS],
-}));
-
-static CPU_KMAPS: [CpuCell; MAX_CPUS] = [CPU_INIT; MAX_CPUS];
-static TASKS: [TaskCell; MAX_THREADS] = [TASK_INIT; MAX_THREADS];
+static CPU_KMAPS: [CpuCell; MAX_CPUS] =
+    [const { CpuCell(UnsafeCell::new(SlotStack::new())) }; MAX_CPUS];
+static TASKS: [TaskCell; MAX_THREADS] =
+    [const { TaskCell(UnsafeCell::new(SlotStack::new())) }; MAX_THREADS];
 
 static KMAPS: AtomicU64 = AtomicU64::new(0);
 static RELEASES: AtomicU64 = AtomicU64::new(0);
@@ -317,30 +299,22 @@ pub fn kmap_local(frame: Pfn, flags: Flags) -> Result<KmapGuard, KmapError> {
     let level = level_now();
     // SAFETY: this CPU's cell, interrupts off (see `CpuCell`).
     let c = unsafe { &mut *CPU_KMAPS[cpu].0.get() };
-    let slot = c.top;
-    if slot >= SLOTS_PER_CPU {
-        return Err(KmapError::Overflow { slot });
-    }
+    let slot = c.check_push(level)?;
     let task = if level == 0 {
         let t = percpu::this_cpu(&g).current.load(Ordering::Relaxed);
         // SAFETY: the running thread's own cell, interrupts off.
         let tk = unsafe { &mut *TASKS[t].0.get() };
-        if tk.depth >= TASK_SLOTS {
-            return Err(KmapError::Overflow { slot });
-        }
+        tk.check_push(0)
+            .map_err(|_| StackError::Overflow { slot })?;
         Some(tk)
     } else {
         None
     };
     w.set(cpu, slot, pte)?;
-    c.ptes[slot] = pte;
-    c.level[slot] = level as u8;
-    c.top += 1;
-    c.per_level[level] += 1;
-    MAX_DEPTH[level].fetch_max(c.per_level[level], Ordering::Relaxed);
+    c.push(level, pte)?;
+    MAX_DEPTH[level].fetch_max(c.depth()[level], Ordering::Relaxed);
     if let Some(tk) = task {
-        tk.ptes[tk.depth] = pte;
-        tk.depth += 1;
+        tk.push(0, pte)?;
     }
     KMAPS.fetch_add(1, Ordering::Relaxed);
     drop(g);
@@ -400,34 +374,24 @@ impl KmapGuard {
         let cpu = percpu::cpu_id();
         let slot = self.slot;
         if level_now() != self.level {
-            return Err(KmapError::WrongContext { slot });
+            return Err(StackError::WrongContext { slot }.into());
         }
         // SAFETY: this CPU's cell, interrupts off.
         let c = unsafe { &mut *CPU_KMAPS[cpu].0.get() };
-        if c.top != slot + 1 {
-            return Err(KmapError::OutOfOrder { slot, top: c.top });
-        }
+        c.check_pop(slot, self.level)?;
         let task = if self.level == 0 {
             let t = percpu::this_cpu(&g).current.load(Ordering::Relaxed);
             // SAFETY: the running thread's own cell, interrupts off.
             let tk = unsafe { &mut *TASKS[t].0.get() };
-            if tk.depth != slot + 1 {
-                return Err(KmapError::OutOfOrder {
-                    slot,
-                    top: tk.depth,
-                });
-            }
+            tk.check_pop(slot, 0)?;
             Some(tk)
         } else {
             None
         };
         w.set(cpu, slot, 0)?;
-        c.top -= 1;
-        c.ptes[slot] = 0;
-        c.per_level[self.level] -= 1;
+        c.pop(slot, self.level)?;
         if let Some(tk) = task {
-            tk.depth -= 1;
-            tk.ptes[tk.depth] = 0;
+            tk.pop(slot, 0)?;
         }
         RELEASES.fetch_add(1, Ordering::Relaxed);
         self.released = true;
@@ -457,23 +421,22 @@ pub fn on_switch(from: ThreadId, to: ThreadId) {
             &*TASKS[to.0].0.get(),
         )
     };
-    if c.top != fk.depth {
-        // Handler slots held across a switch: a bug elsewhere; leave them.
-        SWITCH_ERRORS.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    for i in 0..fk.depth.max(tk.depth) {
-        let pte = if i < tk.depth { tk.ptes[i] } else { 0 };
-        if w.set(cpu, i, pte).is_err() {
+    let mut failed = 0;
+    match books::switch(c, fk, tk, |slot, pte| {
+        if w.set(cpu, slot, pte).is_err() {
+            failed += 1;
+        }
+    }) {
+        Ok(n) => {
+            SWITCH_UNMAPS.fetch_add(n.unmapped as u64, Ordering::Relaxed);
+            SWITCH_REMAPS.fetch_add(n.remapped as u64, Ordering::Relaxed);
+            SWITCH_ERRORS.fetch_add(failed, Ordering::Relaxed);
+        }
+        // Handler slots held across a switch: a bug elsewhere; left alone.
+        Err(_) => {
             SWITCH_ERRORS.fetch_add(1, Ordering::Relaxed);
         }
-        c.ptes[i] = pte;
-        c.level[i] = 0;
     }
-    SWITCH_UNMAPS.fetch_add(fk.depth as u64, Ordering::Relaxed);
-    SWITCH_REMAPS.fetch_add(tk.depth as u64, Ordering::Relaxed);
-    c.top = tk.depth;
-    c.per_level[0] = tk.depth as u32;
 }
 
 /// kmap counters.
@@ -514,9 +477,12 @@ pub fn live_slots() -> (usize, usize, usize) {
     let _g = irq::save();
     // SAFETY: reading counters only, at the end of a test when no kmap is
     // in flight on any CPU (a racy read only makes the check fail).
-    let on_cpus = CPU_KMAPS.iter().map(|c| unsafe { (*c.0.get()).top }).sum();
+    let on_cpus = CPU_KMAPS
+        .iter()
+        .map(|c| unsafe { (*c.0.get()).top() })
+        .sum();
     // SAFETY: as above.
-    let in_tasks = TASKS.iter().map(|t| unsafe { (*t.0.get()).depth }).sum();
+    let in_tasks = TASKS.iter().map(|t| unsafe { (*t.0.get()).top() }).sum();
     let mut present = 0;
     for cpu in 0..MAX_CPUS {
         for slot in 0..SLOTS_PER_CPU {

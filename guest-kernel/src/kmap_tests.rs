@@ -17,6 +17,7 @@ use crate::kmap::{self, kmap_local, KmapError, KmapGuard, SLOTS_PER_CPU, TASK_SL
 use crate::percpu::{self, MAX_CPUS};
 use crate::selftest::{check, check_eq, Failure, Only, SelfTest, TestResult};
 use crate::{clock, kspace, sched, timer, traps, Kernel};
+use pvmmu::kmap::StackError;
 
 /// The suite (run after the running kernel and the other CPUs started).
 pub const SUITE: &[SelfTest] = &[
@@ -112,10 +113,10 @@ fn out_of_order(_: &mut Kernel) -> TestResult {
         b.write_u64(8, 0x2222).map_err(kerr("write b"))?;
         let e = a.try_release();
         check(
-            e == Err(KmapError::OutOfOrder {
+            e == Err(KmapError::Stack(StackError::OutOfOrder {
                 slot: a.slot(),
                 top: b.slot() + 1,
-            }),
+            })),
             "an out-of-order release is refused, naming the slot",
         )?;
         check_eq(
@@ -150,7 +151,7 @@ fn overflow(_: &mut Kernel) -> TestResult {
         }
         let e = kmap_local(f, RO).map(|g| g.slot());
         check(
-            e == Err(KmapError::Overflow { slot: TASK_SLOTS }),
+            e == Err(KmapError::Stack(StackError::Overflow { slot: TASK_SLOTS })),
             "the kmap past the thread's share overflows",
         )?;
         for h in held.iter_mut().rev() {

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod bootstrap;
 pub mod entry;
 pub mod invariants;
+pub mod kmap;
 pub mod lazy;
 pub mod lazy_task;
 #[cfg(any(test, feature = "model"))]

@@ -190,6 +190,23 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
         self.root
     }
 
+    /// Writes `val` into entry `index` of `table` after every queued
+    /// request and invalidates `va` on this vCPU only, all in one
+    /// submission (one `multicall`: the queued requests and this one as an
+    /// `mmu_update`, then `MMUEXT_INVLPG_LOCAL`). For an entry the kernel
+    /// owns outside the address space's bookkeeping (a kmap slot) that
+    /// must take effect now without overtaking a write queued before it.
+    pub fn send_entry_invlpg_local(
+        &mut self,
+        table: Pfn,
+        index: usize,
+        val: Entry,
+        va: u64,
+    ) -> Result<(), BackendError> {
+        self.write(table, index, val)?;
+        self.submit_ext(&[MmuExt::InvlpgLocal { va }])
+    }
+
     fn table_maddr(&self, table: Pfn) -> Option<u64> {
         self.frames.to_mfn(table).map(Mfn::maddr)
     }

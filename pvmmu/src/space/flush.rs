@@ -7,10 +7,14 @@
 //! before any TLB flush, and a failed drain frees the subtrees whose hook
 //! never landed.
 
+use hypercall::MmuHypercalls;
+
 use super::{AddressSpace, Error};
-use crate::backend::{Backend, TlbScope};
-use crate::phys::FrameAllocator;
-use crate::types::PAGE_SIZE;
+use crate::backend::xen::{AliasMap, RequestBuffer};
+use crate::backend::{Backend, TlbScope, XenPv};
+use crate::entry::Entry;
+use crate::phys::{FrameAllocator, FrameMap, PhysMem};
+use crate::types::{Pfn, PAGE_SIZE};
 
 /// A TLB flush owed for pages whose mapping changed. Hand it to
 /// [`AddressSpace::flush`] or drop it explicitly with [`Flush::ignore`].
@@ -114,5 +118,35 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             }
         }
         Ok(())
+    }
+}
+
+impl<H, M, F, Al, Q, A> AddressSpace<XenPv<H, M, F, Al, Q>, A>
+where
+    H: MmuHypercalls,
+    M: PhysMem,
+    F: FrameMap,
+    Al: AliasMap,
+    Q: RequestBuffer,
+    A: FrameAllocator,
+{
+    /// Sends the writes queued so far (an open lazy batch's included: the
+    /// batch stays open, empty) followed by `val` into entry `index` of
+    /// `table` and a local invalidation of `va`, in one hypercall. For an
+    /// entry the kernel changes outside this space's calls (a kmap slot
+    /// in a table the space never frees), so the change joins the batch in
+    /// order instead of going out on its own.
+    pub fn send_with_entry(
+        &mut self,
+        table: Pfn,
+        index: usize,
+        val: Entry,
+        va: u64,
+    ) -> Result<(), Error> {
+        let r = self
+            .backend
+            .send_entry_invlpg_local(table, index, val, va)
+            .map_err(Error::from);
+        self.after_submit(r)
     }
 }
