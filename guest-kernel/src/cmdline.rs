@@ -44,6 +44,69 @@ pub struct BootOptions {
     /// `pvmmu.oracle_lines`: the oracle prints every request's line, not
     /// one hash per block of them (see `pvmmu::oracle`).
     pub oracle_lines: bool,
+    /// `pvmmu.directmap_limit=MIB`: RAM at and above this many MiB is left
+    /// out of the direct map and the frame allocator (highmem, reached
+    /// through kmap only); checked by [`directmap_limit_pfn`].
+    pub directmap_limit_mib: Option<u64>,
+}
+
+/// The lowest `pvmmu.directmap_limit` accepted: the kernel's image, Xen's
+/// start-of-day area, the page tables and the self-tests' frames need it.
+pub const MIN_DIRECTMAP_LIMIT_MIB: u64 = 64;
+
+/// Why a `pvmmu.directmap_limit` is refused (the kernel then maps all RAM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitError {
+    /// Below [`MIN_DIRECTMAP_LIMIT_MIB`].
+    TooLow,
+    /// Below the end of memory in use at boot (frame `end`).
+    BelowBootMemory {
+        /// One past the last frame in use at boot.
+        end: u64,
+    },
+    /// At or above the end of RAM: nothing would be left out.
+    NoHighmem {
+        /// One past the last RAM frame.
+        ram_end: u64,
+    },
+}
+
+impl core::fmt::Display for LimitError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            LimitError::TooLow => write!(
+                f,
+                "pvmmu.directmap_limit below {MIN_DIRECTMAP_LIMIT_MIB} MiB (ignored)"
+            ),
+            LimitError::BelowBootMemory { end } => write!(
+                f,
+                "pvmmu.directmap_limit below memory in use at boot (up to {} KiB; ignored)",
+                end * 4
+            ),
+            LimitError::NoHighmem { ram_end } => write!(
+                f,
+                "pvmmu.directmap_limit at or above the end of RAM ({} MiB): nothing is left out \
+                 of the direct map",
+                ram_end >> 8
+            ),
+        }
+    }
+}
+
+/// The first frame left out of the direct map for a limit of `mib`, given
+/// one past the last frame in use at boot and one past the last RAM frame.
+pub fn directmap_limit_pfn(mib: u64, boot_end: u64, ram_end: u64) -> Result<u64, LimitError> {
+    if mib < MIN_DIRECTMAP_LIMIT_MIB {
+        return Err(LimitError::TooLow);
+    }
+    let pfn = mib.saturating_mul(256);
+    if pfn < boot_end {
+        return Err(LimitError::BelowBootMemory { end: boot_end });
+    }
+    if pfn >= ram_end {
+        return Err(LimitError::NoHighmem { ram_end });
+    }
+    Ok(pfn)
 }
 
 /// The values `pvmmu.lazy_tick_us` accepts, in us: from Xen's default
@@ -122,6 +185,10 @@ pub const OPTIONS: &[OptionSpec] = &[
         name: "pvmmu.oracle_lines",
         kind: OptionKind::Flag,
     },
+    OptionSpec {
+        name: "pvmmu.directmap_limit",
+        kind: OptionKind::Number,
+    },
 ];
 
 /// The prefix of the kernel's own options.
@@ -188,6 +255,7 @@ impl BootOptions {
                 .and_then(parse_number)
                 .filter(|us| LAZY_TICK_US.contains(us)),
             oracle_lines: line.flag("pvmmu.oracle_lines"),
+            directmap_limit_mib: line.value("pvmmu.directmap_limit").and_then(parse_number),
         }
     }
 }

@@ -1,12 +1,16 @@
-//! The kernel's direct map: every frame of RAM at `DIRECT_MAP_BASE + pfn *
+//! The kernel's direct map: every frame of RAM (below
+//! `pvmmu.directmap_limit` when it is given) at `DIRECT_MAP_BASE + pfn *
 //! 4096`, built by pvmmu's bootstrap right after entry, plus the kernel image
 //! (natively) or Xen's whole start-of-day area (PV) at `KERNEL_VMA + pfn *
 //! 4096` with per-section permissions, and under Xen PVH the console ring
 //! page at its identity address.
 //!
 //! Invariant: after [`build`] returns, the tree rooted at
-//! [`DirectMap::root`] is live, maps every RAM frame in the direct map, maps
-//! every page-table frame read-only under Xen PV, leaves the boot stack's
+//! [`DirectMap::root`] is live, maps every RAM frame below the kernel's
+//! `directmap_limit` (all of RAM without one) in the direct map and no RAM
+//! frame above it (highmem: the allocator never hands those out, so no
+//! page table is ever there), maps every page-table frame read-only under
+//! Xen PV, leaves the boot stack's
 //! guard page unmapped, and the frame allocator owns neither the tables nor
 //! anything reserved at boot. Before it, only the boot mappings exist
 //! (Xen's start-of-day area, or the trampoline's identity map).
@@ -156,14 +160,15 @@ fn push_region(out: &mut [Region; 8], n: &mut usize, start: u64, end: u64, acces
 
 /// Builds the direct map and switches to it. See the module invariant.
 pub fn build(kernel: &mut Kernel) -> Result<DirectMap, DirectMapError> {
-    // RAM, clipped to what Xen gave us under PV.
-    let limit = kernel.pv.as_ref().map_or(u64::MAX, |pv| pv.nr_pages);
+    // RAM, clipped to what Xen gave us under PV and below
+    // `pvmmu.directmap_limit` (highmem is reached through kmap only).
+    let limit = kernel.directmap_limit.unwrap_or(u64::MAX);
     let mut mem = DirectMem {
         ram: [PfnRange::default(); MAX_RAM_RANGES],
         nr: 0,
     };
-    for r in kernel.memmap.ram() {
-        let (s, e) = (r.start.div_ceil(4096), (r.end / 4096).min(limit));
+    for (s, e) in kernel.ram_pfns() {
+        let e = e.min(limit);
         if s < e {
             if mem.nr == MAX_RAM_RANGES {
                 return Err(DirectMapError::TooManyRamRanges);

@@ -58,7 +58,7 @@ use pvmmu::entry::Flags;
 use pvmmu::kmap::{self as books, SlotStack, StackError};
 use pvmmu::Pfn;
 
-use crate::directmap::DirectMem;
+use crate::directmap::{DirectMem, DIRECT_MAP_BASE};
 use crate::kspace::{self, KspaceError, FIXMAP_AREA};
 use crate::percpu::{self, MAX_CPUS};
 use crate::sched::{self, ThreadId, MAX_THREADS};
@@ -143,6 +143,8 @@ struct Window {
     pv: Option<PvBoot>,
     /// Natively: direct-map address of the window's L1.
     l1: u64,
+    /// The window's L1 frame.
+    l1_pfn: Pfn,
 }
 
 static WINDOW: spin::Once<Window> = spin::Once::new();
@@ -172,6 +174,7 @@ static RELEASES: AtomicU64 = AtomicU64::new(0);
 static SWITCH_REMAPS: AtomicU64 = AtomicU64::new(0);
 static SWITCH_UNMAPS: AtomicU64 = AtomicU64::new(0);
 static SWITCH_ERRORS: AtomicU64 = AtomicU64::new(0);
+static LAZY_JOINS: AtomicU64 = AtomicU64::new(0);
 static MAX_DEPTH: [AtomicU32; LEVELS] = [AtomicU32::new(0), AtomicU32::new(0), AtomicU32::new(0)];
 
 /// Virtual address of slot `slot` of CPU `cpu`'s window.
@@ -257,6 +260,32 @@ impl Window {
     }
 }
 
+impl Window {
+    /// A thread's slot change ([`kmap_local`], release; interrupts off):
+    /// under PV, when the thread's lazy batch is open, the change is sent
+    /// with it (one hypercall, the queued writes first); otherwise as
+    /// [`Window::set`].
+    fn set_thread(
+        &self,
+        cpu: usize,
+        thread: usize,
+        slot: usize,
+        pte: u64,
+    ) -> Result<(), KmapError> {
+        if self.pv.is_some() && crate::lazy::active() {
+            let va = slot_va(cpu, slot);
+            let idx = ((va >> 12) & 511) as usize;
+            if kspace::send_with_slot(thread, self.l1_pfn, idx, pte, va)
+                .map_err(KmapError::Kspace)?
+            {
+                LAZY_JOINS.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        self.set(cpu, slot, pte)
+    }
+}
+
 /// Builds the window's table through kspace (once), finds it, and
 /// registers the switch hook.
 pub fn init(kernel: &Kernel) -> Result<(), KmapError> {
@@ -270,10 +299,12 @@ pub fn init(kernel: &Kernel) -> Result<(), KmapError> {
         Some(p) => (p as u64) & !0xfff,
         None => return Err(KmapError::NotReady),
     };
+    let l1_pfn = Pfn((l1 - DIRECT_MAP_BASE) >> 12);
     WINDOW.call_once(|| Window {
         root: dm.root,
         pv,
         l1,
+        l1_pfn,
     });
     sched::register_switch_hook(on_switch).map_err(|_| KmapError::NotReady)?;
     Ok(())
@@ -306,14 +337,17 @@ pub fn kmap_local(frame: Pfn, flags: Flags) -> Result<KmapGuard, KmapError> {
         let tk = unsafe { &mut *TASKS[t].0.get() };
         tk.check_push(0)
             .map_err(|_| StackError::Overflow { slot })?;
-        Some(tk)
+        Some((t, tk))
     } else {
         None
     };
-    w.set(cpu, slot, pte)?;
+    match task {
+        Some((t, _)) => w.set_thread(cpu, t, slot, pte)?,
+        None => w.set(cpu, slot, pte)?,
+    }
     c.push(level, pte)?;
     MAX_DEPTH[level].fetch_max(c.depth()[level], Ordering::Relaxed);
-    if let Some(tk) = task {
+    if let Some((_, tk)) = task {
         tk.push(0, pte)?;
     }
     KMAPS.fetch_add(1, Ordering::Relaxed);
@@ -384,13 +418,16 @@ impl KmapGuard {
             // SAFETY: the running thread's own cell, interrupts off.
             let tk = unsafe { &mut *TASKS[t].0.get() };
             tk.check_pop(slot, 0)?;
-            Some(tk)
+            Some((t, tk))
         } else {
             None
         };
-        w.set(cpu, slot, 0)?;
+        match task {
+            Some((t, _)) => w.set_thread(cpu, t, slot, 0)?,
+            None => w.set(cpu, slot, 0)?,
+        }
         c.pop(slot, self.level)?;
-        if let Some(tk) = task {
+        if let Some((_, tk)) = task {
             tk.pop(slot, 0)?;
         }
         RELEASES.fetch_add(1, Ordering::Relaxed);
@@ -454,6 +491,8 @@ pub struct Stats {
     pub switch_errors: u64,
     /// Highest depth seen per context (thread, interrupt, nested).
     pub max_depth: [u32; LEVELS],
+    /// Slot changes sent with the thread's open lazy batch (PV).
+    pub lazy_joins: u64,
 }
 
 /// The counters so far.
@@ -465,6 +504,7 @@ pub fn stats() -> Stats {
         switch_unmaps: SWITCH_UNMAPS.load(Ordering::Relaxed),
         switch_errors: SWITCH_ERRORS.load(Ordering::Relaxed),
         max_depth: [0, 1, 2].map(|i| MAX_DEPTH[i].load(Ordering::Relaxed)),
+        lazy_joins: LAZY_JOINS.load(Ordering::Relaxed),
     }
 }
 

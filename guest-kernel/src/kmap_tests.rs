@@ -32,6 +32,8 @@ pub const SUITE: &[SelfTest] = &[
     SelfTest::new("kmap_stress_every_cpu_with_irq_nesting", stress),
     SelfTest::new("kmap_held_across_preemption_and_migration", preempt_migrate),
     SelfTest::new("kmap_switch_cost_with_live_kmaps", switch_cost),
+    SelfTest::new("kmap_joins_the_open_lazy_batch", lazy_join),
+    SelfTest::new("kmap_highmem_zeroed_filled_checked", highmem),
     SelfTest::new("kmap_every_slot_empty_depths_fit", all_empty),
 ];
 
@@ -576,4 +578,193 @@ pub fn crash_unbalanced() {
     };
     drop(a);
     drop(b);
+}
+
+static HIGHMEM_CHECKED: AtomicU64 = AtomicU64::new(0);
+
+/// Highmem frames zeroed, filled and checked through kmap (report key
+/// `highmem_frames_checked`).
+pub fn highmem_frames_checked() -> u64 {
+    HIGHMEM_CHECKED.load(Ordering::Relaxed)
+}
+
+/// Zeroes the frame behind `g`, checks it, fills it with a pattern of
+/// `seed` and checks that; returns the words that read back wrong.
+fn zero_fill_check(g: &KmapGuard, seed: u64) -> u64 {
+    g.with_ptr(|p| {
+        let words = p.cast::<u64>();
+        let mut bad = 0;
+        // SAFETY: the guard maps a frame writable at `p` on this CPU for
+        // the closure (preemption off); every index is inside the page.
+        unsafe {
+            for i in 0..512 {
+                core::ptr::write_volatile(words.add(i), 0);
+            }
+            for i in 0..512 {
+                bad += u64::from(core::ptr::read_volatile(words.add(i)) != 0);
+            }
+            for i in 0..512 {
+                core::ptr::write_volatile(words.add(i), pattern(seed, i * 8));
+            }
+            for i in 0..512 {
+                bad += u64::from(core::ptr::read_volatile(words.add(i)) != pattern(seed, i * 8));
+            }
+        }
+        bad
+    })
+}
+
+/// `pvmmu.directmap_limit`: every RAM frame above the limit is left out of
+/// the direct map (the first and last of each range probed: the read must
+/// fault) and is zeroed, filled with a pattern and checked through kmap.
+/// Without a limit the direct map must end where RAM does.
+fn highmem(kernel: &mut Kernel) -> TestResult {
+    let dm = kernel
+        .direct_map
+        .as_ref()
+        .ok_or(Failure::Check("no direct map"))?;
+    let dm_end = dm.mem.ram().iter().map(|r| r.end.0).max().unwrap_or(0);
+    let ram_end = kernel.ram_pfns().map(|(_, e)| e).max().unwrap_or(0);
+    let Some(limit) = kernel.directmap_limit else {
+        return check_eq("direct map end without a limit (frame)", dm_end, ram_end);
+    };
+    check(dm_end <= limit, "the direct map stops at the limit")?;
+    let (mut frames, mut expected, mut bad) = (0u64, 0u64, 0u64);
+    let start = crate::platform::rdtsc();
+    for (s, e) in kernel.highmem_pfns() {
+        expected += e - s;
+        for pfn in [s, e - 1] {
+            // SAFETY: a read of a direct-map address; a fault is caught.
+            let probe = unsafe { traps::probe_read(DirectMem::va(Pfn(pfn))) };
+            check(probe.is_err(), "a highmem frame is not in the direct map")?;
+        }
+        for pfn in s..e {
+            let g = kmap_local(Pfn(pfn), RW).map_err(kerr("kmap highmem"))?;
+            bad += zero_fill_check(&g, pfn);
+            drop(g);
+            frames += 1;
+        }
+    }
+    let cycles = crate::platform::rdtsc().wrapping_sub(start);
+    HIGHMEM_CHECKED.store(frames, Ordering::Relaxed);
+    MISMATCHES.fetch_add(bad, Ordering::Relaxed);
+    log::info!(
+        "highmem: {frames} frames from {limit:#x} to {ram_end:#x} zeroed, filled and checked \
+         through kmap, {bad} bad words, {} cycles per frame",
+        cycles / frames.max(1)
+    );
+    check_eq("highmem words read back wrong", bad, 0)?;
+    check_eq("highmem frames checked", frames, expected)?;
+    check(frames > 0, "highmem frames checked")
+}
+
+/// Where the lazy-join test maps its page (its own corner of the lazy
+/// area, unmapped again at the end).
+const JOIN_VA: u64 = crate::lazy::LAZY_AREA + crate::lazy::LAZY_AREA_BYTES - (2 << 20);
+
+/// Hypercalls `f` makes (interrupts off, so no tick's land in the count).
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let _g = crate::irq::save();
+    let h0 = hypercall::raw::hypercall_count();
+    let out = f();
+    (out, hypercall::raw::hypercall_count() - h0)
+}
+
+/// Inside a lazy section with a queued kspace write, a kmap and its
+/// release: under PV each is sent with the open batch (one hypercall, the
+/// queued write applied with it, the section still open), natively a
+/// store; the data reads back through the slot and the direct map.
+fn lazy_join(_: &mut Kernel) -> TestResult {
+    let f = kspace::take_frame().map_err(kserr)?;
+    let m = kspace::take_frame().map_err(kserr)?;
+    let r = (|| {
+        // SAFETY: a pool frame this test owns, mapped writable in the
+        // direct map only.
+        unsafe { core::ptr::write_volatile(DirectMem::va(m) as *mut u64, pattern(7, 0)) };
+        let pv = crate::platform::is_xen_pv();
+        let one_cpu = percpu::online_count() == 1;
+        let joins0 = kmap::stats().lazy_joins;
+        let sec = crate::lazy::enter().map_err(|_| Failure::Check("lazy enter"))?;
+        sec.apply(kspace::LazyOp::Map {
+            va: JOIN_VA,
+            pfn: m,
+            flags: RO,
+        })
+        .map_err(|_| Failure::Check("queued map"))?;
+        let queued = kspace::pending_writes().map_err(kserr)?;
+        check(!pv || queued > 0, "the map is queued in the batch")?;
+        let (g, calls) = counted(|| kmap_local(f, RW));
+        let g = g.map_err(kerr("kmap in a lazy section"))?;
+        if pv {
+            if one_cpu {
+                check_eq("hypercalls for a kmap joining the batch", calls, 1)?;
+            }
+            check_eq(
+                "lazy joins after the kmap",
+                kmap::stats().lazy_joins - joins0,
+                1,
+            )?;
+            check_eq(
+                "writes queued after the kmap",
+                kspace::pending_writes().map_err(kserr)? as u64,
+                0,
+            )?;
+            check(
+                kspace::lazy_owner().map_err(kserr)? == Some(sched::current().0),
+                "the batch stays open after the kmap",
+            )?;
+        }
+        // The queued map went out (with the slot under PV).
+        // SAFETY: JOIN_VA maps `m` read-only now; a fault is caught.
+        let seen = unsafe { traps::probe_read(JOIN_VA) };
+        check(seen == Ok(pattern(7, 0)), "the queued map reads its frame")?;
+        for off in [0usize, 8, 4088] {
+            g.write_u64(off, pattern(9, off)).map_err(kerr("write"))?;
+            check_eq(
+                "read through the slot",
+                g.read_u64(off).map_err(kerr("read"))?,
+                pattern(9, off),
+            )?;
+            check_eq(
+                "read through the direct map",
+                direct_read(f, off),
+                pattern(9, off),
+            )?;
+        }
+        let (_, calls) = counted(|| drop(g));
+        if pv {
+            if one_cpu {
+                check_eq("hypercalls for a release joining the batch", calls, 1)?;
+            }
+            check_eq(
+                "lazy joins after the release",
+                kmap::stats().lazy_joins - joins0,
+                2,
+            )?;
+        } else {
+            check_eq(
+                "native kmaps join nothing",
+                kmap::stats().lazy_joins - joins0,
+                0,
+            )?;
+        }
+        sec.finish().map_err(|_| Failure::Check("lazy finish"))?;
+        // Outside a lazy section a kmap goes alone (no join).
+        let g = kmap_local(f, RO).map_err(kerr("kmap outside lazy"))?;
+        check_eq(
+            "read outside lazy",
+            g.read_u64(8).map_err(kerr("read"))?,
+            pattern(9, 8),
+        )?;
+        drop(g);
+        check_eq(
+            "joins outside a lazy section",
+            kmap::stats().lazy_joins - joins0,
+            if pv { 2 } else { 0 },
+        )
+    })();
+    let unmapped = kspace::unmap_page(JOIN_VA).map_err(kserr);
+    kspace::give_frame(m).map_err(kserr)?;
+    kspace::give_frame(f).map_err(kserr)?;
+    r.and(unmapped)
 }

@@ -685,6 +685,40 @@ pub fn lazy_close_irqs_off(thread: usize) -> Result<bool, KspaceError> {
     }
 }
 
+/// Under Xen PV, when `thread`'s lazy batch is the open one: sends it
+/// with `val` written into entry `index` of `table` (a kmap slot) and a
+/// local invalidation of `va`, in one hypercall, the queued writes first;
+/// the batch stays open (empty) and keeps the flushes it owes. `Ok(false)`
+/// when `thread` has no open batch or natively (nothing was done). Called
+/// with interrupts off from thread context: spins for the lock like
+/// [`lazy_close_irqs_off`] (under PV no holder waits for this CPU).
+pub fn send_with_slot(
+    thread: usize,
+    table: Pfn,
+    index: usize,
+    val: u64,
+    va: u64,
+) -> Result<bool, KspaceError> {
+    if !crate::platform::is_xen_pv() {
+        return Ok(false);
+    }
+    let mut guard = loop {
+        if let Some(guard) = KSPACE.try_lock() {
+            break guard;
+        }
+        core::hint::spin_loop();
+    };
+    let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
+    if ks.batch.owner() != Some(thread) {
+        return Ok(false);
+    }
+    let Space::Pv(s) = &mut ks.space else {
+        return Ok(false);
+    };
+    s.send_with_entry(table, index, pvmmu::entry::Entry(val), va)?;
+    Ok(true)
+}
+
 /// What `va` translates to through pvmmu (queued writes included).
 pub fn lookup(va: u64) -> Result<Option<Translation>, KspaceError> {
     let _p = crate::sched::preempt_disable();

@@ -128,6 +128,9 @@ pub struct Kernel {
     pub report: Report,
     /// The direct map, once pvmmu's bootstrap has built it.
     pub direct_map: Option<directmap::DirectMap>,
+    /// `pvmmu.directmap_limit` once accepted: the first frame left out of
+    /// the direct map and the frame allocator (highmem above it).
+    pub directmap_limit: Option<u64>,
 }
 
 impl Kernel {
@@ -147,6 +150,58 @@ impl Kernel {
             image: boot::image_layout(),
             report: Report::new(platform),
             direct_map: None,
+            directmap_limit: None,
+        }
+    }
+
+    /// RAM as frame ranges `[start, end)` (clipped to what Xen gave under
+    /// PV), in memory-map order.
+    pub fn ram_pfns(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let limit = self.pv.as_ref().map_or(u64::MAX, |pv| pv.nr_pages);
+        self.memmap
+            .ram()
+            .map(move |r| (r.start.div_ceil(4096), (r.end / 4096).min(limit)))
+            .filter(|(s, e)| s < e)
+    }
+
+    /// RAM frames left out of the direct map (`pvmmu.directmap_limit`).
+    pub fn highmem_pfns(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let limit = self.directmap_limit.unwrap_or(u64::MAX);
+        self.ram_pfns()
+            .map(move |(s, e)| (s.max(limit), e))
+            .filter(|(s, e)| s < e)
+    }
+
+    /// Applies `pvmmu.directmap_limit` (after [`Self::build_frames`]): a
+    /// valid limit takes the RAM above it out of the allocator; a bad one
+    /// is reported with a `PVMMU-WARNING` line and ignored.
+    fn apply_directmap_limit(&mut self) {
+        let Some(mib) = self.options.directmap_limit_mib else {
+            return;
+        };
+        // Everything the bootstrap reaches through the boot mapping (its
+        // first chunk) and everything reserved must stay direct-mapped.
+        let first_chunk_end = match &self.pv {
+            Some(pv) => pv.initial_mapping_end_pfn(),
+            None => self.image_pfns().1 + 1024,
+        };
+        let boot_end = self
+            .reservations()
+            .map(|r| r.range.end)
+            .fold(first_chunk_end, u64::max);
+        let ram_end = self.ram_pfns().map(|(_, e)| e).max().unwrap_or(0);
+        match cmdline::directmap_limit_pfn(mib, boot_end, ram_end) {
+            Ok(limit) => {
+                if let Err(e) = self.frames.reserve(limit, ram_end) {
+                    panic!("cannot take highmem out of the allocator: {e:?}");
+                }
+                self.directmap_limit = Some(limit);
+                log::info!(
+                    "directmap_limit: frames from {limit:#x} ({mib} MiB) to {ram_end:#x} are \
+                     highmem (kmap only)"
+                );
+            }
+            Err(e) => kprintln!("{} cmdline: {e}", cmdline::WARNING_MARKER),
         }
     }
 
@@ -178,19 +233,16 @@ impl Kernel {
 
     /// Fills the allocator from the memory map and reserves what is in use.
     fn build_frames(&mut self) {
-        let limit = self.pv.as_ref().map_or(u64::MAX, |pv| pv.nr_pages);
         let ram: [Option<(u64, u64)>; memmap::MAX_REGIONS] = {
             let mut out = [None; memmap::MAX_REGIONS];
-            for (slot, r) in out.iter_mut().zip(self.memmap.ram()) {
-                *slot = Some((r.start.div_ceil(4096), (r.end / 4096).min(limit)));
+            for (slot, r) in out.iter_mut().zip(self.ram_pfns()) {
+                *slot = Some(r);
             }
             out
         };
         for (start, end) in ram.iter().flatten() {
-            if start < end {
-                if let Err(e) = self.frames.add(*start, *end) {
-                    panic!("cannot add RAM [{start:#x}, {end:#x}) to the allocator: {e:?}");
-                }
+            if let Err(e) = self.frames.add(*start, *end) {
+                panic!("cannot add RAM [{start:#x}, {end:#x}) to the allocator: {e:?}");
             }
         }
         let (img_start, img_end) = self.image_pfns();
@@ -419,6 +471,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         );
     }
     kernel.build_frames();
+    kernel.apply_directmap_limit();
     for r in kernel.reservations() {
         log::info!(
             "reserved pfns [{:#x}, {:#x}) {}",
@@ -577,6 +630,8 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.kmap_max_depth = km.max_depth;
     kernel.report.kmap_switch_remaps = km.switch_remaps;
     kernel.report.kmap_mismatches = kmap_tests::mismatches();
+    kernel.report.kmap_lazy_joins = km.lazy_joins;
+    kernel.report.highmem_frames_checked = kmap_tests::highmem_frames_checked();
     kernel.report.interrupts = traps::interrupts();
     kernel.report.selftests_passed = tally.passed;
     kernel.report.selftests_failed = tally.failed;

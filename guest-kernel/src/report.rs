@@ -93,6 +93,11 @@ pub struct Report {
     pub kmap_switch_remaps: u64,
     /// Pattern mismatches the kmap tests saw (must be 0).
     pub kmap_mismatches: u64,
+    /// kmap slot changes sent with the CPU's open lazy batch (PV).
+    pub kmap_lazy_joins: u64,
+    /// Frames above `pvmmu.directmap_limit` zeroed, filled and checked
+    /// through kmap.
+    pub highmem_frames_checked: u64,
 }
 
 impl Report {
@@ -140,6 +145,8 @@ impl Report {
             kmap_max_depth: [0; 3],
             kmap_switch_remaps: 0,
             kmap_mismatches: 0,
+            kmap_lazy_joins: 0,
+            highmem_frames_checked: 0,
         }
     }
 }
@@ -228,8 +235,13 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"kmaps\":{},\"kmap_max_depth_thread\":{thread},\"kmap_max_depth_irq\":{irq},\
-             \"kmap_max_depth_nested\":{nested},\"kmap_switch_remaps\":{},\"kmap_mismatches\":{}}}",
-            self.kmaps, self.kmap_switch_remaps, self.kmap_mismatches
+             \"kmap_max_depth_nested\":{nested},\"kmap_switch_remaps\":{},\"kmap_mismatches\":{},\
+             \"kmap_lazy_joins\":{},\"highmem_frames_checked\":{}}}",
+            self.kmaps,
+            self.kmap_switch_remaps,
+            self.kmap_mismatches,
+            self.kmap_lazy_joins,
+            self.highmem_frames_checked
         )
     }
 }

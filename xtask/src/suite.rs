@@ -69,9 +69,18 @@ pub enum Check {
 }
 
 /// Report counters every passing boot must show above zero: the running
-/// kernel (interrupts, the tick, threads) is part of every boot.
-pub const RUNNING_KERNEL_COUNTERS: &[&str] =
-    &["timer_irqs", "context_switches", "lazy_batches_preempted"];
+/// kernel (interrupts, the tick, threads, lazy batches, kmap) is part of
+/// every boot.
+pub const RUNNING_KERNEL_COUNTERS: &[&str] = &[
+    "timer_irqs",
+    "context_switches",
+    "lazy_batches_preempted",
+    "kmaps",
+];
+
+/// The option that leaves RAM above a limit out of the direct map; a
+/// passing row that sets it must report `highmem_frames_checked` > 0.
+pub const DIRECTMAP_LIMIT_KNOB: &str = "pvmmu.directmap_limit=";
 
 /// Random operations a passing Xen boot must report (`random_ops`, the
 /// kernel's randomized stress on the live tree).
@@ -187,7 +196,9 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xen,    512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
     boot(Mode::Xl,     512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
-    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus pvmmu.lazy_tick_us=5", Expect::Warning, Check::Nothing),
+    // A limit below what the kernel needs is refused with the warning too.
+    boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus pvmmu.lazy_tick_us=5 pvmmu.directmap_limit=16",
+         Expect::Warning, Check::Console("pvmmu.directmap_limit below 64 MiB")),
     boot(Mode::Xen,    512, "pvmmu.4k",           Expect::Warning,  Check::Nothing),
     // Issue 13: two kmaps released out of order; the guard's drop fails
     // loudly, naming the slot (the kmap self-tests run in every PASS row).
@@ -195,6 +206,10 @@ pub const BOOTS: &[Boot] = &[
          Check::Console("KMAP UNBALANCED: out-of-order release of kmap slot 0")),
     boot(Mode::Xen,    512, "pvmmu.crash=kmap-unbalanced", Expect::Fail,
          Check::Console("KMAP UNBALANCED: out-of-order release of kmap slot 0")),
+    // RAM above 256 MiB left out of the direct map (highmem): every frame
+    // there zeroed, filled and checked through kmap (highmem_frames_checked > 0).
+    boot(Mode::Native, 512, "pvmmu.directmap_limit=256", Expect::Pass, Check::Nothing),
+    boot(Mode::Xen,    512, "pvmmu.directmap_limit=256", Expect::Pass, Check::NegativeSuite),
 ];
 
 /// The boots `cargo xtask ci` adds to [`BOOTS`] (none at present: the xl
@@ -333,6 +348,13 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
                 .find(|key| report.counter(key).unwrap_or(0) == 0)
             {
                 return Err(format!("report counter {key} is 0 or missing"));
+            }
+            if row.cmdline.contains(DIRECTMAP_LIMIT_KNOB)
+                && report.counter("highmem_frames_checked").unwrap_or(0) == 0
+            {
+                return Err("highmem_frames_checked is 0 or missing: no frame above \
+                     pvmmu.directmap_limit was checked through kmap"
+                    .into());
             }
             smp_judgement(row, report)?;
             lazy_tick_judgement(row, report)
@@ -734,7 +756,7 @@ mod tests {
 
     fn report(platform: &str, failed: u64) -> crate::report::Report {
         parse_report(&format!(
-            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2}}"#
+            r#"{{"platform":"{platform}","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":{failed},"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9}}"#
         ))
         .unwrap()
     }
@@ -844,6 +866,7 @@ selftest xen_pvh_c ... ok";
             "pvmmu.crash=bogus",
             "pvmmu.4k",
             "pvmmu.lazy_tick_us=5",
+            "pvmmu.directmap_limit=16",
         ] {
             assert!(BOOTS
                 .iter()
@@ -890,11 +913,39 @@ selftest xen_pvh_c ... ok";
         assert!(judge(&pass_xen, &Verdict::Pass(unpreempted))
             .unwrap_err()
             .contains("lazy_batches_preempted"));
+        // Nor one that made no kmap (the xl rows included).
+        let xl = boot(Mode::Xl, 512, "", Expect::Pass, Check::NegativeSuite);
+        let no_kmap = parse_report(
+            r#"{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":0}"#,
+        )
+        .unwrap();
+        assert!(judge(&xl, &Verdict::Pass(no_kmap))
+            .unwrap_err()
+            .contains("kmaps"));
+        assert_eq!(judge(&xl, &Verdict::Pass(report("xen-pv", 0))), Ok(()));
+        // A directmap_limit row must have checked highmem frames.
+        let limited = boot(
+            Mode::Native,
+            512,
+            "pvmmu.directmap_limit=256",
+            Expect::Pass,
+            Check::Nothing,
+        );
+        let highmem = |n: u64| {
+            parse_report(&format!(
+                r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"highmem_frames_checked":{n}}}"#
+            ))
+            .unwrap()
+        };
+        assert!(judge(&limited, &Verdict::Pass(highmem(0)))
+            .unwrap_err()
+            .contains("highmem_frames_checked"));
+        assert_eq!(judge(&limited, &Verdict::Pass(highmem(65_536))), Ok(()));
         // SMP rows: every CPU online, 10,000 stale-translation rounds, none stale.
         let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let smp_report = |cpus: u64, rounds: u64, stale: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale}}}"#
             ))
             .unwrap()
         };
@@ -913,7 +964,7 @@ selftest xen_pvh_c ... ok";
         let fast = boot(Mode::Xen, 512, FAST_LAZY_TICK, Expect::Pass, Check::Nothing);
         let tick_report = |us: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"lazy_tick_us":{us}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"lazy_tick_us":{us}}}"#
             ))
             .unwrap()
         };
