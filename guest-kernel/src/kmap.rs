@@ -476,6 +476,68 @@ pub fn on_switch(from: ThreadId, to: ThreadId) {
     }
 }
 
+/// Reads page tables through kmap: one read-only slot per table, held
+/// while a walk descends below it (at most four at once). pvmmu's
+/// traversal and invariant walker ([`pvmmu::walk::for_each`],
+/// [`pvmmu::invariants::check`]) run over it without using any permanent
+/// alias of a table frame. Thread context only (it kmaps at level 0).
+pub struct KmapTables {
+    pv: Option<PvBoot>,
+    tables: core::cell::Cell<u64>,
+    failures: core::cell::Cell<u64>,
+}
+
+impl KmapTables {
+    /// A reader for the kernel's tables (PV: translating through the p2m
+    /// and M2P).
+    pub fn new(pv: Option<PvBoot>) -> Self {
+        KmapTables {
+            pv,
+            tables: core::cell::Cell::new(0),
+            failures: core::cell::Cell::new(0),
+        }
+    }
+
+    /// Tables read, and tables that could not be kmapped (walked as empty).
+    pub fn counts(&self) -> (u64, u64) {
+        (self.tables.get(), self.failures.get())
+    }
+}
+
+impl pvmmu::walk::TableReader for KmapTables {
+    fn skipped_range(&self) -> Option<(u64, u64)> {
+        self.pv.as_ref().map(|_| pvmmu::types::XEN_HOLE)
+    }
+    fn machine_frame(&self, pfn: Pfn) -> Option<pvmmu::Mfn> {
+        match &self.pv {
+            Some(pv) => pv.pfn_to_mfn(pfn.0).map(pvmmu::Mfn),
+            None => Some(pvmmu::Mfn(pfn.0)),
+        }
+    }
+    fn guest_frame(&self, mfn: pvmmu::Mfn) -> Option<Pfn> {
+        match &self.pv {
+            Some(pv) => pv.mfn_to_pfn(mfn.0).map(Pfn),
+            None => Some(Pfn(mfn.0)),
+        }
+    }
+    fn entries(&self, table: Pfn, f: &mut dyn FnMut(usize, pvmmu::entry::Entry)) {
+        let g = match kmap_local(table, Flags::PRESENT | Flags::NO_EXECUTE) {
+            Ok(g) => g,
+            Err(_) => {
+                self.failures.set(self.failures.get() + 1);
+                return;
+            }
+        };
+        self.tables.set(self.tables.get() + 1);
+        for i in 0..512 {
+            match g.read_u64(i * 8) {
+                Ok(e) => f(i, pvmmu::entry::Entry(e)),
+                Err(_) => self.failures.set(self.failures.get() + 1),
+            }
+        }
+    }
+}
+
 /// kmap counters.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Stats {

@@ -33,6 +33,7 @@ pub const SUITE: &[SelfTest] = &[
     SelfTest::new("kmap_held_across_preemption_and_migration", preempt_migrate),
     SelfTest::new("kmap_switch_cost_with_live_kmaps", switch_cost),
     SelfTest::new("kmap_joins_the_open_lazy_batch", lazy_join),
+    SelfTest::new("kmap_invariant_walker_reads_tables_through_kmap", walker),
     SelfTest::new("kmap_highmem_zeroed_filled_checked", highmem),
     SelfTest::new("kmap_every_slot_empty_depths_fit", all_empty),
 ];
@@ -762,4 +763,45 @@ fn lazy_join(_: &mut Kernel) -> TestResult {
     kspace::give_frame(m).map_err(kserr)?;
     kspace::give_frame(f).map_err(kserr)?;
     r.and(unmapped)
+}
+
+/// pvmmu's invariant walker over the live tree reading every table
+/// through a read-only kmap ([`kmap::KmapTables`]): no violation, every
+/// table read through a slot, and the same tables (count and sum of
+/// frame numbers) as a walk through kspace's backend (direct map).
+fn walker(kernel: &mut Kernel) -> TestResult {
+    use pvmmu::invariants::{self, Rules};
+    let root = kernel
+        .direct_map
+        .as_ref()
+        .map(|d| d.root)
+        .ok_or(Failure::Check("direct map"))?;
+    let reader = kmap::KmapTables::new(kernel.pv.clone());
+    let rules = Rules {
+        pv: kernel.pv.is_some(),
+        wx: true,
+    };
+    let kmaps0 = kmap::stats().kmaps;
+    let mut first = None;
+    let violations = invariants::check(&reader, root, rules, None, &mut |v| {
+        first.get_or_insert(v);
+        log::error!("invariant violation (read through kmap): {v:?}");
+    });
+    let (tables, failures) = reader.counts();
+    let kmaps = kmap::stats().kmaps - kmaps0;
+    let (mut n, mut sum) = (0u64, 0u64);
+    invariants::for_each_table(&reader, root, &mut |pfn, _| {
+        n += 1;
+        sum = sum.wrapping_add(pfn.0);
+    });
+    let (dn, dsum) = kspace::table_census().map_err(kserr)?;
+    log::info!(
+        "invariant walker through kmap: {tables} tables, {kmaps} kmaps, {violations} violations"
+    );
+    check_eq("invariant violations (through kmap)", violations as u64, 0)?;
+    check_eq("tables that could not be kmapped", failures, 0)?;
+    check(tables > 1, "the walk read tables")?;
+    check(kmaps >= tables, "every table was read through a kmap")?;
+    check_eq("tables: kmap walk vs kspace walk", n, dn)?;
+    check_eq("table frames: kmap walk vs kspace walk", sum, dsum)
 }

@@ -719,6 +719,21 @@ pub fn send_with_slot(
     Ok(true)
 }
 
+/// The tables of the live tree as kspace's backend reads them (the direct
+/// map): how many, and the wrapping sum of their frame numbers.
+pub fn table_census() -> Result<(u64, u64), KspaceError> {
+    with(|ks| {
+        let (mut n, mut sum) = (0u64, 0u64);
+        on_space!(&ks.space, s => {
+            pvmmu::invariants::for_each_table(s.backend(), s.root(), &mut |pfn, _| {
+                n += 1;
+                sum = sum.wrapping_add(pfn.0);
+            })
+        });
+        Ok((n, sum))
+    })
+}
+
 /// What `va` translates to through pvmmu (queued writes included).
 pub fn lookup(va: u64) -> Result<Option<Translation>, KspaceError> {
     let _p = crate::sched::preempt_disable();

@@ -17,7 +17,7 @@
 use crate::backend::Backend;
 use crate::entry::{Flags, Level};
 use crate::types::{Mfn, Pfn};
-use crate::walk::{self, Step};
+use crate::walk::{self, Step, TableReader};
 
 /// What the hypervisor (or a model of it, or the caller) knows about frames.
 pub trait Oracle {
@@ -105,8 +105,9 @@ pub enum Violation {
 pub use crate::walk::for_each_table;
 
 /// Walks the tree at `root` and reports every violation; returns how many.
-pub fn check<B: Backend>(
-    backend: &B,
+/// `backend` is any [`TableReader`]: a backend, or the kernel's own reader.
+pub fn check<R: TableReader + ?Sized>(
+    backend: &R,
     root: Pfn,
     rules: Rules,
     oracle: Option<&dyn Oracle>,
@@ -118,17 +119,17 @@ pub fn check<B: Backend>(
         report(v);
     };
     if rules.pv {
-        if let (Some(o), Some(mfn)) = (oracle, backend.to_mfn(root)) {
+        if let (Some(o), Some(mfn)) = (oracle, backend.machine_frame(root)) {
             if !o.is_pinned(mfn) {
                 emit(Violation::RootNotPinned { mfn });
             }
         }
     }
-    let hole = backend.reserved();
+    let hole = backend.skipped_range();
     walk::for_each(backend, root, &mut |step| match step {
         Step::Table { table, level } => {
             if rules.pv {
-                if let (Some(o), Some(mfn)) = (oracle, backend.to_mfn(table)) {
+                if let (Some(o), Some(mfn)) = (oracle, backend.machine_frame(table)) {
                     let found = o.table_level(mfn);
                     if found != Some(level) {
                         emit(Violation::WrongType { mfn, level, found });
@@ -162,7 +163,7 @@ pub fn check<B: Backend>(
                     });
                 }
             }
-            if backend.to_pfn(e.mfn()).is_none() {
+            if backend.guest_frame(e.mfn()).is_none() {
                 emit(Violation::ForeignFrame {
                     va,
                     level,

@@ -120,20 +120,50 @@ fn sign_extend(va: u64) -> u64 {
 /// child) the child table. L4 entries whose span lies in the backend's
 /// reserved range (Xen's slots under PV) are skipped. Entry by entry: no
 /// 4 KiB buffer per level on a kernel stack.
-pub fn for_each<B: Backend + ?Sized>(backend: &B, root: Pfn, f: &mut dyn FnMut(Step) -> bool) {
+pub fn for_each<R: TableReader + ?Sized>(backend: &R, root: Pfn, f: &mut dyn FnMut(Step) -> bool) {
     visit(backend, root, Level::L4, 0, f);
 }
 
-fn visit<B: Backend + ?Sized>(
-    b: &B,
+/// What a whole-tree traversal ([`for_each`], the invariant walker)
+/// reads. Every [`Backend`] is one (its reads include queued writes); a
+/// kernel may give its own, e.g. one that reads each table through a
+/// temporary mapping instead of a permanent alias.
+pub trait TableReader {
+    /// A virtual range the traversal skips (Xen's hole under PV).
+    fn skipped_range(&self) -> Option<(u64, u64)>;
+    /// Machine frame of `pfn`.
+    fn machine_frame(&self, pfn: Pfn) -> Option<Mfn>;
+    /// Guest frame of `mfn`, `None` if the guest does not own it.
+    fn guest_frame(&self, mfn: Mfn) -> Option<Pfn>;
+    /// Calls `f(index, entry)` for every entry of table `table`.
+    fn entries(&self, table: Pfn, f: &mut dyn FnMut(usize, Entry));
+}
+
+impl<B: Backend + ?Sized> TableReader for B {
+    fn skipped_range(&self) -> Option<(u64, u64)> {
+        self.reserved()
+    }
+    fn machine_frame(&self, pfn: Pfn) -> Option<Mfn> {
+        self.to_mfn(pfn)
+    }
+    fn guest_frame(&self, mfn: Mfn) -> Option<Pfn> {
+        self.to_pfn(mfn)
+    }
+    fn entries(&self, table: Pfn, f: &mut dyn FnMut(usize, Entry)) {
+        self.scan_table(table, f)
+    }
+}
+
+fn visit<R: TableReader + ?Sized>(
+    b: &R,
     table: Pfn,
     level: Level,
     base: u64,
     f: &mut dyn FnMut(Step) -> bool,
 ) {
     f(Step::Table { table, level });
-    let reserved = b.reserved();
-    b.scan_table(table, &mut |index, entry| {
+    let reserved = b.skipped_range();
+    b.entries(table, &mut |index, entry| {
         if !entry.is_present() {
             return;
         }
@@ -146,7 +176,11 @@ fn visit<B: Backend + ?Sized>(
             }
         }
         let leaf = entry.is_leaf(level);
-        let child = if leaf { None } else { b.to_pfn(entry.mfn()) };
+        let child = if leaf {
+            None
+        } else {
+            b.guest_frame(entry.mfn())
+        };
         let descend = f(Step::Entry {
             level,
             index,
@@ -161,7 +195,11 @@ fn visit<B: Backend + ?Sized>(
 }
 
 /// Calls `f(pfn, level)` for every table reachable from `root` (root first).
-pub fn for_each_table<B: Backend + ?Sized>(backend: &B, root: Pfn, f: &mut dyn FnMut(Pfn, Level)) {
+pub fn for_each_table<R: TableReader + ?Sized>(
+    backend: &R,
+    root: Pfn,
+    f: &mut dyn FnMut(Pfn, Level),
+) {
     for_each(backend, root, &mut |step| {
         if let Step::Table { table, level } = step {
             f(table, level);
