@@ -166,14 +166,18 @@ fn overflow(_: &mut Kernel) -> TestResult {
     r
 }
 
+/// The live root (the L4 the bootstrap built).
+fn live_root(k: &Kernel) -> Result<Pfn, Failure> {
+    k.direct_map
+        .as_ref()
+        .map(|d| d.root)
+        .ok_or(Failure::Check("direct map"))
+}
+
 /// Under PV a writable kmap of a page-table frame (the live root) is
 /// refused without a hypercall; a read-only one works and reads an entry.
 fn page_table_refused(k: &mut Kernel) -> TestResult {
-    let root = k
-        .direct_map
-        .as_ref()
-        .map(|d| d.root)
-        .ok_or(Failure::Check("direct map"))?;
+    let root = live_root(k)?;
     // Interrupts off: no tick's hypercalls land in the count.
     let (e, h0, h1) = {
         let _g = crate::irq::save();
@@ -771,11 +775,7 @@ fn lazy_join(_: &mut Kernel) -> TestResult {
 /// frame numbers) as a walk through kspace's backend (direct map).
 fn walker(kernel: &mut Kernel) -> TestResult {
     use pvmmu::invariants::{self, Rules};
-    let root = kernel
-        .direct_map
-        .as_ref()
-        .map(|d| d.root)
-        .ok_or(Failure::Check("direct map"))?;
+    let root = live_root(kernel)?;
     let reader = kmap::KmapTables::new(kernel.pv.clone());
     let rules = Rules {
         pv: kernel.pv.is_some(),
