@@ -6,7 +6,10 @@
 //! read-only page in its last entry so pvmmu never frees it; from then on
 //! pvmmu is never asked to touch the window again and kmap changes its
 //! leaves itself: under Xen PV with one `update_va_mapping` and a local
-//! invlpg (Xen validates the entry like any PV update), natively with one
+//! invlpg (Xen validates the entry like any PV update), or, when the
+//! thread's lazy MMU batch is open, as one more entry of that batch sent
+//! at once with the local invlpg ([`kspace::send_with_slot`]: one
+//! hypercall, the queued writes first), natively with one
 //! store into that L1 (through the direct map) and an invlpg. pvmmu reads
 //! the tree from memory (it keeps no per-table counts), so these edits
 //! keep its view and invariants true: a window leaf is either empty or a
