@@ -1,11 +1,14 @@
 //! Self-tests of kmap (issue 13): patterns through two slots, the LIFO
 //! and overflow errors, the PV page-table refusal, a stress run on every
 //! CPU with the timer handler and a nested exception kmapping too, a
-//! thread holding kmaps across preemption and migration, and every slot
-//! empty at the end.
+//! thread holding kmaps across preemption and migration, kmaps joining
+//! the open lazy batch (PV), pvmmu's invariant walker reading every table
+//! through kmap, every highmem frame (above `pvmmu.directmap_limit`)
+//! zeroed, filled and checked through kmap, and every slot empty at the
+//! end.
 //!
 //! Invariant: every test releases what it kmapped, returns its frames to
-//! the kspace pool and clears the hooks it set.
+//! the kspace pool, unmaps what it mapped and clears the hooks it set.
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
