@@ -4,12 +4,15 @@
 //! real access that must fault (a write to a read-only page, an execute of
 //! a non-executable page, a read of a non-present page), then restored and
 //! checked again; plus the refusals. Natively the direct map has 2 MiB /
-//! 1 GiB pages, so the changes split them; under PV it is 4 KiB (no
-//! splits) and parking (np / p) is refused. A second test marks random
+//! 1 GiB pages, so the changes split them (unless DEBUG_PAGEALLOC made it
+//! 4 KiB already); under PV it is 4 KiB (no splits), np leaves holes and
+//! the frames are mapped again to restore them (p is refused: PV cannot
+//! park). A second test marks random
 //! ranges anywhere in the direct map's RAM with CPA's software test bit
 //! (no effect on access, as Linux's cpa-test does) and checks the range
 //! and its neighbours by walking: natively these spread the splits over
-//! the whole direct map.
+//! the whole direct map (under DEBUG_PAGEALLOC only mapped pages: free
+//! frames are out of the direct map).
 //!
 //! Invariant: only frames this test took from the frame allocator change
 //! access rights (the marker changes only the software bit, and clears it
@@ -171,13 +174,13 @@ fn expect_fault(r: Result<(), traps::Fault>, va: u64, bits: u64) -> TestResult {
 }
 
 /// One round over a random range: read-only, then (at one page) executable
-/// and back, or not present (natively); each checked, then restored.
-fn round(rng: &mut Rng, owned: &Owned, pv: bool) -> TestResult {
+/// and back, or not present; each checked, then restored.
+fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
     let (pfn, pages) = owned.random_range(rng);
     let va = DirectMem::va(Pfn(pfn));
     let probe = va + rng.range(0, pages - 1) * 4096;
     let ro = RW - Flags::WRITABLE;
-    match rng.range(0, if pv { 1 } else { 2 }) {
+    match rng.range(0, 2) {
         0 => {
             cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
             walk_check(pfn, pages, Some(ro))?;
@@ -210,12 +213,18 @@ fn round(rng: &mut Rng, owned: &Owned, pv: bool) -> TestResult {
             )?;
         }
         _ => {
+            // Not present: natively parked, under PV holes.
             cpa(va, pages, Flags::empty(), Flags::PRESENT)?;
             walk_check(pfn, pages, None)?;
             // SAFETY: reading an owned page has no side effect.
             expect_fault(unsafe { traps::probe_read(probe) }.map(|_| ()), probe, 0)?;
-            cpa(va, pages, Flags::PRESENT, Flags::empty())?;
-            // Read-only for the common restore below.
+            // Back (natively CPA's p; under PV a map of the frames, as
+            // DEBUG_PAGEALLOC does), then read-only for the common restore.
+            kspace::direct_map_present(Pfn(pfn), pages).map_err(|e| {
+                log::error!("direct map {va:#x}+{pages} back: {e:?}");
+                Failure::Check("direct-map pages not made present again")
+            })?;
+            walk_check(pfn, pages, Some(RW))?;
             cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
         }
     }
@@ -239,7 +248,7 @@ fn random_ranges(kernel: &mut Kernel) -> TestResult {
     let before = kspace::cpa_stats().unwrap_or_default();
     let mut result = Ok(());
     for _ in 0..ROUNDS {
-        result = round(&mut rng, &owned, pv);
+        result = round(&mut rng, &owned);
         if result.is_err() {
             break;
         }
@@ -261,7 +270,8 @@ fn random_ranges(kernel: &mut Kernel) -> TestResult {
     );
     owned.give_back(kernel);
     result?;
-    if !pv && !kernel.options.only_4k {
+    // Under DEBUG_PAGEALLOC the direct map is 4 KiB already.
+    if !pv && !kernel.options.only_4k && !crate::pagealloc::enabled() {
         check(after.splits > before.splits, "large pages were split")?;
     }
     Ok(())
@@ -340,8 +350,9 @@ fn refusals_on(kernel: &Kernel, owned: &Owned, pv: bool) -> TestResult {
             ),
             Error::XenHole,
         )?;
+        // p needs the frame a PV hole no longer holds.
         refused(
-            kspace::change_page_attr(va, 4096, Flags::empty(), Flags::PRESENT),
+            kspace::change_page_attr(va, 4096, Flags::PRESENT, Flags::empty()),
             Error::Flags(FlagError::NotPresent),
         )?;
         walk_check(pfn, 1, Some(RW))?;
@@ -366,11 +377,30 @@ fn marker_ranges(kernel: &mut Kernel) -> TestResult {
     let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
     let before = kspace::cpa_stats().unwrap_or_default();
     let bit = pvmmu::space::CPA_TEST_BIT;
-    for _ in 0..MARKER_ROUNDS {
+    let mut rounds = 0;
+    let mut tries = 0;
+    while rounds < MARKER_ROUNDS {
+        tries += 1;
+        check(
+            tries < 100 * MARKER_ROUNDS,
+            "mapped direct-map ranges to mark",
+        )?;
         let r = ranges[rng.range(0, ranges.len() as u64 - 1) as usize];
         let (start, end) = (r.start.0, r.end.0);
-        let pages = rng.range(1, MAX_PAGES.min(end - start));
+        let mut pages = rng.range(1, MAX_PAGES.min(end - start));
         let first = rng.range(start, end - pages);
+        if crate::pagealloc::enabled() {
+            // Free frames are out of the direct map: mark only the mapped
+            // pages at the start of the range.
+            let mapped = (0..pages)
+                .take_while(|&k| marked(DirectMem::va(Pfn(first + k))).is_some())
+                .count() as u64;
+            if mapped == 0 {
+                continue;
+            }
+            pages = mapped;
+        }
+        rounds += 1;
         let va = DirectMem::va(Pfn(first));
         let len = pages * 4096;
         kspace::change_page_attr(va, len, bit, Flags::empty())

@@ -368,6 +368,58 @@ pub fn change_page_attr(
     with(|ks| Ok(on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?))
 }
 
+/// DEBUG_PAGEALLOC's unmap (and the CPA self-test's): the direct-map pages of frames
+/// `[pfn, pfn + pages)` become not present through CPA (natively parked,
+/// under PV holes written through Xen; the L1 tables stay). One CPA call,
+/// one TLB decision reaching every CPU.
+pub fn direct_map_absent(pfn: Pfn, pages: u64) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    change_page_attr(
+        DirectMem::va(pfn),
+        pages * 4096,
+        Flags::empty(),
+        Flags::PRESENT,
+    )
+}
+
+/// DEBUG_PAGEALLOC's map-back (and the CPA self-test's): the direct-map pages of frames
+/// `[pfn, pfn + pages)` present again, writable and non-executable.
+/// Natively CPA makes the parked entries present (frame and attributes
+/// were kept); under PV the holes lost their frame, so the frames are
+/// mapped again (the L1 tables are still there: no frame is allocated,
+/// Xen validates each entry, and refuses one whose frame is still a page
+/// table).
+pub fn direct_map_present(pfn: Pfn, pages: u64) -> Result<(), KspaceError> {
+    let va = DirectMem::va(pfn);
+    let len = pages * 4096;
+    with(|ks| match &mut ks.space {
+        Space::Native(s) => {
+            s.change_page_attr_set_clr(va, len, Flags::PRESENT, Flags::empty())?;
+            Ok(())
+        }
+        Space::Pv(s) => {
+            let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
+            let flush = s.map(va, pfn, len, flags)?;
+            s.flush(flush)?;
+            Ok(())
+        }
+    })
+}
+
+/// Moves frames from the boot allocator into the pool until it holds
+/// `target` (at most [`POOL_FRAMES`]): the frames CPA's splits take.
+pub fn pool_top_up(frames: &mut Frames, target: usize) -> Result<(), KspaceError> {
+    with(|ks| {
+        let pool = on_space!(&mut ks.space, s => s.allocator_mut());
+        while pool.len < target.min(POOL_FRAMES) {
+            let pfn = frames.allocate_lowest().ok_or(KspaceError::PoolFill)?;
+            let out = pool.out;
+            pool.give(pfn);
+            pool.out = out;
+        }
+        Ok(())
+    })
+}
+
 /// Counters of every CPA call on the live tree (`None` before [`init`]).
 pub fn cpa_stats() -> Option<pvmmu::space::CpaStats> {
     with(|ks| Ok(on_space!(&ks.space, s => s.cpa_stats()))).ok()

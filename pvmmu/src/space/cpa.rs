@@ -9,7 +9,8 @@
 //! * Nothing is written unless the check pass accepted every page: all
 //!   mapped (present, or parked non-present by an earlier `np`), the new
 //!   attributes acceptable (never W+X, the backend's entry rules, under PV
-//!   no page-table frame made writable, no large page, no parked entry),
+//!   no page-table frame made writable, no large page, no `p`: PV cannot
+//!   park, its `np` leaves holes),
 //!   and the split
 //!   reserve holds every frame the splits need.
 //! * A split builds the whole new table (512 entries carrying every
@@ -162,8 +163,10 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         }
         // Where tables are read-only (PV) a non-present entry is written as
         // an all-zero hole (`entry::pv_sanitize`, Xen's L1TF rules): an
-        // entry cannot be parked, so np / p are refused.
-        if self.backend.caps().read_only_tables && (set | clear).contains(Flags::PRESENT) {
+        // entry cannot be parked. np leaves holes (the frame is gone from
+        // the entry, so only a `map` of the frame brings it back); p, which
+        // would need the frame, is refused.
+        if self.backend.caps().read_only_tables && set.contains(Flags::PRESENT) {
             return Err(Error::Flags(FlagError::NotPresent));
         }
         let req = Request {
@@ -517,11 +520,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::NO_EXECUTE)
     }
     /// Makes the pages not present, keeping frame and attributes in the
-    /// entry ("parked") for [`AddressSpace::set_memory_p`].
+    /// entry ("parked") for [`AddressSpace::set_memory_p`]. Where tables
+    /// are read-only (PV) an entry cannot be parked: the pages become holes
+    /// (the tables stay), and a `map` of the frames brings them back.
     pub fn set_memory_np(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::PRESENT)
     }
-    /// Makes parked pages present again.
+    /// Makes parked pages present again (refused under PV, which cannot
+    /// park: `Error::Flags(FlagError::NotPresent)`).
     pub fn set_memory_p(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::PRESENT, Flags::empty())
     }
