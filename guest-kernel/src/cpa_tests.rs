@@ -22,6 +22,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use pvmmu::entry::{FlagError, Flags};
+use pvmmu::space::{Protected, CPA_TEST_BIT};
 use pvmmu::{Error, Pfn};
 
 use crate::directmap::DirectMem;
@@ -292,7 +293,10 @@ fn refused(r: Result<pvmmu::space::CpaDone, KspaceError>, want: Error) -> TestRe
             log::error!("cpa refusal: got {e:?}, expected {want:?}");
             Err(Failure::Check("CPA refused with the wrong error"))
         }
-        Ok(_) => Err(Failure::Check("CPA accepted a change it must refuse")),
+        Ok(_) => {
+            log::error!("cpa accepted a change it must refuse with {want:?}");
+            Err(Failure::Check("CPA accepted a change it must refuse"))
+        }
     }
 }
 
@@ -310,7 +314,45 @@ fn refusals_on(kernel: &Kernel, owned: &Owned, pv: bool) -> TestResult {
         Error::CpaFlags,
     )?;
     walk_check(pfn, 1, Some(RW))?;
+    // The static protections: text and rodata never writable (the direct
+    // map's alias included), executed text stays executable.
+    let img = kernel.image;
+    // `set` on the page at `va` (mapping `pfn`) refused for `region`.
+    let protected = |va: u64, pfn: Pfn, set: Flags, region: Protected| {
+        refused(
+            kspace::change_page_attr(va, 4096, set, Flags::empty()),
+            Error::StaticProtection { va, pfn, region },
+        )
+    };
+    let rw = Flags::WRITABLE | Flags::NO_EXECUTE;
+    let text_pfn = Pfn(img.text.to_phys().0 >> 12);
+    protected(DirectMem::va(text_pfn), text_pfn, rw, Protected::KernelText)?;
+    let text_va = img.text.start & !0xfff;
+    protected(text_va, text_pfn, Flags::NO_EXECUTE, Protected::KernelText)?;
+    let ro_pfn = Pfn(img.rodata.to_phys().0.div_ceil(4096));
+    protected(DirectMem::va(ro_pfn), ro_pfn, rw, Protected::KernelRodata)?;
     if pv {
+        // A page Xen shares (start_info), and a frame that is Xen's own
+        // (the shared-info page in the fixmap): untouched.
+        let si = kernel
+            .pv
+            .as_ref()
+            .and_then(|p| crate::xen_pv::PvBoot::va_to_pfn(p.start_info_va))
+            .ok_or(Failure::Check("start_info frame"))?;
+        protected(
+            DirectMem::va(Pfn(si)),
+            Pfn(si),
+            CPA_TEST_BIT,
+            Protected::HypervisorShared,
+        )?;
+        let shared = kspace::Fixmap::SharedInfo.va();
+        match kspace::change_page_attr(shared, 4096, CPA_TEST_BIT, Flags::empty()) {
+            Err(KspaceError::Map(Error::ForeignFrame(_))) => {}
+            other => {
+                log::error!("cpa of Xen's shared-info page: {other:?}");
+                return Err(Failure::Check("CPA changed a frame of Xen's"));
+            }
+        }
         // The live root's direct-map alias made writable: refused by
         // pvmmu, Xen not asked.
         let root = kernel
@@ -364,7 +406,7 @@ fn refusals_on(kernel: &Kernel, owned: &Owned, pv: bool) -> TestResult {
 fn marked(va: u64) -> Option<bool> {
     kspace::translate(va)
         .ok()
-        .map(|t| t.flags.contains(pvmmu::space::CPA_TEST_BIT))
+        .map(|t| t.flags.contains(CPA_TEST_BIT))
 }
 
 fn marker_ranges(kernel: &mut Kernel) -> TestResult {
@@ -376,7 +418,7 @@ fn marker_ranges(kernel: &mut Kernel) -> TestResult {
     let seed = crate::platform::rdtsc() | 1;
     let mut rng = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
     let before = kspace::cpa_stats().unwrap_or_default();
-    let bit = pvmmu::space::CPA_TEST_BIT;
+    let bit = CPA_TEST_BIT;
     let mut rounds = 0;
     let mut tries = 0;
     while rounds < MARKER_ROUNDS {
@@ -403,8 +445,18 @@ fn marker_ranges(kernel: &mut Kernel) -> TestResult {
         rounds += 1;
         let va = DirectMem::va(Pfn(first));
         let len = pages * 4096;
-        kspace::change_page_attr(va, len, bit, Flags::empty())
-            .map_err(|_| Failure::Check("marking a direct-map range refused"))?;
+        match kspace::change_page_attr(va, len, bit, Flags::empty()) {
+            Ok(_) => {}
+            // A page Xen shares with the kernel: CPA keeps it untouched.
+            Err(KspaceError::Map(Error::StaticProtection {
+                region: Protected::HypervisorShared,
+                ..
+            })) => {
+                rounds -= 1;
+                continue;
+            }
+            Err(_) => return Err(Failure::Check("marking a direct-map range refused")),
+        }
         for k in 0..pages {
             check(
                 marked(va + k * 4096) == Some(true),

@@ -24,6 +24,7 @@ use hypercall::MmuHypercalls;
 use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
 use pvmmu::lazy_task::BatchOwner;
+use pvmmu::space::{Protected, StaticProtection};
 use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases};
@@ -233,6 +234,56 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
         batch: BatchOwner::new(),
     });
     Ok(())
+}
+
+/// Registers CPA's static protections of the kernel (see
+/// [`static_protections`]) on the live tree, after making the direct map's
+/// alias of text and rodata read-only (the bootstrap maps all RAM
+/// writable there). Not inlined into [`init`]: the boot stack holds one
+/// frame of that size, not two.
+#[inline(never)]
+pub fn protect_kernel(kernel: &Kernel) -> Result<(), KspaceError> {
+    let protections = static_protections(kernel);
+    with(|ks| {
+        for p in protections.iter().flatten() {
+            on_space!(&mut ks.space, s => {
+                if p.region != Protected::HypervisorShared {
+                    let len = (p.end.0 - p.first.0) * 4096;
+                    s.change_page_attr_set_clr(DirectMem::va(p.first), len, Flags::empty(), Flags::WRITABLE)?;
+                }
+                s.cpa_protect(*p)?;
+            });
+        }
+        Ok(())
+    })
+}
+
+/// What CPA must keep on the live tree: the kernel's text and read-only
+/// data (every alias: the image and the direct map), and under PV the
+/// pages Xen shares with the kernel (start_info, the domU's console ring).
+/// Xen's own frames (shared info) are not the guest's: CPA refuses them
+/// as foreign frames without an entry here.
+fn static_protections(kernel: &Kernel) -> [Option<StaticProtection>; 4] {
+    let frames = |r: crate::boot::VirtRange| {
+        let (start, end) = r.to_phys();
+        (Pfn(start >> 12), Pfn(end.div_ceil(4096)))
+    };
+    let region = |region, (first, end): (Pfn, Pfn)| Some(StaticProtection { region, first, end });
+    let one = |pfn: u64| (Pfn(pfn), Pfn(pfn + 1));
+    let mut out = [None; 4];
+    out[0] = region(Protected::KernelText, frames(kernel.image.text));
+    out[1] = region(Protected::KernelRodata, frames(kernel.image.rodata));
+    if let Some(pv) = &kernel.pv {
+        out[2] = PvBoot::va_to_pfn(pv.start_info_va)
+            .and_then(|p| region(Protected::HypervisorShared, one(p)));
+        if !pv.is_dom0() {
+            out[3] = pv
+                .console_pfn()
+                .ok()
+                .and_then(|p| region(Protected::HypervisorShared, one(p)));
+        }
+    }
+    out
 }
 
 fn fill_pool(pool: &mut Pool, frames: &mut Frames) -> Result<(), KspaceError> {

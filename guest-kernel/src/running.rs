@@ -36,6 +36,7 @@ pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
         .online
         .store(true, core::sync::atomic::Ordering::Release);
     kspace::init(kernel).map_err(StartError::Kspace)?;
+    kspace::protect_kernel(kernel).map_err(StartError::Kspace)?;
     if kernel.options.debug_pagealloc {
         let on = crate::pagealloc::enable(kernel).map_err(StartError::Kspace)?;
         log::info!(

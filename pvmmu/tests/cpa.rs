@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use pvmmu::backend::{Backend, LargePages, TlbScope};
 use pvmmu::entry::{Entry, FlagError, Flags, Level};
+use pvmmu::space::{Protected, StaticProtection, CPA_TEST_BIT, MAX_PROTECTIONS};
 use pvmmu::{AddressSpace, Error, Granule, Pfn};
 
 const GIB: u64 = 1 << 30;
@@ -227,6 +228,124 @@ fn refusals_leave_the_tree_unchanged() {
     assert_eq!(s.allocator().in_use(), used, "no frame taken");
     assert_eq!(s.cpa_stats().refused, 7);
     assert_eq!(s.cpa_stats().splits, 0);
+}
+
+/// The kernel image's link address (a second alias of its frames).
+const IMG: u64 = 0xffff_ffff_8000_0000;
+
+fn protect(s: &mut NativeSpace, region: Protected, first: u64, end: u64) {
+    s.cpa_protect(StaticProtection {
+        region,
+        first: Pfn(first),
+        end: Pfn(end),
+    })
+    .unwrap();
+}
+
+#[test]
+fn static_protections_hold_in_every_alias_and_leave_the_tree_unchanged() {
+    let mut s = native(1024);
+    let ro_nx = Flags::PRESENT | Flags::NO_EXECUTE;
+    // The image: text 0..4 (read-only, executable), rodata 4..6, a page
+    // shared with the hypervisor at 6, data 7..16; the direct map of the
+    // same frames at BASE (text and rodata read-only there too).
+    s.map(IMG, Pfn(0), 4 * PAGE, Flags::PRESENT)
+        .unwrap()
+        .ignore();
+    s.map(IMG + 4 * PAGE, Pfn(4), 2 * PAGE, ro_nx)
+        .unwrap()
+        .ignore();
+    s.map(IMG + 6 * PAGE, Pfn(6), 10 * PAGE, RW)
+        .unwrap()
+        .ignore();
+    s.map(BASE, Pfn(0), 6 * PAGE, ro_nx).unwrap().ignore();
+    s.map(BASE + 6 * PAGE, Pfn(6), 10 * PAGE, RW)
+        .unwrap()
+        .ignore();
+    // A 2 MiB page over frames 512..1024, read-only, text at 600.
+    s.map_sized(BASE + GIB, Pfn(512), MIB2, ro_nx, Granule::Size2MiB, false)
+        .unwrap()
+        .ignore();
+    protect(&mut s, Protected::KernelText, 0, 4);
+    protect(&mut s, Protected::KernelRodata, 4, 6);
+    protect(&mut s, Protected::HypervisorShared, 6, 7);
+    protect(&mut s, Protected::KernelText, 600, 601);
+    let before = tree(s.backend(), s.root());
+    let refused = |va: u64, pfn: u64, region: Protected| {
+        Err(Error::StaticProtection {
+            va,
+            pfn: Pfn(pfn),
+            region,
+        })
+    };
+    // Text made writable through its direct-map alias; a range starting
+    // on data before it names the first text page.
+    assert_eq!(
+        s.set_memory_rw(BASE, 1),
+        refused(BASE, 0, Protected::KernelText)
+    );
+    assert_eq!(
+        s.set_memory_rw(BASE + 2 * PAGE, 4),
+        refused(BASE + 2 * PAGE, 2, Protected::KernelText)
+    );
+    // Rodata writable through either alias.
+    assert_eq!(
+        s.set_memory_rw(IMG + 4 * PAGE, 2),
+        refused(IMG + 4 * PAGE, 4, Protected::KernelRodata)
+    );
+    assert_eq!(
+        s.set_memory_rw(BASE + 5 * PAGE, 3),
+        refused(BASE + 5 * PAGE, 5, Protected::KernelRodata)
+    );
+    // The executed text made non-executable, or not present.
+    assert_eq!(
+        s.set_memory_nx(IMG + PAGE, 1),
+        refused(IMG + PAGE, 1, Protected::KernelText)
+    );
+    assert_eq!(
+        s.set_memory_np(IMG, 4),
+        refused(IMG, 0, Protected::KernelText)
+    );
+    // Any change to the shared page, even the software test bit.
+    for va in [IMG + 6 * PAGE, BASE + 6 * PAGE] {
+        assert_eq!(
+            s.change_page_attr_set_clr(va, PAGE, CPA_TEST_BIT, Flags::empty()),
+            refused(va, 6, Protected::HypervisorShared)
+        );
+    }
+    // Inside a large page, found before it is split.
+    assert_eq!(
+        s.set_memory_rw(BASE + GIB + 80 * PAGE, 16),
+        refused(BASE + GIB + 88 * PAGE, 600, Protected::KernelText)
+    );
+    assert_eq!(tree(s.backend(), s.root()), before, "tree unchanged");
+    assert_eq!(s.cpa_stats().splits, 0);
+    // What the protections allow: no-op changes, the non-executable
+    // alias of text marked, data next to them, the large page elsewhere.
+    s.set_memory_nx(BASE, 6).unwrap();
+    s.set_memory_ro(IMG, 6).unwrap();
+    s.change_page_attr_set_clr(BASE, 4 * PAGE, CPA_TEST_BIT, Flags::empty())
+        .unwrap();
+    s.set_memory_ro(BASE + 7 * PAGE, 9).unwrap();
+    s.set_memory_rw(BASE + GIB + 90 * PAGE, 2).unwrap();
+    assert_eq!(s.cpa_stats().splits, 1);
+    assert_eq!(
+        s.set_memory_rw(BASE + GIB + 88 * PAGE, 1),
+        refused(BASE + GIB + 88 * PAGE, 600, Protected::KernelText)
+    );
+    // The table of protections is bounded.
+    for _ in 4..MAX_PROTECTIONS {
+        protect(&mut s, Protected::KernelRodata, 2000, 2001);
+    }
+    assert_eq!(
+        s.cpa_protect(StaticProtection {
+            region: Protected::KernelRodata,
+            first: Pfn(2001),
+            end: Pfn(2002),
+        }),
+        Err(Error::TooManyProtections)
+    );
+    no_violations(&s);
 }
 
 #[test]

@@ -10,7 +10,10 @@
 //!   mapped (present, or parked non-present by an earlier `np`), the new
 //!   attributes acceptable (never W+X, the backend's entry rules, under PV
 //!   no page-table frame made writable, no large page, no `p`: PV cannot
-//!   park, its `np` leaves holes),
+//!   park, its `np` leaves holes; the static protections: kernel text and
+//!   rodata frames never writable in any alias, executed text stays
+//!   executable, pages shared with the hypervisor untouched; no frame the
+//!   guest does not own),
 //!   and the split
 //!   reserve holds every frame the splits need.
 //! * A split builds the whole new table (512 entries carrying every
@@ -57,6 +60,50 @@ pub const CPA_FLAGS: Flags = Flags::PRESENT
     .union(Flags::WRITE_THROUGH)
     .union(Flags::NO_CACHE)
     .union(CPA_TEST_BIT);
+
+/// Most static protections one address space keeps.
+pub const MAX_PROTECTIONS: usize = 8;
+
+/// What a protected range of frames holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protected {
+    /// Kernel code: never writable, in any mapping (the direct-map alias
+    /// included); a mapping that executes it stays executable.
+    KernelText,
+    /// Kernel read-only data: never writable, in any mapping.
+    KernelRodata,
+    /// A page the hypervisor shares with the guest (start_info, a console
+    /// or store ring): CPA changes nothing in its mappings.
+    HypervisorShared,
+}
+
+/// Frames `[first, end)` whose mappings CPA keeps as `region` requires (as
+/// Linux's `static_protections`), by frame, so every alias is covered.
+/// Frames the guest does not own (Xen's, e.g. its shared-info page) need no
+/// entry: CPA refuses any mapping of them with [`Error::ForeignFrame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticProtection {
+    /// What the frames hold.
+    pub region: Protected,
+    /// First frame.
+    pub first: Pfn,
+    /// One past the last frame.
+    pub end: Pfn,
+}
+
+impl StaticProtection {
+    /// Whether changing `old` into `new` (by setting `set`) breaks the rule.
+    fn breaks(&self, old: Entry, new: Entry, set: Flags) -> bool {
+        match self.region {
+            Protected::KernelRodata => set.contains(Flags::WRITABLE),
+            Protected::KernelText => {
+                let executes = |e: Entry| e.is_present() && !e.flags().contains(Flags::NO_EXECUTE);
+                set.contains(Flags::WRITABLE) || (executes(old) && !executes(new))
+            }
+            Protected::HypervisorShared => new != old,
+        }
+    }
+}
 
 /// Frames kept aside for splits (see the module docs for the bound).
 #[derive(Debug, Clone, Copy)]
@@ -241,6 +288,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 return Err(Error::LargePagesUnavailable);
             }
             self.cpa_check_leaf(level, e, req)?;
+            self.cpa_check_protections(level, e, slot.first, slot.last, req)?;
             // A large page that already has the attributes is left whole.
             if !slot.is_whole() && changed(e, req.flags, req.clear) != e {
                 // The split keeps the attributes; the part inside the range
@@ -271,6 +319,53 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             self.backend
                 .leaf_entry(level, frame, flags - Flags::HUGE_PAGE - HARDWARE_SET)?;
         }
+        Ok(())
+    }
+
+    /// The static protections: the frames of leaf `e` that `[first, last]`
+    /// covers, against every registered [`StaticProtection`].
+    fn cpa_check_protections(
+        &self,
+        level: Level,
+        e: Entry,
+        first: u64,
+        last: u64,
+        req: &Request,
+    ) -> Result<(), Error> {
+        let new = changed(e, req.flags, req.clear);
+        if new == e || self.protections.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let span = level.entry_span();
+        let addr = e.0 & ENTRY_FRAME_MASK & !(span - 1);
+        let mfn = crate::types::Mfn(addr / PAGE_SIZE);
+        let base = self.backend.to_pfn(mfn).ok_or(Error::ForeignFrame(mfn))?;
+        let leaf_va = first & !(span - 1);
+        let lo = base.0 + (first - leaf_va) / PAGE_SIZE;
+        let hi = base.0 + (last - leaf_va) / PAGE_SIZE + 1;
+        for p in self.protections.iter().flatten() {
+            let (from, to) = (lo.max(p.first.0), hi.min(p.end.0));
+            if from < to && p.breaks(e, new, req.flags) {
+                return Err(Error::StaticProtection {
+                    va: first + (from - lo) * PAGE_SIZE,
+                    pfn: Pfn(from),
+                    region: p.region,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a static protection: from now on CPA refuses a change
+    /// that breaks it ([`Error::StaticProtection`]);
+    /// [`Error::TooManyProtections`] when [`MAX_PROTECTIONS`] are in place.
+    pub fn cpa_protect(&mut self, p: StaticProtection) -> Result<(), Error> {
+        let slot = self
+            .protections
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or(Error::TooManyProtections)?;
+        *slot = Some(p);
         Ok(())
     }
 
