@@ -29,12 +29,14 @@ use crate::directmap::DirectMem;
 use crate::kspace::{self, KspaceError};
 use crate::selftest::{check, check_eq, Failure, SelfTest, TestResult};
 use crate::traps::{self, pf};
-use crate::Kernel;
+use crate::{percpu, sched, Kernel};
 
 /// The suite (run once the running kernel's address space exists).
 pub const SUITE: &[SelfTest] = &[
     SelfTest::new("cpa_random_ranges_walk_and_faults", random_ranges),
     SelfTest::new("cpa_refusals_leave_the_tree_unchanged", refusals),
+    // Before the marker test, which splits large pages all over.
+    SelfTest::new("cpa_every_cpu_at_once", every_cpu_at_once),
     SelfTest::new("cpa_marker_ranges_across_the_direct_map", marker_ranges),
 ];
 
@@ -106,6 +108,16 @@ impl Owned {
             }
         }
     }
+    /// The frames `[from, to)` of `all` (sorted), as an `Owned` of their
+    /// own (a CPU's share; `all` keeps the ownership).
+    fn share(all: &Owned, from: usize, to: usize) -> Self {
+        let mut o = Owned {
+            frames: [0; FRAMES],
+            n: to - from,
+        };
+        o.frames[..o.n].copy_from_slice(&all.frames[from..to]);
+        o
+    }
     /// A random range of consecutive owned frames: (first pfn, pages).
     fn random_range(&self, rng: &mut Rng) -> (u64, u64) {
         let i = rng.range(0, self.n as u64 - 1) as usize;
@@ -174,6 +186,44 @@ fn expect_fault(r: Result<(), traps::Fault>, va: u64, bits: u64) -> TestResult {
     }
 }
 
+/// The trap path keeps one record of the last caught fault for all CPUs,
+/// so CPA rounds running on several CPUs at once take turns for each
+/// access and the read of its record (preemption off while they hold it).
+static PROBE_TURN: spin::Mutex<()> = spin::Mutex::new(());
+
+/// [`traps::probe_read`], in turn.
+///
+/// # Safety
+/// As [`traps::probe_read`].
+unsafe fn probe_read(va: u64) -> Result<u64, traps::Fault> {
+    let _p = crate::sched::preempt_disable();
+    let _turn = PROBE_TURN.lock();
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { traps::probe_read(va) }
+}
+
+/// [`traps::probe_write`], in turn.
+///
+/// # Safety
+/// As [`traps::probe_write`].
+unsafe fn probe_write(va: u64, value: u64) -> Result<(), traps::Fault> {
+    let _p = crate::sched::preempt_disable();
+    let _turn = PROBE_TURN.lock();
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { traps::probe_write(va, value) }
+}
+
+/// [`traps::probe_exec`], in turn.
+///
+/// # Safety
+/// As [`traps::probe_exec`].
+unsafe fn probe_exec(va: u64) -> Result<(), traps::Fault> {
+    let _p = crate::sched::preempt_disable();
+    let _turn = PROBE_TURN.lock();
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { traps::probe_exec(va) }
+}
+
 /// One round over a random range: read-only, then (at one page) executable
 /// and back, or not present; each checked, then restored.
 fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
@@ -187,7 +237,7 @@ fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
             walk_check(pfn, pages, Some(ro))?;
             // SAFETY: the page is one of this test's frames (owned).
             expect_fault(
-                unsafe { traps::probe_write(probe, 0x5a) },
+                unsafe { probe_write(probe, 0x5a) },
                 probe,
                 pf::PRESENT | pf::WRITE,
             )?;
@@ -196,29 +246,25 @@ fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
             // `ret` at the probe page, then read-only + executable: the
             // call must return; then NX: the fetch must fault.
             // SAFETY: an owned, still writable page.
-            unsafe { traps::probe_write(probe, 0xc3) }
+            unsafe { probe_write(probe, 0xc3) }
                 .map_err(|_| Failure::Check("write to an owned page faulted"))?;
             cpa(va, pages, Flags::empty(), Flags::WRITABLE)?;
             cpa(va, pages, Flags::empty(), Flags::NO_EXECUTE)?;
             walk_check(pfn, pages, Some(ro - Flags::NO_EXECUTE))?;
             // SAFETY: the byte at `probe` is `ret`.
-            unsafe { traps::probe_exec(probe) }
+            unsafe { probe_exec(probe) }
                 .map_err(|_| Failure::Check("exec of an executable page faulted"))?;
             cpa(va, pages, Flags::NO_EXECUTE, Flags::empty())?;
             walk_check(pfn, pages, Some(ro))?;
             // SAFETY: as above (and NX now: the fetch faults).
-            expect_fault(
-                unsafe { traps::probe_exec(probe) },
-                probe,
-                pf::PRESENT | pf::FETCH,
-            )?;
+            expect_fault(unsafe { probe_exec(probe) }, probe, pf::PRESENT | pf::FETCH)?;
         }
         _ => {
             // Not present: natively parked, under PV holes.
             cpa(va, pages, Flags::empty(), Flags::PRESENT)?;
             walk_check(pfn, pages, None)?;
             // SAFETY: reading an owned page has no side effect.
-            expect_fault(unsafe { traps::probe_read(probe) }.map(|_| ()), probe, 0)?;
+            expect_fault(unsafe { probe_read(probe) }.map(|_| ()), probe, 0)?;
             // Back (natively CPA's p; under PV a map of the frames, as
             // DEBUG_PAGEALLOC does), then read-only for the common restore.
             kspace::direct_map_present(Pfn(pfn), pages).map_err(|e| {
@@ -233,11 +279,174 @@ fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
     cpa(va, pages, Flags::WRITABLE, Flags::empty())?;
     walk_check(pfn, pages, Some(RW))?;
     // SAFETY: an owned page, writable again.
-    unsafe { traps::probe_write(probe, 0x1234) }
+    unsafe { probe_write(probe, 0x1234) }
         .map_err(|_| Failure::Check("write after restore faulted"))?;
     // SAFETY: reading an owned page has no side effect.
-    let back = unsafe { traps::probe_read(probe) }.unwrap_or(0);
+    let back = unsafe { probe_read(probe) }.unwrap_or(0);
     check_eq("value written after restore", back, 0x1234)
+}
+
+// ---- every CPU at once ----------------------------------------------------
+
+/// Rounds each CPU runs on its share of the frames.
+const ROUNDS_PER_CPU: usize = 80;
+
+/// The frames of the concurrent test, one share per CPU (in a static, off
+/// the workers' stacks).
+static SHARES: [spin::Mutex<Option<Owned>>; percpu::MAX_CPUS] =
+    [const { spin::Mutex::new(None) }; percpu::MAX_CPUS];
+/// CPUs taking part.
+static WORKERS: AtomicU64 = AtomicU64::new(0);
+/// The large page every CPU marks at once (0: none), and how many CPUs
+/// are ready to start marking it.
+static SAME_PAGE: AtomicU64 = AtomicU64::new(0);
+static READY: AtomicU64 = AtomicU64::new(0);
+/// Splits the CPUs' marks of that page made, summed (must be 1).
+static SAME_SPLITS: AtomicU64 = AtomicU64::new(0);
+
+/// A worker pinned to CPU `cpu`: random rounds on its own frames (disjoint
+/// from every other CPU's), then one page of the shared large page marked
+/// and unmarked, all CPUs starting together. Returns 0 or a failure code.
+fn worker(cpu: u64) -> u64 {
+    let n = WORKERS.load(Ordering::Acquire) as usize;
+    let share = SHARES[cpu as usize % percpu::MAX_CPUS].lock();
+    let Some(mine) = share.as_ref() else {
+        READY.fetch_add(1, Ordering::AcqRel);
+        return 1;
+    };
+    let mut rng = Rng((crate::platform::rdtsc() ^ (cpu << 32)) | 1);
+    for _ in 0..ROUNDS_PER_CPU {
+        if let Err(e) = round(&mut rng, mine) {
+            log::error!("cpa on cpu {cpu}: {e}");
+            READY.fetch_add(1, Ordering::AcqRel);
+            return 2;
+        }
+    }
+    // Everyone at the line, then the same large page from every CPU.
+    READY.fetch_add(1, Ordering::AcqRel);
+    while READY.load(Ordering::Acquire) < n as u64 {
+        core::hint::spin_loop();
+    }
+    let base = SAME_PAGE.load(Ordering::Acquire);
+    if base == 0 {
+        return 0;
+    }
+    let va = base + (cpu * 37 % 512) * 4096;
+    let bit = CPA_TEST_BIT;
+    let marked = kspace::change_page_attr(va, 4096, bit, Flags::empty()).and_then(|done| {
+        SAME_SPLITS.fetch_add(u64::from(done.splits), Ordering::AcqRel);
+        kspace::change_page_attr(va, 4096, Flags::empty(), bit)
+    });
+    match marked {
+        Ok(_) => 0,
+        Err(e) => {
+            log::error!("cpa marker on cpu {cpu} at {va:#x}: {e:?}");
+            3
+        }
+    }
+}
+
+/// A 2 MiB page of the direct map still mapped whole (natively, without
+/// DEBUG_PAGEALLOC) and holding none of `owned` (whose rounds would split
+/// it first), for the CPUs to split at once.
+fn unsplit_large_page(kernel: &Kernel, owned: &Owned) -> Option<u64> {
+    let dm = kernel.direct_map.as_ref()?;
+    let base = crate::directmap::DIRECT_MAP_BASE;
+    for r in dm.mem.ram() {
+        let mut va = DirectMem::va(r.start).next_multiple_of(1 << 21);
+        while va + (1 << 21) <= DirectMem::va(r.end) {
+            let first = (va - base) / 4096;
+            let holds_owned = owned.frames[..owned.n]
+                .iter()
+                .any(|&f| (first..first + 512).contains(&f));
+            match kspace::translate(va) {
+                Ok(t) if t.granule == pvmmu::Granule::Size2MiB && !holds_owned => return Some(va),
+                _ => va += 1 << 21,
+            }
+        }
+    }
+    None
+}
+
+fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
+    let n = percpu::online_count();
+    let owned = Owned::take(kernel)?;
+    let same = unsplit_large_page(kernel, &owned);
+    SAME_SPLITS.store(0, Ordering::Release);
+    let per = owned.n / n;
+    for (cpu, share) in SHARES.iter().enumerate().take(n) {
+        *share.lock() = Some(Owned::share(&owned, cpu * per, (cpu + 1) * per));
+    }
+    WORKERS.store(n as u64, Ordering::Release);
+    READY.store(0, Ordering::Release);
+    SAME_PAGE.store(same.unwrap_or(0), Ordering::Release);
+    let before = kspace::cpa_stats().unwrap_or_default();
+    let mut threads = [None; percpu::MAX_CPUS];
+    for (cpu, t) in threads.iter_mut().enumerate().take(n) {
+        // The largest stack: a CPA call under PV is deep (the backend's
+        // batch, the undo log); 16 KiB overflowed.
+        let pages = crate::kspace::MAX_STACK_PAGES;
+        *t = sched::spawn_on_with_stack(cpu, "cpa-worker", worker, cpu as u64, pages).ok();
+    }
+    let mut result = Ok(());
+    for (cpu, t) in threads.iter().enumerate().take(n) {
+        let code = match t {
+            Some(t) => sched::join(*t).unwrap_or(u64::MAX),
+            None => u64::MAX,
+        };
+        if code != 0 && result.is_ok() {
+            log::error!("cpa worker on cpu {cpu}: code {code}");
+            result = Err(Failure::Check("a CPU's CPA rounds failed"));
+        }
+    }
+    let after = kspace::cpa_stats().unwrap_or_default();
+    for share in &SHARES {
+        *share.lock() = None;
+    }
+    // Every frame back to writable, NX, its own frame.
+    let mut i = 0;
+    while result.is_ok() && i < owned.n {
+        result = walk_check(owned.frames[i], 1, Some(RW));
+        i += 1;
+    }
+    owned.give_back(kernel);
+    log::info!(
+        "cpa on {n} CPUs at once: {} calls, {} splits; shared large page {:?}",
+        after.calls - before.calls,
+        after.splits - before.splits,
+        same
+    );
+    result?;
+    check(
+        threads.iter().take(n).all(Option::is_some),
+        "a worker on every CPU",
+    )?;
+    if let Some(base) = same {
+        // Split once, by whichever CPU came first (the others found the
+        // table): one table, every page at its own frame, no mark left.
+        check_eq(
+            "splits of the large page every CPU marked",
+            SAME_SPLITS.load(Ordering::Acquire),
+            1,
+        )?;
+        for k in 0..512 {
+            let t = kspace::translate(base + k * 4096)
+                .map_err(|_| Failure::Check("page of the shared large page unmapped"))?;
+            check(
+                t.granule == pvmmu::Granule::Size4KiB,
+                "the shared large page was split",
+            )?;
+            check(!t.flags.contains(CPA_TEST_BIT), "marks cleared")?;
+            if k == 0 {
+                check_eq(
+                    "frame of the shared large page",
+                    t.pfn.0,
+                    (base - crate::directmap::DIRECT_MAP_BASE) / 4096,
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn random_ranges(kernel: &mut Kernel) -> TestResult {
