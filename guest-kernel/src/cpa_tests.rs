@@ -289,7 +289,7 @@ fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
 // ---- every CPU at once ----------------------------------------------------
 
 /// Rounds each CPU runs on its share of the frames.
-const ROUNDS_PER_CPU: usize = 80;
+const ROUNDS_PER_CPU: usize = 50;
 
 /// The frames of the concurrent test, one share per CPU (in a static, off
 /// the workers' stacks).
@@ -381,6 +381,7 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
     READY.store(0, Ordering::Release);
     SAME_PAGE.store(same.unwrap_or(0), Ordering::Release);
     let before = kspace::cpa_stats().unwrap_or_default();
+    let t0 = crate::clock::now_ns();
     let mut threads = [None; percpu::MAX_CPUS];
     for (cpu, t) in threads.iter_mut().enumerate().take(n) {
         // The largest stack: a CPA call under PV is deep (the backend's
@@ -411,9 +412,10 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
     }
     owned.give_back(kernel);
     log::info!(
-        "cpa on {n} CPUs at once: {} calls, {} splits; shared large page {:?}",
+        "cpa on {n} CPUs at once: {} calls, {} splits in {} ms; shared large page {:?}",
         after.calls - before.calls,
         after.splits - before.splits,
+        (crate::clock::now_ns() - t0) / 1_000_000,
         same
     );
     result?;
