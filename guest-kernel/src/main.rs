@@ -390,6 +390,7 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         use x86_64::registers::control::{Cr0, Cr0Flags};
         Cr0::update(|f| f.insert(Cr0Flags::WRITE_PROTECT));
     }
+    platform::program_pat();
     // Under Xen: the hypercall page, then the PV console ring.
     let xen = (platform == Platform::XenPvh).then(xen_hvm::init);
     console::init(match &xen {

@@ -63,6 +63,20 @@ impl Tlb for ShootdownTlb {
         x86_64::instructions::tlb::flush_all();
         remote(ALL);
     }
+    fn flush_cache_range(&mut self, va: u64, pages: u64) {
+        // clflush reaches every cache of the coherence domain: no IPI.
+        // SAFETY: ring 0 natively (the only place this type is used).
+        let mut local = unsafe { pvmmu::backend::CpuTlb::new() };
+        local.flush_cache_range(va, pages);
+    }
+    fn flush_cache_all(&mut self) {
+        // wbinvd acts on this CPU's caches only; the other CPUs' lines of
+        // a changed range are not written back (the CPA tests change only
+        // frames this CPU wrote). See docs/cpa.md.
+        // SAFETY: ring 0 natively (the only place this type is used).
+        let mut local = unsafe { pvmmu::backend::CpuTlb::new() };
+        local.flush_cache_all();
+    }
     unsafe fn load_root(&mut self, root: Pfn) {
         // SAFETY: ring 0 natively (the only place this type is used); the
         // rest is the caller's contract, per `Tlb::load_root`.

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use pvmmu::backend::{Backend, LargePages, TlbScope};
 use pvmmu::entry::{Entry, FlagError, Flags, Level};
-use pvmmu::space::{Protected, StaticProtection, CPA_TEST_BIT, MAX_PROTECTIONS};
+use pvmmu::space::{Protected, StaticProtection, CLFLUSH_LIMIT, CPA_TEST_BIT, MAX_PROTECTIONS};
 use pvmmu::{AddressSpace, Error, Granule, Pfn};
 
 const GIB: u64 = 1 << 30;
@@ -346,6 +346,61 @@ fn static_protections_hold_in_every_alias_and_leave_the_tree_unchanged() {
         Err(Error::TooManyProtections)
     );
     no_violations(&s);
+}
+
+#[test]
+fn caching_changes_flush_the_range_lines_below_the_limit_and_everything_above() {
+    let mut s = native(1024);
+    let pages = CLFLUSH_LIMIT + 1;
+    s.map(BASE, Pfn(0), pages * PAGE, RW).unwrap().ignore();
+    let cache = |s: &NativeSpace| (s.backend().tlb().cache_pages, s.backend().tlb().cache_all);
+    let flags = |s: &NativeSpace, va: u64| s.lookup(va).unwrap().flags;
+    // Uncached: PCD and PWT, the four pages' lines flushed.
+    let d = s.set_memory_uc(BASE + PAGE, 4).unwrap();
+    assert_eq!(
+        d.cache,
+        Some(TlbScope::Range {
+            start: BASE + PAGE,
+            pages: 4
+        })
+    );
+    assert_eq!(cache(&s), (4, 0));
+    assert_eq!(
+        flags(&s, BASE + PAGE),
+        RW | Flags::NO_CACHE | Flags::WRITE_THROUGH
+    );
+    assert_eq!(flags(&s, BASE), RW, "the page before is untouched");
+    // Write-combining (PAT index 1): PWT alone.
+    s.set_memory_wc(BASE + PAGE, 4).unwrap();
+    assert_eq!(flags(&s, BASE + 4 * PAGE), RW | Flags::WRITE_THROUGH);
+    assert_eq!(cache(&s), (8, 0));
+    // Back to write-back.
+    s.set_memory_wb(BASE + PAGE, 4).unwrap();
+    assert_eq!(flags(&s, BASE + PAGE), RW);
+    assert_eq!(cache(&s), (12, 0));
+    // No change, no flush.
+    assert_eq!(s.set_memory_wb(BASE, 1).unwrap().cache, None);
+    // Above the limit: the whole cache (wbinvd), once.
+    let d = s.set_memory_uc(BASE, pages).unwrap();
+    assert_eq!(d.cache, Some(TlbScope::All));
+    assert_eq!(cache(&s), (12, 1));
+    s.set_memory_wb(BASE, CLFLUSH_LIMIT).unwrap();
+    assert_eq!(cache(&s), (12 + CLFLUSH_LIMIT, 1));
+    assert_eq!(s.cpa_stats().cache_all, 1);
+    assert_eq!(s.cpa_stats().cache_lines, 4);
+}
+
+#[test]
+fn pv_refuses_caching_changes_before_xen_is_asked() {
+    let (model, mut s, _) = pv_aliased_direct_map();
+    let before = leaves(s.backend(), s.root());
+    let calls = hypercalls(&model);
+    let refused = Err(Error::Flags(FlagError::CacheAttributes));
+    assert_eq!(s.set_memory_uc(BASE, 1), refused);
+    assert_eq!(s.set_memory_wc(BASE, 4), refused);
+    assert_eq!(s.set_memory_wb(BASE, 4), refused);
+    assert_eq!(hypercalls(&model), calls, "Xen not asked");
+    assert_eq!(leaves(s.backend(), s.root()), before);
 }
 
 #[test]

@@ -30,7 +30,10 @@
 //! * After all writes are applied: one TLB decision (pages one by one up
 //!   to [`crate::backend::INVLPG_LIMIT`], everything above it or after a
 //!   split), through the backend (which shoots down every CPU where the
-//!   kernel configured it to).
+//!   kernel configured it to); after a caching change, one cache flush
+//!   (the range's lines up to [`CLFLUSH_LIMIT`] pages, `wbinvd` above),
+//!   and a caching change is refused up front where the backend flushes
+//!   no caches (PV).
 
 use super::slots::slots;
 use super::{AddressSpace, Error, Request};
@@ -60,6 +63,20 @@ pub const CPA_FLAGS: Flags = Flags::PRESENT
     .union(Flags::WRITE_THROUGH)
     .union(Flags::NO_CACHE)
     .union(CPA_TEST_BIT);
+
+/// Most pages whose cache lines a caching change flushes one by one
+/// (`clflush`); above it the whole cache is written back (`wbinvd`).
+pub const CLFLUSH_LIMIT: u64 = 256;
+
+/// The caching bits CPA sets for each cache mode, with the PAT the kernel
+/// must program (`IA32_PAT`): index 0 write-back, 1 write-combining, 3
+/// uncached (PWT and PCD select the index; CPA never sets the PAT bit).
+const CACHE_BITS: Flags = Flags::WRITE_THROUGH.union(Flags::NO_CACHE);
+
+/// The `IA32_PAT` value the kernel programs on every CPU for
+/// [`AddressSpace::set_memory_wc`]: PA0 WB, PA1 WC, PA2 UC-, PA3 UC, and
+/// the same again for PA4..PA7 (the reset value has WT at PA1).
+pub const PAT_VALUE: u64 = 0x0007_0106_0007_0106;
 
 /// Most static protections one address space keeps.
 pub const MAX_PROTECTIONS: usize = 8;
@@ -129,6 +146,9 @@ pub struct CpaDone {
     pub splits: u32,
     /// The TLB decision taken: `None` when nothing changed.
     pub flush: Option<TlbScope>,
+    /// The cache flush after a caching change: the range's lines, or all
+    /// (`None` when no caching attribute changed).
+    pub cache: Option<TlbScope>,
 }
 
 /// Counters over every CPA call of an address space.
@@ -144,6 +164,10 @@ pub struct CpaStats {
     pub flush_pages: u64,
     /// Full TLB flushes.
     pub flush_all: u64,
+    /// Cache flushes of a range's lines (`clflush`).
+    pub cache_lines: u64,
+    /// Whole-cache flushes (`wbinvd`).
+    pub cache_all: u64,
 }
 
 /// A leaf as CPA sees it: present, or parked (not present but not empty,
@@ -208,6 +232,11 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if !CPA_FLAGS.contains(set | clear) || set.intersects(clear) {
             return Err(Error::CpaFlags);
         }
+        // A caching change needs its cache flush: refused where the backend
+        // cannot do it (PV), before anything is read or written.
+        if (set | clear).intersects(CACHE_BITS) && !self.backend.flushes_caches() {
+            return Err(Error::Flags(FlagError::CacheAttributes));
+        }
         // Where tables are read-only (PV) a non-present entry is written as
         // an all-zero hole (`entry::pv_sanitize`, Xen's L1TF rules): an
         // entry cannot be parked. np leaves holes (the frame is gone from
@@ -258,6 +287,23 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             };
             self.backend.flush_tlb(scope)?;
             done.flush = Some(scope);
+        }
+        // The cache, once the new attributes are in every TLB: the range's
+        // lines up to CLFLUSH_LIMIT pages, everything above.
+        if (set | clear).intersects(CACHE_BITS) && done.pages_changed > 0 {
+            let range = req.flush_scope();
+            let scope = match range {
+                TlbScope::Range { pages, .. } if pages <= CLFLUSH_LIMIT => {
+                    self.cpa_stats.cache_lines += 1;
+                    range
+                }
+                _ => {
+                    self.cpa_stats.cache_all += 1;
+                    TlbScope::All
+                }
+            };
+            self.backend.flush_cache(scope)?;
+            done.cache = Some(scope);
         }
         Ok(done)
     }
@@ -598,6 +644,23 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(self.backend.table_entry(frame)?)
     }
 
+    /// Makes the pages uncached (PAT index 3: PCD and PWT), then flushes
+    /// their cache lines (or the whole cache above [`CLFLUSH_LIMIT`]).
+    /// Refused where the backend flushes no caches (PV):
+    /// `Error::Flags(FlagError::CacheAttributes)`, before Xen is asked.
+    pub fn set_memory_uc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, CACHE_BITS, Flags::empty())
+    }
+    /// Makes the pages write-combining (PAT index 1: PWT, with the PAT of
+    /// [`PAT_VALUE`]), then flushes as [`AddressSpace::set_memory_uc`].
+    pub fn set_memory_wc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::WRITE_THROUGH, Flags::NO_CACHE)
+    }
+    /// Makes the pages write-back again (PAT index 0), then flushes as
+    /// [`AddressSpace::set_memory_uc`].
+    pub fn set_memory_wb(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), CACHE_BITS)
+    }
     /// Makes the pages read-only.
     pub fn set_memory_ro(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::WRITABLE)

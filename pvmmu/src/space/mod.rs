@@ -39,8 +39,8 @@ mod slots;
 mod unmap;
 
 pub use cpa::{
-    CpaDone, CpaStats, Protected, StaticProtection, CPA_FLAGS, CPA_TEST_BIT, MAX_PROTECTIONS,
-    MAX_SPLITS,
+    CpaDone, CpaStats, Protected, StaticProtection, CLFLUSH_LIMIT, CPA_FLAGS, CPA_TEST_BIT,
+    MAX_PROTECTIONS, MAX_SPLITS, PAT_VALUE,
 };
 pub use error::Error;
 pub use flush::Flush;
@@ -247,6 +247,8 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 splits: 0,
                 flush_pages: 0,
                 flush_all: 0,
+                cache_lines: 0,
+                cache_all: 0,
             },
             protections: [None; MAX_PROTECTIONS],
         }
