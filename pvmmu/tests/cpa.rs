@@ -392,15 +392,19 @@ fn caching_changes_flush_the_range_lines_below_the_limit_and_everything_above() 
 
 #[test]
 fn pv_refuses_caching_changes_before_xen_is_asked() {
-    let (model, mut s, _) = pv_aliased_direct_map();
-    let before = leaves(s.backend(), s.root());
-    let calls = hypercalls(&model);
-    let refused = Err(Error::Flags(FlagError::CacheAttributes));
-    assert_eq!(s.set_memory_uc(BASE, 1), refused);
-    assert_eq!(s.set_memory_wc(BASE, 4), refused);
-    assert_eq!(s.set_memory_wb(BASE, 4), refused);
-    assert_eq!(hypercalls(&model), calls, "Xen not asked");
-    assert_eq!(leaves(s.backend(), s.root()), before);
+    // Without I/O privilege (the entry rules), and with it (pvmmu flushes
+    // no caches through Xen, so it changes no caching attribute there).
+    for io in [false, true] {
+        let (model, mut s, _) = pv_aliased_direct_map_io(io);
+        let before = leaves(s.backend(), s.root());
+        let calls = hypercalls(&model);
+        let refused = Err(Error::Flags(FlagError::CacheAttributes));
+        assert_eq!(s.set_memory_uc(BASE, 1), refused, "io {io}");
+        assert_eq!(s.set_memory_wc(BASE, 4), refused);
+        assert_eq!(s.set_memory_wb(BASE, 4), refused);
+        assert_eq!(hypercalls(&model), calls, "Xen not asked");
+        assert_eq!(leaves(s.backend(), s.root()), before);
+    }
 }
 
 #[test]
@@ -454,13 +458,19 @@ type PvSpace = AddressSpace<PvAliasBackend, Pool>;
 /// tables come from, so those tables have read-only direct-map aliases;
 /// frames 0..DATA_FRAMES mapped writable at `BASE`.
 fn pv_aliased_direct_map() -> (Shared, PvSpace, DirectAliases) {
+    pv_aliased_direct_map_io(false)
+}
+
+/// [`pv_aliased_direct_map`], with I/O privilege (`io`) or without.
+fn pv_aliased_direct_map_io(io: bool) -> (Shared, PvSpace, DirectAliases) {
     let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
     let direct = DirectAliases {
         base: BASE,
         first: DATA_FRAMES,
         n: TABLE_FRAMES,
     };
-    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None);
+    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None)
+        .with_io_privilege(io);
     let pool = Pool::new(DATA_FRAMES + TABLE_FRAMES, BOOT_FRAMES);
     let mut s = AddressSpace::new(backend, pool)
         .map_err(|e| e.0)
