@@ -336,6 +336,7 @@ fn cache_modes_on(pfn: u64, pages: u64, pv: bool) -> TestResult {
         return walk_check(pfn, 1, Some(RW));
     }
     let before = kspace::cpa_stats().unwrap_or_default();
+    let wbinvds = crate::shootdown::remote_wbinvds();
     let change = |va: u64, n: u64, set: Flags, clear: Flags| {
         kspace::change_page_attr(va, n * 4096, set, clear).map_err(|e| {
             log::error!("caching change {va:#x}+{n}: {e:?}");
@@ -386,7 +387,13 @@ fn cache_modes_on(pfn: u64, pages: u64, pv: bool) -> TestResult {
         if opt { "clflushopt" } else { "clflush" }
     );
     check_eq("range flushes", after.cache_lines - before.cache_lines, 3)?;
-    check_eq("whole-cache flushes", after.cache_all - before.cache_all, 2)
+    check_eq("whole-cache flushes", after.cache_all - before.cache_all, 2)?;
+    // Each wbinvd reached every other CPU (through the shootdown).
+    check_eq(
+        "wbinvd served by the other CPUs",
+        crate::shootdown::remote_wbinvds() - wbinvds,
+        2 * (percpu::online_count() as u64 - 1),
+    )
 }
 
 // ---- every CPU at once ----------------------------------------------------
