@@ -1085,7 +1085,7 @@ selftest xen_pvh_c ... ok";
         let with = |unmaps: u64, faults: u64| {
             Verdict::Pass(
                 parse_report(&format!(
-                    r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"pagealloc_unmaps":{unmaps},"pagealloc_faults":{faults}}}"#
+                    r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":1,"pagealloc_unmaps":{unmaps},"pagealloc_faults":{faults}}}"#
                 ))
                 .unwrap(),
             )
