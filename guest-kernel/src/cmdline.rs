@@ -31,7 +31,10 @@ pub struct BootOptions {
     /// count (the TLB shootdowns), after the running kernel's self-tests
     /// (the SMP boots of `cargo xtask bench`).
     pub bench_smp: bool,
-    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible|kmap-unbalanced`: crash on purpose after the self-tests,
+    /// `pvmmu.debug_pagealloc`: DEBUG_PAGEALLOC, every free frame unmapped
+    /// from the direct map through CPA (see `crate::pagealloc`).
+    pub debug_pagealloc: bool,
+    /// `pvmmu.crash=panic|ud|pf|stack|thread-stack|lazy-preemptible|kmap-unbalanced|use-after-free`: crash on purpose after the self-tests,
     /// before the report, to exercise the panic and fatal-exception paths.
     pub crash: Option<CrashKind>,
     /// `pvmmu.seed=N`: the randomized stress replays this seed.
@@ -136,6 +139,10 @@ pub enum CrashKind {
     /// Two kmaps released out of order: the guard's drop panics naming
     /// the slot.
     KmapUnbalanced,
+    /// A frame is freed and then read through the direct map: under
+    /// `pvmmu.debug_pagealloc` the #PF report names the address and the
+    /// frame.
+    UseAfterFree,
 }
 
 /// Every `pvmmu.*` option the kernel knows.
@@ -167,7 +174,12 @@ pub const OPTIONS: &[OptionSpec] = &[
             "thread-stack",
             "lazy-preemptible",
             "kmap-unbalanced",
+            "use-after-free",
         ]),
+    },
+    OptionSpec {
+        name: "pvmmu.debug_pagealloc",
+        kind: OptionKind::Flag,
     },
     OptionSpec {
         name: "pvmmu.seed",
@@ -226,6 +238,13 @@ pub fn warn_about(line: &Cmdline, options: &BootOptions, platform: Platform) -> 
         );
         count += 1;
     }
+    if options.crash == Some(CrashKind::UseAfterFree) && !options.debug_pagealloc {
+        crate::kprintln!(
+            "{WARNING_MARKER} cmdline: pvmmu.crash=use-after-free needs pvmmu.debug_pagealloc \
+             (without it a freed frame stays mapped and the read does not fault)"
+        );
+        count += 1;
+    }
     count
 }
 
@@ -238,6 +257,7 @@ impl BootOptions {
             only_4k: line.flag("pvmmu.4k"),
             bench: line.flag("pvmmu.bench"),
             bench_smp: line.flag("pvmmu.bench_smp"),
+            debug_pagealloc: line.flag("pvmmu.debug_pagealloc"),
             crash: match line.value("pvmmu.crash") {
                 Some("panic") => Some(CrashKind::Panic),
                 Some("ud") => Some(CrashKind::InvalidOpcode),
@@ -246,6 +266,7 @@ impl BootOptions {
                 Some("thread-stack") => Some(CrashKind::ThreadStackOverflow),
                 Some("lazy-preemptible") => Some(CrashKind::LazyPreemptible),
                 Some("kmap-unbalanced") => Some(CrashKind::KmapUnbalanced),
+                Some("use-after-free") => Some(CrashKind::UseAfterFree),
                 _ => None,
             },
             seed: line.value("pvmmu.seed").and_then(parse_number),

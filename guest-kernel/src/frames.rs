@@ -12,7 +12,11 @@
 //! from the end of Xen's initial mapping (already mapped).
 //!
 //! Invariant: a frame is handed out at most once until it is freed, and a
-//! frame that was reserved or never RAM is never handed out.
+//! frame that was reserved or never RAM is never handed out. Under
+//! DEBUG_PAGEALLOC ([`Frames::set_debug_pagealloc`], `crate::pagealloc`)
+//! a frame is unmapped from the direct map before it joins the free list
+//! and mapped back after it leaves it, whichever call moves it (allocate,
+//! free, reserve, add), so no free frame is ever reachable there.
 
 use pvmmu::Pfn;
 
@@ -57,6 +61,8 @@ pub struct Frames {
     len: usize,
     allocated: u64,
     bad_frees: u64,
+    /// DEBUG_PAGEALLOC: free frames are kept out of the direct map.
+    debug_pagealloc: bool,
 }
 
 impl Frames {
@@ -67,7 +73,15 @@ impl Frames {
             len: 0,
             allocated: 0,
             bad_frees: 0,
+            debug_pagealloc: false,
         }
+    }
+
+    /// From now on (`on`), frames leaving the free list are mapped back in
+    /// the direct map and frames joining it are unmapped
+    /// (`crate::pagealloc`); the caller has unmapped the free ones.
+    pub fn set_debug_pagealloc(&mut self, on: bool) {
+        self.debug_pagealloc = on;
     }
 
     /// The free ranges, sorted.
@@ -103,6 +117,22 @@ impl Frames {
         }
         if end == start {
             return Ok(());
+        }
+        if self.debug_pagealloc {
+            // The parts not free yet leave the direct map first.
+            let mut at = start;
+            for r in self.ranges() {
+                if r.end <= at || r.start >= end {
+                    continue;
+                }
+                if r.start > at {
+                    crate::pagealloc::on_free(at, r.start - at);
+                }
+                at = at.max(r.end);
+            }
+            if at < end {
+                crate::pagealloc::on_free(at, end - at);
+            }
         }
         let mut new = FrameRange { start, end };
         // Absorb every range that overlaps or touches `new`.
@@ -149,6 +179,10 @@ impl Frames {
                 self.insert_sorted(left)?;
                 i += 1;
             }
+            if self.debug_pagealloc {
+                let taken = r.start.max(start);
+                crate::pagealloc::on_alloc(taken, r.end.min(end) - taken);
+            }
         }
         Ok(())
     }
@@ -163,6 +197,9 @@ impl Frames {
             self.free[0].start += 1;
         }
         self.allocated += 1;
+        if self.debug_pagealloc {
+            crate::pagealloc::on_alloc(pfn, 1);
+        }
         Some(Pfn(pfn))
     }
 

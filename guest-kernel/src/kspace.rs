@@ -24,6 +24,7 @@ use hypercall::MmuHypercalls;
 use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
 use pvmmu::lazy_task::BatchOwner;
+use pvmmu::space::{Protected, StaticProtection};
 use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases};
@@ -235,6 +236,56 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
     Ok(())
 }
 
+/// Registers CPA's static protections of the kernel (see
+/// [`static_protections`]) on the live tree, after making the direct map's
+/// alias of text and rodata read-only (the bootstrap maps all RAM
+/// writable there). Not inlined into [`init`]: the boot stack holds one
+/// frame of that size, not two.
+#[inline(never)]
+pub fn protect_kernel(kernel: &Kernel) -> Result<(), KspaceError> {
+    let protections = static_protections(kernel);
+    with(|ks| {
+        for p in protections.iter().flatten() {
+            on_space!(&mut ks.space, s => {
+                if p.region != Protected::HypervisorShared {
+                    let len = (p.end.0 - p.first.0) * 4096;
+                    s.change_page_attr_set_clr(DirectMem::va(p.first), len, Flags::empty(), Flags::WRITABLE)?;
+                }
+                s.cpa_protect(*p)?;
+            });
+        }
+        Ok(())
+    })
+}
+
+/// What CPA must keep on the live tree: the kernel's text and read-only
+/// data (every alias: the image and the direct map), and under PV the
+/// pages Xen shares with the kernel (start_info, the domU's console ring).
+/// Xen's own frames (shared info) are not the guest's: CPA refuses them
+/// as foreign frames without an entry here.
+fn static_protections(kernel: &Kernel) -> [Option<StaticProtection>; 4] {
+    let frames = |r: crate::boot::VirtRange| {
+        let (start, end) = r.to_phys();
+        (Pfn(start >> 12), Pfn(end.div_ceil(4096)))
+    };
+    let region = |region, (first, end): (Pfn, Pfn)| Some(StaticProtection { region, first, end });
+    let one = |pfn: u64| (Pfn(pfn), Pfn(pfn + 1));
+    let mut out = [None; 4];
+    out[0] = region(Protected::KernelText, frames(kernel.image.text));
+    out[1] = region(Protected::KernelRodata, frames(kernel.image.rodata));
+    if let Some(pv) = &kernel.pv {
+        out[2] = PvBoot::va_to_pfn(pv.start_info_va)
+            .and_then(|p| region(Protected::HypervisorShared, one(p)));
+        if !pv.is_dom0() {
+            out[3] = pv
+                .console_pfn()
+                .ok()
+                .and_then(|p| region(Protected::HypervisorShared, one(p)));
+        }
+    }
+    out
+}
+
 fn fill_pool(pool: &mut Pool, frames: &mut Frames) -> Result<(), KspaceError> {
     while pool.len < POOL_FRAMES {
         let pfn = frames.allocate_lowest().ok_or(KspaceError::PoolFill)?;
@@ -366,6 +417,58 @@ pub fn change_page_attr(
     clear: Flags,
 ) -> Result<pvmmu::space::CpaDone, KspaceError> {
     with(|ks| Ok(on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?))
+}
+
+/// DEBUG_PAGEALLOC's unmap (and the CPA self-test's): the direct-map pages of frames
+/// `[pfn, pfn + pages)` become not present through CPA (natively parked,
+/// under PV holes written through Xen; the L1 tables stay). One CPA call,
+/// one TLB decision reaching every CPU.
+pub fn direct_map_absent(pfn: Pfn, pages: u64) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    change_page_attr(
+        DirectMem::va(pfn),
+        pages * 4096,
+        Flags::empty(),
+        Flags::PRESENT,
+    )
+}
+
+/// DEBUG_PAGEALLOC's map-back (and the CPA self-test's): the direct-map pages of frames
+/// `[pfn, pfn + pages)` present again, writable and non-executable.
+/// Natively CPA makes the parked entries present (frame and attributes
+/// were kept); under PV the holes lost their frame, so the frames are
+/// mapped again (the L1 tables are still there: no frame is allocated,
+/// Xen validates each entry, and refuses one whose frame is still a page
+/// table).
+pub fn direct_map_present(pfn: Pfn, pages: u64) -> Result<(), KspaceError> {
+    let va = DirectMem::va(pfn);
+    let len = pages * 4096;
+    with(|ks| match &mut ks.space {
+        Space::Native(s) => {
+            s.change_page_attr_set_clr(va, len, Flags::PRESENT, Flags::empty())?;
+            Ok(())
+        }
+        Space::Pv(s) => {
+            let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
+            let flush = s.map(va, pfn, len, flags)?;
+            s.flush(flush)?;
+            Ok(())
+        }
+    })
+}
+
+/// Moves frames from the boot allocator into the pool until it holds
+/// `target` (at most [`POOL_FRAMES`]): the frames CPA's splits take.
+pub fn pool_top_up(frames: &mut Frames, target: usize) -> Result<(), KspaceError> {
+    with(|ks| {
+        let pool = on_space!(&mut ks.space, s => s.allocator_mut());
+        while pool.len < target.min(POOL_FRAMES) {
+            let pfn = frames.allocate_lowest().ok_or(KspaceError::PoolFill)?;
+            let out = pool.out;
+            pool.give(pfn);
+            pool.out = out;
+        }
+        Ok(())
+    })
 }
 
 /// Counters of every CPA call on the live tree (`None` before [`init`]).

@@ -31,6 +31,8 @@ mod lazy;
 mod lazy_tests;
 mod memmap;
 mod negative_env;
+mod pagealloc;
+mod pagealloc_tests;
 mod percpu;
 mod physmem;
 mod platform;
@@ -81,6 +83,7 @@ const RUNNING_SUITES: &[&[SelfTest]] = &[
     rk_tests::SUITE,
     smp_tests::SUITE,
     cpa_tests::SUITE,
+    pagealloc_tests::SUITE,
     lazy_tests::SUITE,
     kmap_tests::SUITE,
 ];
@@ -387,6 +390,7 @@ extern "C" fn pvh_main(hvm_start_info: u64) -> ! {
         use x86_64::registers::control::{Cr0, Cr0Flags};
         Cr0::update(|f| f.insert(Cr0Flags::WRITE_PROTECT));
     }
+    platform::program_pat();
     // Under Xen: the hypercall page, then the PV console ring.
     let xen = (platform == Platform::XenPvh).then(xen_hvm::init);
     console::init(match &xen {
@@ -598,7 +602,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         }
     }
     if let Some(kind) = kernel.options.crash {
-        crash(kind);
+        crash(kind, &mut kernel);
     }
     let st = sched::stats();
     kernel.report.timer_irqs = timer::ticks();
@@ -615,6 +619,8 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         kernel.report.cpa_splits = cpa.splits;
     }
     kernel.report.cpa_faults_verified = cpa_tests::faults_verified();
+    kernel.report.pagealloc_unmaps = pagealloc::unmaps();
+    kernel.report.pagealloc_faults = pagealloc_tests::faults_caught();
     if timeouts != 0 {
         log::error!("{timeouts} TLB shootdown acknowledgements timed out");
         tally.failed += 1;
@@ -653,7 +659,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
 
 /// Crashes on purpose (`pvmmu.crash=`): the harness checks that a crash
 /// ends in `PVMMU-RESULT FAIL`.
-fn crash(kind: cmdline::CrashKind) {
+fn crash(kind: cmdline::CrashKind, kernel: &mut Kernel) {
     log::warn!("crashing on purpose: {kind:?}");
     match kind {
         cmdline::CrashKind::Panic => panic!("pvmmu.crash=panic"),
@@ -669,6 +675,7 @@ fn crash(kind: cmdline::CrashKind) {
             log::error!("recursion returned at depth {depth}");
         }
         cmdline::CrashKind::KmapUnbalanced => kmap_tests::crash_unbalanced(),
+        cmdline::CrashKind::UseAfterFree => pagealloc_tests::crash_use_after_free(kernel),
         cmdline::CrashKind::ThreadStackOverflow => {
             let overflow = |_: u64| recurse(0);
             match sched::spawn("overflow", overflow, 0).and_then(sched::join) {

@@ -85,6 +85,21 @@ pub fn has_1g_pages() -> bool {
     cpuid(0x8000_0000).eax >= 0x8000_0001 && cpuid(0x8000_0001).edx & (1 << 26) != 0
 }
 
+/// Programs this CPU's `IA32_PAT` with pvmmu's layout
+/// ([`pvmmu::space::PAT_VALUE`]: write-combining at index 1, where CPA's
+/// `set_memory_wc` points), when CPUID has PAT. Hardware paging only (ring
+/// 0: native, Xen PVH); every CPU, before it maps anything.
+pub fn program_pat() {
+    if cpuid(1).edx & (1 << 16) == 0 {
+        return;
+    }
+    let mut pat = x86_64::registers::model_specific::Msr::new(0x277);
+    // SAFETY: ring 0 with hardware paging; no mapping uses PAT index 1
+    // (WT at reset, WC after) or the PAT bit yet, so no page changes type
+    // under a live mapping.
+    unsafe { pat.write(pvmmu::space::PAT_VALUE) };
+}
+
 /// `cpuid(leaf, 0)`.
 pub fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)

@@ -77,6 +77,12 @@ pub struct Report {
     pub cpa_splits: u64,
     /// Faults the CPA self-test expected and took (write to RO, exec of NX).
     pub cpa_faults_verified: u64,
+    /// Frames DEBUG_PAGEALLOC unmapped from the direct map (at free, and
+    /// the free frames when it was switched on); 0 without it.
+    pub pagealloc_unmaps: u64,
+    /// Use-after-free faults the DEBUG_PAGEALLOC self-test expected and
+    /// took.
+    pub pagealloc_faults: u64,
     /// Lazy-MMU sections (outermost) ended.
     pub lazy_batches: u64,
     /// Of those, sections switched out at least once.
@@ -137,6 +143,8 @@ impl Report {
             cpa_calls: 0,
             cpa_splits: 0,
             cpa_faults_verified: 0,
+            pagealloc_unmaps: 0,
+            pagealloc_faults: 0,
             lazy_batches: 0,
             lazy_batches_preempted: 0,
             lazy_migrations: 0,
@@ -221,11 +229,14 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{},\
+             \"pagealloc_unmaps\":{},\"pagealloc_faults\":{},\
              \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{},\
              \"lazy_tick_us\":{}",
             self.cpa_calls,
             self.cpa_splits,
             self.cpa_faults_verified,
+            self.pagealloc_unmaps,
+            self.pagealloc_faults,
             self.lazy_batches,
             self.lazy_batches_preempted,
             self.lazy_migrations,

@@ -1,5 +1,6 @@
 //! Starts the running kernel once the direct map is live: the kernel's own
-//! address space and frame pool, the scheduler (the boot code becomes
+//! address space and frame pool (and, with `pvmmu.debug_pagealloc`,
+//! DEBUG_PAGEALLOC on top of it), the scheduler (the boot code becomes
 //! thread "main", plus an idle thread), the tick (Xen events and
 //! `VIRQ_TIMER` under PV, the local APIC natively), then interrupts on.
 //!
@@ -35,6 +36,17 @@ pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
         .online
         .store(true, core::sync::atomic::Ordering::Release);
     kspace::init(kernel).map_err(StartError::Kspace)?;
+    kspace::protect_kernel(kernel).map_err(StartError::Kspace)?;
+    if kernel.options.debug_pagealloc {
+        let on = crate::pagealloc::enable(kernel).map_err(StartError::Kspace)?;
+        log::info!(
+            "debug_pagealloc: direct map split to 4 KiB ({} splits), {} free frames in {} \
+             ranges unmapped",
+            on.splits,
+            on.unmapped,
+            on.ranges
+        );
+    }
     sched::init().map_err(StartError::Sched)?;
     crate::lazy::init().map_err(StartError::Sched)?;
     let source = match kernel.pv.as_ref() {

@@ -107,6 +107,8 @@ pub enum Only {
     HardwarePaging,
     /// Xen PVH only.
     XenPvh,
+    /// Boots with `pvmmu.debug_pagealloc` only.
+    DebugPagealloc,
 }
 
 /// One named test.
@@ -153,9 +155,14 @@ pub fn run_suite(kernel: &mut Kernel, suite: &[SelfTest], tally: &mut Tally) {
             Only::XenPv => kernel.pv.is_some(),
             Only::HardwarePaging => kernel.pv.is_none(),
             Only::XenPvh => kernel.xen_pvh.is_some(),
+            Only::DebugPagealloc => kernel.options.debug_pagealloc,
         };
         if !applies {
-            crate::kprintln!("selftest {} ... skipped (platform)", test.name);
+            let why = match test.only {
+                Only::DebugPagealloc => "option",
+                _ => "platform",
+            };
+            crate::kprintln!("selftest {} ... skipped ({why})", test.name);
             continue;
         }
         match (test.run)(kernel) {

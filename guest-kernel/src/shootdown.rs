@@ -3,7 +3,8 @@
 //! pvmmu's native backend calls [`ShootdownTlb::flush_page`] /
 //! [`ShootdownTlb::flush_all`] after it changed a live entry. This flushes
 //! the local TLB, then, when other CPUs are online, publishes one request
-//! (an address, or "everything") with a new generation number, sends the
+//! (an address, "everything", or — after a caching change above CPA's
+//! clflush limit — "wbinvd") with a new generation number, sends the
 //! shootdown IPI to every other online CPU, and waits until each has
 //! acknowledged that generation (its handler flushes, then stores the
 //! generation). The wait is bounded: a CPU that does not answer within
@@ -39,6 +40,9 @@ pub const ACK_TIMEOUT_NS: u64 = 5_000_000_000;
 
 /// "Flush everything" as the request word.
 const ALL: u64 = u64::MAX;
+/// "Write back and invalidate the caches" (`wbinvd`) as the request word
+/// (not page aligned, so never a page's address).
+const WBINVD: u64 = u64::MAX - 1;
 
 /// The protocol (pvmmu's, model-checked with loom): one request at a time,
 /// generation-numbered acknowledgements.
@@ -48,6 +52,12 @@ static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
 static TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 static HANDLED: AtomicU64 = AtomicU64::new(0);
+static WBINVDS: AtomicU64 = AtomicU64::new(0);
+
+/// `wbinvd` requests this CPU and the others served from the IPI.
+pub fn remote_wbinvds() -> u64 {
+    WBINVDS.load(Ordering::Relaxed)
+}
 
 /// pvmmu's TLB hook for the live tree natively: local flush plus remote
 /// shootdown.
@@ -62,6 +72,20 @@ impl Tlb for ShootdownTlb {
     fn flush_all(&mut self) {
         x86_64::instructions::tlb::flush_all();
         remote(ALL);
+    }
+    fn flush_cache_range(&mut self, va: u64, pages: u64) {
+        // clflush reaches every cache of the coherence domain: no IPI.
+        // SAFETY: ring 0 natively (the only place this type is used).
+        let mut local = unsafe { pvmmu::backend::CpuTlb::new() };
+        local.flush_cache_range(va, pages);
+    }
+    fn flush_cache_all(&mut self) {
+        // wbinvd acts on this CPU's caches only: every other CPU runs it
+        // from the shootdown IPI too.
+        // SAFETY: ring 0 natively (the only place this type is used).
+        let mut local = unsafe { pvmmu::backend::CpuTlb::new() };
+        local.flush_cache_all();
+        remote(WBINVD);
     }
     unsafe fn load_root(&mut self, root: Pfn) {
         // SAFETY: ring 0 natively (the only place this type is used); the
@@ -118,12 +142,15 @@ fn remote(va: u64) {
 
 /// The shootdown IPI (interrupts off).
 pub fn on_ipi() {
-    let handled = PROTOCOL.handle(percpu::cpu_id(), |va| {
-        if va == ALL {
-            x86_64::instructions::tlb::flush_all();
-        } else {
-            x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(va));
+    let handled = PROTOCOL.handle(percpu::cpu_id(), |va| match va {
+        ALL => x86_64::instructions::tlb::flush_all(),
+        WBINVD => {
+            // SAFETY: ring 0 natively (the shootdown runs only there).
+            let mut local = unsafe { pvmmu::backend::CpuTlb::new() };
+            local.flush_cache_all();
+            WBINVDS.fetch_add(1, Ordering::Relaxed);
         }
+        va => x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(va)),
     });
     if handled {
         HANDLED.fetch_add(1, Ordering::Relaxed);

@@ -343,5 +343,6 @@ extern "C" fn smp_ap_native_entry(cpu: u64) -> ! {
         }
     }
     crate::traps::init_native_ap(cpu as usize);
+    crate::platform::program_pat();
     crate::smp::smp_ap_main(cpu)
 }

@@ -510,6 +510,20 @@ fn exception(frame: &mut TrapFrame) {
             cr2 & !0xfff
         );
     }
+    if frame.vector == u64::from(vector::PF) {
+        if let Some(pfn) = crate::pagealloc::use_after_free(cr2, frame.error_code) {
+            let access = if frame.error_code & pf::WRITE != 0 {
+                "write"
+            } else {
+                "read"
+            };
+            crate::kprintln!(
+                "USE-AFTER-FREE: {access} of freed frame pfn {pfn:#x} at {cr2:#x} (rip {:#x}; \
+                 DEBUG_PAGEALLOC keeps free frames out of the direct map)",
+                frame.rip
+            );
+        }
+    }
     crate::kprintln!(
         "TRAP vector {} ({}) error_code {:#x} rip {:#x} cr2 {:#x} rsp {:#x} cs {:#x} rflags {:#x} \
          on cpu {} thread {}",

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use pvmmu::backend::{Backend, LargePages, TlbScope};
 use pvmmu::entry::{Entry, FlagError, Flags, Level};
+use pvmmu::space::{Protected, StaticProtection, CLFLUSH_LIMIT, CPA_TEST_BIT, MAX_PROTECTIONS};
 use pvmmu::{AddressSpace, Error, Granule, Pfn};
 
 const GIB: u64 = 1 << 30;
@@ -229,6 +230,183 @@ fn refusals_leave_the_tree_unchanged() {
     assert_eq!(s.cpa_stats().splits, 0);
 }
 
+/// The kernel image's link address (a second alias of its frames).
+const IMG: u64 = 0xffff_ffff_8000_0000;
+
+fn protect(s: &mut NativeSpace, region: Protected, first: u64, end: u64) {
+    s.cpa_protect(StaticProtection {
+        region,
+        first: Pfn(first),
+        end: Pfn(end),
+    })
+    .unwrap();
+}
+
+#[test]
+fn static_protections_hold_in_every_alias_and_leave_the_tree_unchanged() {
+    let mut s = native(1024);
+    let ro_nx = Flags::PRESENT | Flags::NO_EXECUTE;
+    // The image: text 0..4 (read-only, executable), rodata 4..6, a page
+    // shared with the hypervisor at 6, data 7..16; the direct map of the
+    // same frames at BASE (text and rodata read-only there too).
+    s.map(IMG, Pfn(0), 4 * PAGE, Flags::PRESENT)
+        .unwrap()
+        .ignore();
+    s.map(IMG + 4 * PAGE, Pfn(4), 2 * PAGE, ro_nx)
+        .unwrap()
+        .ignore();
+    s.map(IMG + 6 * PAGE, Pfn(6), 10 * PAGE, RW)
+        .unwrap()
+        .ignore();
+    s.map(BASE, Pfn(0), 6 * PAGE, ro_nx).unwrap().ignore();
+    s.map(BASE + 6 * PAGE, Pfn(6), 10 * PAGE, RW)
+        .unwrap()
+        .ignore();
+    // A 2 MiB page over frames 512..1024, read-only, text at 600.
+    s.map_sized(BASE + GIB, Pfn(512), MIB2, ro_nx, Granule::Size2MiB, false)
+        .unwrap()
+        .ignore();
+    protect(&mut s, Protected::KernelText, 0, 4);
+    protect(&mut s, Protected::KernelRodata, 4, 6);
+    protect(&mut s, Protected::HypervisorShared, 6, 7);
+    protect(&mut s, Protected::KernelText, 600, 601);
+    let before = tree(s.backend(), s.root());
+    let refused = |va: u64, pfn: u64, region: Protected| {
+        Err(Error::StaticProtection {
+            va,
+            pfn: Pfn(pfn),
+            region,
+        })
+    };
+    // Text made writable through its direct-map alias; a range starting
+    // on data before it names the first text page.
+    assert_eq!(
+        s.set_memory_rw(BASE, 1),
+        refused(BASE, 0, Protected::KernelText)
+    );
+    assert_eq!(
+        s.set_memory_rw(BASE + 2 * PAGE, 4),
+        refused(BASE + 2 * PAGE, 2, Protected::KernelText)
+    );
+    // Rodata writable through either alias.
+    assert_eq!(
+        s.set_memory_rw(IMG + 4 * PAGE, 2),
+        refused(IMG + 4 * PAGE, 4, Protected::KernelRodata)
+    );
+    assert_eq!(
+        s.set_memory_rw(BASE + 5 * PAGE, 3),
+        refused(BASE + 5 * PAGE, 5, Protected::KernelRodata)
+    );
+    // The executed text made non-executable, or not present.
+    assert_eq!(
+        s.set_memory_nx(IMG + PAGE, 1),
+        refused(IMG + PAGE, 1, Protected::KernelText)
+    );
+    assert_eq!(
+        s.set_memory_np(IMG, 4),
+        refused(IMG, 0, Protected::KernelText)
+    );
+    // Any change to the shared page, even the software test bit.
+    for va in [IMG + 6 * PAGE, BASE + 6 * PAGE] {
+        assert_eq!(
+            s.change_page_attr_set_clr(va, PAGE, CPA_TEST_BIT, Flags::empty()),
+            refused(va, 6, Protected::HypervisorShared)
+        );
+    }
+    // Inside a large page, found before it is split.
+    assert_eq!(
+        s.set_memory_rw(BASE + GIB + 80 * PAGE, 16),
+        refused(BASE + GIB + 88 * PAGE, 600, Protected::KernelText)
+    );
+    assert_eq!(tree(s.backend(), s.root()), before, "tree unchanged");
+    assert_eq!(s.cpa_stats().splits, 0);
+    // What the protections allow: no-op changes, the non-executable
+    // alias of text marked, data next to them, the large page elsewhere.
+    s.set_memory_nx(BASE, 6).unwrap();
+    s.set_memory_ro(IMG, 6).unwrap();
+    s.change_page_attr_set_clr(BASE, 4 * PAGE, CPA_TEST_BIT, Flags::empty())
+        .unwrap();
+    s.set_memory_ro(BASE + 7 * PAGE, 9).unwrap();
+    s.set_memory_rw(BASE + GIB + 90 * PAGE, 2).unwrap();
+    assert_eq!(s.cpa_stats().splits, 1);
+    assert_eq!(
+        s.set_memory_rw(BASE + GIB + 88 * PAGE, 1),
+        refused(BASE + GIB + 88 * PAGE, 600, Protected::KernelText)
+    );
+    // The table of protections is bounded.
+    for _ in 4..MAX_PROTECTIONS {
+        protect(&mut s, Protected::KernelRodata, 2000, 2001);
+    }
+    assert_eq!(
+        s.cpa_protect(StaticProtection {
+            region: Protected::KernelRodata,
+            first: Pfn(2001),
+            end: Pfn(2002),
+        }),
+        Err(Error::TooManyProtections)
+    );
+    no_violations(&s);
+}
+
+#[test]
+fn caching_changes_flush_the_range_lines_below_the_limit_and_everything_above() {
+    let mut s = native(1024);
+    let pages = CLFLUSH_LIMIT + 1;
+    s.map(BASE, Pfn(0), pages * PAGE, RW).unwrap().ignore();
+    let cache = |s: &NativeSpace| (s.backend().tlb().cache_pages, s.backend().tlb().cache_all);
+    let flags = |s: &NativeSpace, va: u64| s.lookup(va).unwrap().flags;
+    // Uncached: PCD and PWT, the four pages' lines flushed.
+    let d = s.set_memory_uc(BASE + PAGE, 4).unwrap();
+    assert_eq!(
+        d.cache,
+        Some(TlbScope::Range {
+            start: BASE + PAGE,
+            pages: 4
+        })
+    );
+    assert_eq!(cache(&s), (4, 0));
+    assert_eq!(
+        flags(&s, BASE + PAGE),
+        RW | Flags::NO_CACHE | Flags::WRITE_THROUGH
+    );
+    assert_eq!(flags(&s, BASE), RW, "the page before is untouched");
+    // Write-combining (PAT index 1): PWT alone.
+    s.set_memory_wc(BASE + PAGE, 4).unwrap();
+    assert_eq!(flags(&s, BASE + 4 * PAGE), RW | Flags::WRITE_THROUGH);
+    assert_eq!(cache(&s), (8, 0));
+    // Back to write-back.
+    s.set_memory_wb(BASE + PAGE, 4).unwrap();
+    assert_eq!(flags(&s, BASE + PAGE), RW);
+    assert_eq!(cache(&s), (12, 0));
+    // No change, no flush.
+    assert_eq!(s.set_memory_wb(BASE, 1).unwrap().cache, None);
+    // Above the limit: the whole cache (wbinvd), once.
+    let d = s.set_memory_uc(BASE, pages).unwrap();
+    assert_eq!(d.cache, Some(TlbScope::All));
+    assert_eq!(cache(&s), (12, 1));
+    s.set_memory_wb(BASE, CLFLUSH_LIMIT).unwrap();
+    assert_eq!(cache(&s), (12 + CLFLUSH_LIMIT, 1));
+    assert_eq!(s.cpa_stats().cache_all, 1);
+    assert_eq!(s.cpa_stats().cache_lines, 4);
+}
+
+#[test]
+fn pv_refuses_caching_changes_before_xen_is_asked() {
+    // Without I/O privilege (the entry rules), and with it (pvmmu flushes
+    // no caches through Xen, so it changes no caching attribute there).
+    for io in [false, true] {
+        let (model, mut s, _) = pv_aliased_direct_map_io(io);
+        let before = leaves(s.backend(), s.root());
+        let calls = hypercalls(&model);
+        let refused = Err(Error::Flags(FlagError::CacheAttributes));
+        assert_eq!(s.set_memory_uc(BASE, 1), refused, "io {io}");
+        assert_eq!(s.set_memory_wc(BASE, 4), refused);
+        assert_eq!(s.set_memory_wb(BASE, 4), refused);
+        assert_eq!(hypercalls(&model), calls, "Xen not asked");
+        assert_eq!(leaves(s.backend(), s.root()), before);
+    }
+}
+
 #[test]
 fn pv_refuses_page_table_frames_and_the_xen_hole_before_xen_is_asked() {
     let (model, mut s, direct) = pv_aliased_direct_map();
@@ -280,13 +458,19 @@ type PvSpace = AddressSpace<PvAliasBackend, Pool>;
 /// tables come from, so those tables have read-only direct-map aliases;
 /// frames 0..DATA_FRAMES mapped writable at `BASE`.
 fn pv_aliased_direct_map() -> (Shared, PvSpace, DirectAliases) {
+    pv_aliased_direct_map_io(false)
+}
+
+/// [`pv_aliased_direct_map`], with I/O privilege (`io`) or without.
+fn pv_aliased_direct_map_io(io: bool) -> (Shared, PvSpace, DirectAliases) {
     let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
     let direct = DirectAliases {
         base: BASE,
         first: DATA_FRAMES,
         n: TABLE_FRAMES,
     };
-    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None);
+    let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None)
+        .with_io_privilege(io);
     let pool = Pool::new(DATA_FRAMES + TABLE_FRAMES, BOOT_FRAMES);
     let mut s = AddressSpace::new(backend, pool)
         .map_err(|e| e.0)
@@ -504,25 +688,57 @@ fn run_pv(rng: &mut TestRng, steps: usize) -> Result<(), TestCaseError> {
     let (model_xen, mut s, _) = pv_aliased_direct_map();
     let region = (BASE, DATA_FRAMES * PAGE);
     let mut model = raw_pages(s.backend(), s.root(), region.0, region.1);
+    let mut holes = 0u64;
     for _ in 0..steps {
         let pages = rng.random_range(1..=100u64);
         let va = BASE + rng.random_range(0..=(DATA_FRAMES - pages)) * PAGE;
         let (set, clear) = CHANGES[rng.random_range(0..CHANGES.len())];
         let before_leaves = leaves(s.backend(), s.root());
         let r = s.change_page_attr_set_clr(va, pages * PAGE, set, clear);
-        let parks = (set | clear).contains(Flags::PRESENT);
-        match (r, apply_model(&model, va, pages, set, clear)) {
-            (Err(Error::Flags(FlagError::NotPresent)), _) if parks => {
-                prop_assert_eq!(leaves(s.backend(), s.root()), before_leaves);
+        // The model: np makes holes (PV cannot park); p is refused; any
+        // change over a hole is NotMapped at the first hole.
+        let first_hole = (0..pages)
+            .map(|k| va + k * PAGE)
+            .find(|a| !model.contains_key(a));
+        let expect = if set.contains(Flags::PRESENT) {
+            Err(Error::Flags(FlagError::NotPresent))
+        } else if let Some(hole) = first_hole {
+            Err(Error::NotMapped { va: hole })
+        } else if clear.contains(Flags::PRESENT) {
+            let mut m = model.clone();
+            for k in 0..pages {
+                m.remove(&(va + k * PAGE));
             }
-            (Ok(d), Ok(m)) if !parks => {
+            Ok(m)
+        } else {
+            apply_model(&model, va, pages, set, clear).map_err(|()| Error::WriteExecute)
+        };
+        match (r, expect) {
+            (Ok(d), Ok(m)) => {
                 prop_assert_eq!(d.splits, 0);
+                if clear.contains(Flags::PRESENT) {
+                    holes += pages;
+                }
                 model = m;
             }
-            (Err(Error::WriteExecute), Err(())) => {
+            (Err(got), Err(want)) => {
+                prop_assert_eq!(got, want);
                 prop_assert_eq!(leaves(s.backend(), s.root()), before_leaves);
             }
-            (r, e) => prop_assert!(false, "cpa {:?} vs model {:?}", r, e.is_ok()),
+            (r, e) => prop_assert!(false, "cpa {:?} vs model {:?}", r, e.map(|_| ())),
+        }
+        // Now and then the holes are mapped again (as DEBUG_PAGEALLOC
+        // maps a frame back): their L1 tables are still there.
+        if rng.random_range(0..4u32) == 0 {
+            let tables = s.table_counts();
+            for k in 0..DATA_FRAMES {
+                let a = BASE + k * PAGE;
+                if let std::collections::btree_map::Entry::Vacant(hole) = model.entry(a) {
+                    s.map(a, Pfn(k), PAGE, RW).unwrap().ignore();
+                    hole.insert((k, RW));
+                }
+            }
+            prop_assert_eq!(s.table_counts(), tables, "no table made or freed");
         }
         let d = diff(
             &raw_pages(s.backend(), s.root(), region.0, region.1),
@@ -543,6 +759,7 @@ fn run_pv(rng: &mut TestRng, steps: usize) -> Result<(), TestCaseError> {
         prop_assert!(v.is_empty(), "violations {:?}", v);
         prop_assert_eq!(m.check_integrity(), Ok(()));
     }
+    prop_assert!(holes > 0, "the run made holes");
     Ok(())
 }
 

@@ -40,6 +40,8 @@ impl Tlb for RecordingTlb {
         self.0.borrow_mut().full += 1;
     }
     unsafe fn load_root(&mut self, _root: Pfn) {}
+    fn flush_cache_range(&mut self, _va: u64, _pages: u64) {}
+    fn flush_cache_all(&mut self) {}
 }
 
 type Space = AddressSpace<Native<Arena, RecordingTlb>, Pool>;

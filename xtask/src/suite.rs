@@ -82,6 +82,13 @@ pub const RUNNING_KERNEL_COUNTERS: &[&str] = &[
 /// passing row that sets it must report `highmem_frames_checked` > 0.
 pub const DIRECTMAP_LIMIT_KNOB: &str = "pvmmu.directmap_limit=";
 
+/// The kernel option that turns DEBUG_PAGEALLOC on.
+pub const DEBUG_PAGEALLOC: &str = "pvmmu.debug_pagealloc";
+
+/// Report counters a passing boot with [`DEBUG_PAGEALLOC`] must show above
+/// zero: frames unmapped from the direct map, use-after-free faults taken.
+pub const PAGEALLOC_COUNTERS: &[&str] = &["pagealloc_unmaps", "pagealloc_faults"];
+
 /// Random operations a passing Xen boot must report (`random_ops`, the
 /// kernel's randomized stress on the live tree).
 pub const MIN_RANDOM_OPS_UNDER_XEN: u64 = 200_000;
@@ -164,7 +171,7 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Native, 512, "pvmmu.4k",           Expect::Pass,     Check::Nothing),
     // Issue 5: a PV domU built by `xl create` in an emulated Linux dom0
     // (about 12 s warm, plus about 8 s for a cold dom0 fixture).
-    boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::NegativeSuite),
+    boot(Mode::Xl,     512, DEBUG_PAGEALLOC,      Expect::Pass,     Check::NegativeSuite),
     // Issue 14: the same ELF as an `xl` PVH domU: native paging under Xen.
     boot(Mode::Xl,     512, "",                   Expect::Pass,     Check::LikeNative).guest(Guest::Pvh),
     // The deliberate failure: proves the harness tells FAIL from PASS.
@@ -196,6 +203,15 @@ pub const BOOTS: &[Boot] = &[
     boot(Mode::Xen,    512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
     boot(Mode::Xen,    512, "",                   Expect::Pass,     Check::NegativeSuite).smp(4),
     boot(Mode::Xl,     512, FAST_LAZY_TICK,       Expect::Pass,     Check::NegativeSuite).smp(2),
+    // Issue 12: DEBUG_PAGEALLOC, every free frame out of the direct map
+    // (natively split to 4 KiB through CPA first) for the running
+    // kernel's suites; `pagealloc_unmaps` and `pagealloc_faults` checked
+    // (see `judge`). The xl domU row above (issue 5) runs with it too.
+    boot(Mode::Native, 512, DEBUG_PAGEALLOC,      Expect::Pass,     Check::Nothing),
+    boot(Mode::Xen,    512, DEBUG_PAGEALLOC,      Expect::Pass,     Check::NegativeSuite),
+    // A read of a freed frame: the fatal #PF names the frame and address.
+    boot(Mode::Native, 512, "pvmmu.debug_pagealloc pvmmu.crash=use-after-free", Expect::Fail,
+         Check::Console("USE-AFTER-FREE: read of freed frame pfn 0x")),
     // A limit below what the kernel needs is refused with the warning too.
     boot(Mode::Native, 512, "pvmmu.bogus pvmmu.crash=bogus pvmmu.lazy_tick_us=5 pvmmu.directmap_limit=16",
          Expect::Warning, Check::Console("pvmmu.directmap_limit below 64 MiB")),
@@ -355,6 +371,16 @@ pub fn judge(row: &Boot, verdict: &Verdict) -> Result<(), String> {
                 return Err("highmem_frames_checked is 0 or missing: no frame above \
                      pvmmu.directmap_limit was checked through kmap"
                     .into());
+            }
+            if row.cmdline.split_whitespace().any(|w| w == DEBUG_PAGEALLOC) {
+                if let Some(key) = PAGEALLOC_COUNTERS
+                    .iter()
+                    .find(|key| report.counter(key).unwrap_or(0) == 0)
+                {
+                    return Err(format!(
+                        "report counter {key} is 0 or missing under {DEBUG_PAGEALLOC}"
+                    ));
+                }
             }
             smp_judgement(row, report)?;
             lazy_tick_judgement(row, report)
@@ -1029,6 +1055,54 @@ selftest xen_pvh_c ... ok";
             .contains("expected Xen to report a crash"));
         assert!(judge(&crash_xen, &timeout).is_err());
         assert!(judge(&crash_xen, &Verdict::Pass(report("xen-pv", 0))).is_err());
+    }
+
+    #[test]
+    fn debug_pagealloc_rows_in_every_mode_and_the_use_after_free_row() {
+        for mode in [Mode::Native, Mode::Xen, Mode::Xl] {
+            assert!(
+                BOOTS.iter().any(|b| b.mode == mode
+                    && b.expect == Expect::Pass
+                    && b.cmdline.split_whitespace().any(|w| w == DEBUG_PAGEALLOC)),
+                "{mode:?}"
+            );
+        }
+        assert!(BOOTS.iter().any(|b| b.expect == Expect::Fail
+            && b.cmdline.contains(DEBUG_PAGEALLOC)
+            && b.cmdline.contains("pvmmu.crash=use-after-free")
+            && matches!(b.check, Check::Console(text) if text.contains("freed frame pfn"))));
+    }
+
+    #[test]
+    fn a_debug_pagealloc_pass_needs_unmaps_and_faults() {
+        let row = boot(
+            Mode::Native,
+            512,
+            DEBUG_PAGEALLOC,
+            Expect::Pass,
+            Check::Nothing,
+        );
+        let with = |unmaps: u64, faults: u64| {
+            Verdict::Pass(
+                parse_report(&format!(
+                    r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":1,"pagealloc_unmaps":{unmaps},"pagealloc_faults":{faults}}}"#
+                ))
+                .unwrap(),
+            )
+        };
+        assert_eq!(judge(&row, &with(130_000, 2)), Ok(()));
+        assert!(judge(&row, &with(0, 2))
+            .unwrap_err()
+            .contains("pagealloc_unmaps"));
+        assert!(judge(&row, &with(130_000, 0))
+            .unwrap_err()
+            .contains("pagealloc_faults"));
+        assert!(judge(&row, &Verdict::Pass(report("native", 0)))
+            .unwrap_err()
+            .contains("pagealloc_unmaps"));
+        // Without the option the counters are not asked for.
+        let plain = boot(Mode::Native, 512, "", Expect::Pass, Check::Nothing);
+        assert_eq!(judge(&plain, &Verdict::Pass(report("native", 0))), Ok(()));
     }
 
     #[test]

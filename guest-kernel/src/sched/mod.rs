@@ -455,10 +455,22 @@ pub fn spawn_on(
     entry: Entry,
     arg: u64,
 ) -> Result<ThreadId, SchedError> {
+    spawn_on_with_stack(cpu, name, entry, arg, DEFAULT_STACK_PAGES)
+}
+
+/// Spawns a thread that only ever runs on `cpu`, with a stack of `pages`
+/// pages.
+pub fn spawn_on_with_stack(
+    cpu: usize,
+    name: &'static str,
+    entry: Entry,
+    arg: u64,
+    pages: usize,
+) -> Result<ThreadId, SchedError> {
     let parked = State::Joining {
         target: MAX_THREADS,
     };
-    let id = create(name, entry, arg, DEFAULT_STACK_PAGES, parked)?;
+    let id = create(name, entry, arg, pages, parked)?;
     locked(|s| {
         s.threads[id.0].affinity = Some(cpu);
         s.threads[id.0].state = State::Ready;

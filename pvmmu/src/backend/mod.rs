@@ -234,4 +234,18 @@ pub trait Backend {
     unsafe fn replace_root(&mut self, root: Pfn, old: Option<Pfn>) -> Result<(), BackendError>;
     /// Invalidates TLB entries (drains first).
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError>;
+    /// Whether [`Backend::flush_cache`] works here (natively; a PV guest
+    /// changes no caching attributes without I/O privilege, and pvmmu does
+    /// not flush caches through Xen).
+    fn flushes_caches(&self) -> bool {
+        false
+    }
+    /// Writes back and invalidates caches after a caching-attribute change:
+    /// the range's lines, or everything. Backends that cannot refuse.
+    fn flush_cache(&mut self, scope: TlbScope) -> Result<(), BackendError> {
+        let _ = scope;
+        Err(BackendError::Flags(
+            crate::entry::FlagError::CacheAttributes,
+        ))
+    }
 }

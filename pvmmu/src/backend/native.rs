@@ -24,6 +24,12 @@ pub trait Tlb {
     /// # Safety
     /// As [`Backend::switch_root`].
     unsafe fn load_root(&mut self, root: Pfn);
+    /// Writes back and invalidates the cache lines of `pages` 4 KiB pages
+    /// at `va` (`clflush`, or `clflushopt` where CPUID has it), after a
+    /// change of their caching attributes.
+    fn flush_cache_range(&mut self, va: u64, pages: u64);
+    /// Writes back and invalidates every cache (`wbinvd`).
+    fn flush_cache_all(&mut self);
 }
 
 /// A [`Tlb`] for tables nobody walks (host tests, tables being built): it
@@ -36,6 +42,10 @@ pub struct NoTlb {
     pub full: u64,
     /// Last root loaded.
     pub root: Option<Pfn>,
+    /// Pages whose cache lines `flush_cache_range` was asked to flush.
+    pub cache_pages: u64,
+    /// `flush_cache_all` calls.
+    pub cache_all: u64,
 }
 
 impl Tlb for NoTlb {
@@ -48,6 +58,22 @@ impl Tlb for NoTlb {
     unsafe fn load_root(&mut self, root: Pfn) {
         self.root = Some(root);
     }
+    fn flush_cache_range(&mut self, _va: u64, pages: u64) {
+        self.cache_pages += pages;
+    }
+    fn flush_cache_all(&mut self) {
+        self.cache_all += 1;
+    }
+}
+
+/// Bytes of a cache line `clflush` works on (CPUID leaf 1 reports it; 64
+/// on every x86-64 CPU in use).
+const CACHE_LINE: u64 = 64;
+
+/// Whether CPUID has `clflushopt` (leaf 7, EBX bit 23).
+fn has_clflushopt() -> bool {
+    let max = core::arch::x86_64::__cpuid(0).eax;
+    max >= 7 && core::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0
 }
 
 /// The running CPU's TLB: `invlpg`, CR3 reload.
@@ -81,6 +107,32 @@ impl Tlb for CpuTlb {
         // SAFETY: the caller guarantees (per `Backend::switch_root`) that the
         // new tree maps everything the running code needs.
         unsafe { Cr3::write(frame, cr3_flags) };
+    }
+    fn flush_cache_range(&mut self, va: u64, pages: u64) {
+        let opt = has_clflushopt();
+        let end = va.wrapping_add(pages * PAGE_SIZE);
+        let mut line = va;
+        while line < end {
+            // SAFETY: the range is mapped (CPA just changed its caching,
+            // and the range was checked mapped); a cache flush of a mapped
+            // line changes no memory contents.
+            unsafe {
+                if opt {
+                    core::arch::asm!("clflushopt [{}]", in(reg) line, options(nostack));
+                } else {
+                    core::arch::asm!("clflush [{}]", in(reg) line, options(nostack));
+                }
+            }
+            line += CACHE_LINE;
+        }
+        // SAFETY: a fence orders the flushes before later accesses (as the
+        // architecture asks of clflushopt); no memory is changed.
+        unsafe { core::arch::asm!("mfence", options(nostack)) };
+    }
+    fn flush_cache_all(&mut self) {
+        // SAFETY: ring 0 (this type's contract); wbinvd writes back and
+        // invalidates the caches, changing no memory contents.
+        unsafe { core::arch::asm!("wbinvd", options(nostack)) };
     }
 }
 
@@ -309,5 +361,17 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
             _ => self.tlb.flush_all(),
         }
         Ok(())
+    }
+
+    fn flush_cache(&mut self, scope: TlbScope) -> Result<(), BackendError> {
+        match scope {
+            TlbScope::Range { start, pages } => self.tlb.flush_cache_range(start, pages),
+            TlbScope::All => self.tlb.flush_cache_all(),
+        }
+        Ok(())
+    }
+
+    fn flushes_caches(&self) -> bool {
+        true
     }
 }

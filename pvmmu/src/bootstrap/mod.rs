@@ -318,6 +318,9 @@ impl Tlb for LoadRoot<'_> {
     unsafe fn load_root(&mut self, root: Pfn) {
         (self.0)(root)
     }
+    // The bootstrap changes no caching attribute.
+    fn flush_cache_range(&mut self, _va: u64, _pages: u64) {}
+    fn flush_cache_all(&mut self) {}
 }
 
 /// Bootstraps the direct map. See the module documentation.

@@ -9,7 +9,11 @@
 //! * Nothing is written unless the check pass accepted every page: all
 //!   mapped (present, or parked non-present by an earlier `np`), the new
 //!   attributes acceptable (never W+X, the backend's entry rules, under PV
-//!   no page-table frame made writable, no large page, no parked entry),
+//!   no page-table frame made writable, no large page, no `p`: PV cannot
+//!   park, its `np` leaves holes; the static protections: kernel text and
+//!   rodata frames never writable in any alias, executed text stays
+//!   executable, pages shared with the hypervisor untouched; no frame the
+//!   guest does not own),
 //!   and the split
 //!   reserve holds every frame the splits need.
 //! * A split builds the whole new table (512 entries carrying every
@@ -26,7 +30,10 @@
 //! * After all writes are applied: one TLB decision (pages one by one up
 //!   to [`crate::backend::INVLPG_LIMIT`], everything above it or after a
 //!   split), through the backend (which shoots down every CPU where the
-//!   kernel configured it to).
+//!   kernel configured it to); after a caching change, one cache flush
+//!   (the range's lines up to [`CLFLUSH_LIMIT`] pages, `wbinvd` above),
+//!   and a caching change is refused up front where the backend flushes
+//!   no caches (PV).
 
 use super::slots::slots;
 use super::{AddressSpace, Error, Request};
@@ -57,6 +64,64 @@ pub const CPA_FLAGS: Flags = Flags::PRESENT
     .union(Flags::NO_CACHE)
     .union(CPA_TEST_BIT);
 
+/// Most pages whose cache lines a caching change flushes one by one
+/// (`clflush`); above it the whole cache is written back (`wbinvd`).
+pub const CLFLUSH_LIMIT: u64 = 256;
+
+/// The caching bits CPA sets for each cache mode, with the PAT the kernel
+/// must program (`IA32_PAT`): index 0 write-back, 1 write-combining, 3
+/// uncached (PWT and PCD select the index; CPA never sets the PAT bit).
+const CACHE_BITS: Flags = Flags::WRITE_THROUGH.union(Flags::NO_CACHE);
+
+/// The `IA32_PAT` value the kernel programs on every CPU for
+/// [`AddressSpace::set_memory_wc`]: PA0 WB, PA1 WC, PA2 UC-, PA3 UC, and
+/// the same again for PA4..PA7 (the reset value has WT at PA1).
+pub const PAT_VALUE: u64 = 0x0007_0106_0007_0106;
+
+/// Most static protections one address space keeps.
+pub const MAX_PROTECTIONS: usize = 8;
+
+/// What a protected range of frames holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protected {
+    /// Kernel code: never writable, in any mapping (the direct-map alias
+    /// included); a mapping that executes it stays executable.
+    KernelText,
+    /// Kernel read-only data: never writable, in any mapping.
+    KernelRodata,
+    /// A page the hypervisor shares with the guest (start_info, a console
+    /// or store ring): CPA changes nothing in its mappings.
+    HypervisorShared,
+}
+
+/// Frames `[first, end)` whose mappings CPA keeps as `region` requires (as
+/// Linux's `static_protections`), by frame, so every alias is covered.
+/// Frames the guest does not own (Xen's, e.g. its shared-info page) need no
+/// entry: CPA refuses any mapping of them with [`Error::ForeignFrame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticProtection {
+    /// What the frames hold.
+    pub region: Protected,
+    /// First frame.
+    pub first: Pfn,
+    /// One past the last frame.
+    pub end: Pfn,
+}
+
+impl StaticProtection {
+    /// Whether changing `old` into `new` (by setting `set`) breaks the rule.
+    fn breaks(&self, old: Entry, new: Entry, set: Flags) -> bool {
+        match self.region {
+            Protected::KernelRodata => set.contains(Flags::WRITABLE),
+            Protected::KernelText => {
+                let executes = |e: Entry| e.is_present() && !e.flags().contains(Flags::NO_EXECUTE);
+                set.contains(Flags::WRITABLE) || (executes(old) && !executes(new))
+            }
+            Protected::HypervisorShared => new != old,
+        }
+    }
+}
+
 /// Frames kept aside for splits (see the module docs for the bound).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SplitReserve {
@@ -81,6 +146,9 @@ pub struct CpaDone {
     pub splits: u32,
     /// The TLB decision taken: `None` when nothing changed.
     pub flush: Option<TlbScope>,
+    /// The cache flush after a caching change: the range's lines, or all
+    /// (`None` when no caching attribute changed).
+    pub cache: Option<TlbScope>,
 }
 
 /// Counters over every CPA call of an address space.
@@ -96,6 +164,10 @@ pub struct CpaStats {
     pub flush_pages: u64,
     /// Full TLB flushes.
     pub flush_all: u64,
+    /// Cache flushes of a range's lines (`clflush`).
+    pub cache_lines: u64,
+    /// Whole-cache flushes (`wbinvd`).
+    pub cache_all: u64,
 }
 
 /// A leaf as CPA sees it: present, or parked (not present but not empty,
@@ -160,10 +232,17 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         if !CPA_FLAGS.contains(set | clear) || set.intersects(clear) {
             return Err(Error::CpaFlags);
         }
+        // A caching change needs its cache flush: refused where the backend
+        // cannot do it (PV), before anything is read or written.
+        if (set | clear).intersects(CACHE_BITS) && !self.backend.flushes_caches() {
+            return Err(Error::Flags(FlagError::CacheAttributes));
+        }
         // Where tables are read-only (PV) a non-present entry is written as
         // an all-zero hole (`entry::pv_sanitize`, Xen's L1TF rules): an
-        // entry cannot be parked, so np / p are refused.
-        if self.backend.caps().read_only_tables && (set | clear).contains(Flags::PRESENT) {
+        // entry cannot be parked. np leaves holes (the frame is gone from
+        // the entry, so only a `map` of the frame brings it back); p, which
+        // would need the frame, is refused.
+        if self.backend.caps().read_only_tables && set.contains(Flags::PRESENT) {
             return Err(Error::Flags(FlagError::NotPresent));
         }
         let req = Request {
@@ -209,6 +288,23 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             self.backend.flush_tlb(scope)?;
             done.flush = Some(scope);
         }
+        // The cache, once the new attributes are in every TLB: the range's
+        // lines up to CLFLUSH_LIMIT pages, everything above.
+        if (set | clear).intersects(CACHE_BITS) && done.pages_changed > 0 {
+            let range = req.flush_scope();
+            let scope = match range {
+                TlbScope::Range { pages, .. } if pages <= CLFLUSH_LIMIT => {
+                    self.cpa_stats.cache_lines += 1;
+                    range
+                }
+                _ => {
+                    self.cpa_stats.cache_all += 1;
+                    TlbScope::All
+                }
+            };
+            self.backend.flush_cache(scope)?;
+            done.cache = Some(scope);
+        }
         Ok(done)
     }
 
@@ -238,6 +334,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 return Err(Error::LargePagesUnavailable);
             }
             self.cpa_check_leaf(level, e, req)?;
+            self.cpa_check_protections(level, e, slot.first, slot.last, req)?;
             // A large page that already has the attributes is left whole.
             if !slot.is_whole() && changed(e, req.flags, req.clear) != e {
                 // The split keeps the attributes; the part inside the range
@@ -268,6 +365,53 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             self.backend
                 .leaf_entry(level, frame, flags - Flags::HUGE_PAGE - HARDWARE_SET)?;
         }
+        Ok(())
+    }
+
+    /// The static protections: the frames of leaf `e` that `[first, last]`
+    /// covers, against every registered [`StaticProtection`].
+    fn cpa_check_protections(
+        &self,
+        level: Level,
+        e: Entry,
+        first: u64,
+        last: u64,
+        req: &Request,
+    ) -> Result<(), Error> {
+        let new = changed(e, req.flags, req.clear);
+        if new == e || self.protections.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let span = level.entry_span();
+        let addr = e.0 & ENTRY_FRAME_MASK & !(span - 1);
+        let mfn = crate::types::Mfn(addr / PAGE_SIZE);
+        let base = self.backend.to_pfn(mfn).ok_or(Error::ForeignFrame(mfn))?;
+        let leaf_va = first & !(span - 1);
+        let lo = base.0 + (first - leaf_va) / PAGE_SIZE;
+        let hi = base.0 + (last - leaf_va) / PAGE_SIZE + 1;
+        for p in self.protections.iter().flatten() {
+            let (from, to) = (lo.max(p.first.0), hi.min(p.end.0));
+            if from < to && p.breaks(e, new, req.flags) {
+                return Err(Error::StaticProtection {
+                    va: first + (from - lo) * PAGE_SIZE,
+                    pfn: Pfn(from),
+                    region: p.region,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a static protection: from now on CPA refuses a change
+    /// that breaks it ([`Error::StaticProtection`]);
+    /// [`Error::TooManyProtections`] when [`MAX_PROTECTIONS`] are in place.
+    pub fn cpa_protect(&mut self, p: StaticProtection) -> Result<(), Error> {
+        let slot = self
+            .protections
+            .iter_mut()
+            .find(|s| s.is_none())
+            .ok_or(Error::TooManyProtections)?;
+        *slot = Some(p);
         Ok(())
     }
 
@@ -500,6 +644,23 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(self.backend.table_entry(frame)?)
     }
 
+    /// Makes the pages uncached (PAT index 3: PCD and PWT), then flushes
+    /// their cache lines (or the whole cache above [`CLFLUSH_LIMIT`]).
+    /// Refused where the backend flushes no caches (PV):
+    /// `Error::Flags(FlagError::CacheAttributes)`, before Xen is asked.
+    pub fn set_memory_uc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, CACHE_BITS, Flags::empty())
+    }
+    /// Makes the pages write-combining (PAT index 1: PWT, with the PAT of
+    /// [`PAT_VALUE`]), then flushes as [`AddressSpace::set_memory_uc`].
+    pub fn set_memory_wc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::WRITE_THROUGH, Flags::NO_CACHE)
+    }
+    /// Makes the pages write-back again (PAT index 0), then flushes as
+    /// [`AddressSpace::set_memory_uc`].
+    pub fn set_memory_wb(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), CACHE_BITS)
+    }
     /// Makes the pages read-only.
     pub fn set_memory_ro(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::WRITABLE)
@@ -517,11 +678,14 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::NO_EXECUTE)
     }
     /// Makes the pages not present, keeping frame and attributes in the
-    /// entry ("parked") for [`AddressSpace::set_memory_p`].
+    /// entry ("parked") for [`AddressSpace::set_memory_p`]. Where tables
+    /// are read-only (PV) an entry cannot be parked: the pages become holes
+    /// (the tables stay), and a `map` of the frames brings them back.
     pub fn set_memory_np(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), Flags::PRESENT)
     }
-    /// Makes parked pages present again.
+    /// Makes parked pages present again (refused under PV, which cannot
+    /// park: `Error::Flags(FlagError::NotPresent)`).
     pub fn set_memory_p(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
         self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::PRESENT, Flags::empty())
     }

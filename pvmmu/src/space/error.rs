@@ -80,6 +80,21 @@ pub enum Error {
     /// A kernel alias could not be resolved: the backend knows no current
     /// root.
     NoCurrentRoot,
+    /// CPA refused a change that breaks a static protection (see
+    /// [`crate::space::StaticProtection`]): a kernel text or read-only data
+    /// frame made writable, an executable mapping of kernel text made
+    /// non-executable, or any change to a page shared with the hypervisor.
+    StaticProtection {
+        /// The address mapping the protected frame.
+        va: u64,
+        /// The protected frame.
+        pfn: Pfn,
+        /// What the frame holds.
+        region: crate::space::Protected,
+    },
+    /// [`crate::space::MAX_PROTECTIONS`] static protections are registered
+    /// already.
+    TooManyProtections,
 }
 
 impl From<BackendError> for Error {

@@ -38,7 +38,10 @@ mod protect;
 mod slots;
 mod unmap;
 
-pub use cpa::{CpaDone, CpaStats, CPA_FLAGS, CPA_TEST_BIT, MAX_SPLITS};
+pub use cpa::{
+    CpaDone, CpaStats, Protected, StaticProtection, CLFLUSH_LIMIT, CPA_FLAGS, CPA_TEST_BIT,
+    MAX_PROTECTIONS, MAX_SPLITS, PAT_VALUE,
+};
 pub use error::Error;
 pub use flush::Flush;
 
@@ -164,6 +167,9 @@ pub struct AddressSpace<B: Backend, A: FrameAllocator> {
     /// Frames kept for CPA's splits.
     reserve: cpa::SplitReserve,
     cpa_stats: CpaStats,
+    /// Frames CPA keeps their protection (kernel text, rodata, pages
+    /// shared with the hypervisor).
+    protections: [Option<StaticProtection>; MAX_PROTECTIONS],
 }
 
 fn canonical(va: u64) -> bool {
@@ -241,7 +247,10 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 splits: 0,
                 flush_pages: 0,
                 flush_all: 0,
+                cache_lines: 0,
+                cache_all: 0,
             },
+            protections: [None; MAX_PROTECTIONS],
         }
     }
 
