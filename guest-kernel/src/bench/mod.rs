@@ -76,4 +76,11 @@ pub const RUNNING_SUITE: &[SelfTest] = &[
 pub const SMP_SUITE: &[SelfTest] = &[
     SelfTest::new("bench_shootdown_1", shootdown::shootdown::<1>),
     SelfTest::new("bench_shootdown_512", shootdown::shootdown::<512>),
+    // Only in the boots with `pvmmu.debug_pagealloc` (the 2-CPU pair).
+    SelfTest::new("bench_frame_alloc_free_pagealloc", |k| {
+        if !crate::pagealloc::enabled() {
+            return Ok(());
+        }
+        cpa::alloc_free(k, &cpa::PAGEALLOC)
+    }),
 ];

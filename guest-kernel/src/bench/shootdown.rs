@@ -19,7 +19,7 @@
 //! IPI per other CPU, and no timeout.
 
 use crate::percpu;
-use crate::selftest::{check_eq, TestResult};
+use crate::selftest::{check, check_eq, TestResult};
 use crate::shootdown as native_shootdown;
 use crate::Kernel;
 
@@ -45,8 +45,16 @@ pub fn shootdown<const PAGES: u64>(kernel: &mut Kernel) -> TestResult {
     } else if cpus > 1 {
         // set_memory_ro and the untimed set_memory_rw: one request each.
         let calls = 2 * REPS as u64;
-        check_eq("shootdown requests", s1 - s0, calls)?;
-        check_eq("shootdown IPIs", ipis1 - ipis0, calls * (cpus - 1))?;
+        if crate::pagealloc::enabled() {
+            // Under DEBUG_PAGEALLOC the frames the runs borrow are also
+            // unmapped when given back (outside the timed calls): one more
+            // request per free, so only a lower bound here.
+            check(s1 - s0 >= calls, "shootdown requests")?;
+            check(ipis1 - ipis0 >= calls * (cpus - 1), "shootdown IPIs")?;
+        } else {
+            check_eq("shootdown requests", s1 - s0, calls)?;
+            check_eq("shootdown IPIs", ipis1 - ipis0, calls * (cpus - 1))?;
+        }
     }
     cost.report(pv, format_args!("shootdown-{PAGES}p-{cpus}cpu"), 1, "call")
 }
