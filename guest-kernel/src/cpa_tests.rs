@@ -36,6 +36,7 @@ pub const SUITE: &[SelfTest] = &[
     SelfTest::new("cpa_random_ranges_walk_and_faults", random_ranges),
     SelfTest::new("cpa_refusals_leave_the_tree_unchanged", refusals),
     SelfTest::new("cpa_cache_modes_clflush_and_wbinvd", cache_modes),
+    SelfTest::new("cpa_image_data_alias_follows", image_data_alias_follows),
     // Before the marker test, which splits large pages all over.
     SelfTest::new("cpa_every_cpu_at_once", every_cpu_at_once),
     SelfTest::new("cpa_marker_ranges_across_the_direct_map", marker_ranges),
@@ -808,4 +809,47 @@ fn marker_ranges(kernel: &mut Kernel) -> TestResult {
         after.splits - before.splits
     );
     Ok(())
+}
+
+/// A page of the image's `.bss`, for the alias test (nothing else uses it).
+#[repr(C, align(4096))]
+struct AliasPage([u64; 512]);
+static mut ALIAS_PAGE: AliasPage = AliasPage([0; 512]);
+
+/// A frame of the image's data is mapped at its image address and in the
+/// direct map: read-only through one makes it read-only through the other
+/// (a write through either faults), and writable again through the other
+/// restores both.
+fn image_data_alias_follows(_kernel: &mut Kernel) -> TestResult {
+    let img = core::ptr::addr_of!(ALIAS_PAGE) as u64;
+    let dm = DirectMem::va(Pfn((img - crate::boot::KERNEL_VMA) >> 12));
+    let before = kspace::alias_changes();
+    let writes = |value: u64| -> TestResult {
+        for va in [img + 8, dm + 16] {
+            // SAFETY: the test's own page of .bss (both addresses).
+            unsafe { probe_write(va, value) }
+                .map_err(|_| Failure::Check("write to the alias page faulted"))?;
+        }
+        Ok(())
+    };
+    writes(1)?;
+    cpa(img, 1, Flags::empty(), Flags::WRITABLE)?;
+    for va in [img + 8, dm + 16] {
+        // SAFETY: as above; read-only now, the write faults.
+        expect_fault(unsafe { probe_write(va, 2) }, va, pf::PRESENT | pf::WRITE)?;
+        // SAFETY: reading the page has no side effect.
+        check_eq(
+            "the value through either alias",
+            unsafe { probe_read(va) }
+                .map_err(|_| Failure::Check("read of the alias page faulted"))?,
+            1,
+        )?;
+    }
+    cpa(dm, 1, Flags::WRITABLE, Flags::empty())?;
+    writes(3)?;
+    check_eq(
+        "changes carried to an alias",
+        kspace::alias_changes() - before,
+        2,
+    )
 }

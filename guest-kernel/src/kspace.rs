@@ -20,6 +20,8 @@
 //! page of a slot is never mapped; fixmap pages are mapped once at init and
 //! never unmapped.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use hypercall::MmuHypercalls;
 use pvmmu::backend::{LargePages, Native, XenPv};
 use pvmmu::entry::Flags;
@@ -410,13 +412,75 @@ pub fn free_stack(stack: Stack) -> Result<(), KspaceError> {
 /// large pages natively, with one TLB decision that reaches every CPU (the
 /// shootdown natively, Xen's all-vCPU flush under PV). Tables made by
 /// splits come from the pool and stay in the tree (never reassembled).
+///
+/// Aliases: the kernel image's `.data`/`.bss` frames are mapped twice, at
+/// their image address and in the direct map. A change of what must agree
+/// across the two (writable or not, the caching bits) on a range wholly
+/// inside one of them is applied to the other too, in the same locked
+/// section: read-only data stays read-only through either address (text
+/// and rodata are read-only in both by the static protections). NX and
+/// presence stay per mapping (the direct map is never executable). If the
+/// alias's change is refused, the first change is undone with the inverse
+/// change and the alias's error returned.
 pub fn change_page_attr(
     va: u64,
     len: u64,
     set: Flags,
     clear: Flags,
 ) -> Result<pvmmu::space::CpaDone, KspaceError> {
-    with(|ks| Ok(on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?))
+    let (alias_set, alias_clear) = (set & ALIAS_AGREE, clear & ALIAS_AGREE);
+    let alias = if (alias_set | alias_clear).is_empty() {
+        None
+    } else {
+        image_data_alias(va, len)
+    };
+    with(|ks| {
+        let done = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?;
+        if let Some(other) = alias {
+            let r = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(other, len, alias_set, alias_clear));
+            if let Err(e) = r {
+                let undo =
+                    on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, clear, set));
+                if let Err(u) = undo {
+                    log::error!("cpa: undoing {va:#x} after its alias was refused: {u:?}");
+                }
+                return Err(e.into());
+            }
+            ALIAS_CHANGES.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(done)
+    })
+}
+
+/// The attributes every alias of a frame must agree on.
+const ALIAS_AGREE: Flags = Flags::WRITABLE
+    .union(Flags::WRITE_THROUGH)
+    .union(Flags::NO_CACHE);
+
+/// Changes [`change_page_attr`] carried to an alias.
+static ALIAS_CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// How many changes were carried to an alias so far.
+pub fn alias_changes() -> u64 {
+    ALIAS_CHANGES.load(Ordering::Relaxed)
+}
+
+/// The other mapping of `[va, va + len)` when the range lies wholly in the
+/// image's data (`.data` and `.bss`) or wholly in that data's direct-map
+/// alias; `None` otherwise.
+fn image_data_alias(va: u64, len: u64) -> Option<u64> {
+    let data = crate::boot::image_layout().data;
+    let base = data.start & !0xfff;
+    let end = va.checked_add(len)?;
+    let dm = DirectMem::va(Pfn((base - crate::boot::KERNEL_VMA) >> 12));
+    let dm_end = dm + (data.end - base);
+    if va >= base && end <= data.end {
+        Some(dm + (va - base))
+    } else if va >= dm && end <= dm_end {
+        Some(base + (va - dm))
+    } else {
+        None
+    }
 }
 
 /// DEBUG_PAGEALLOC's unmap (and the CPA self-test's): the direct-map pages of frames
