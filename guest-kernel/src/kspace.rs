@@ -948,3 +948,43 @@ pub fn try_apply_now(op: LazyOp) -> Result<Option<()>, KspaceError> {
     on_space!(&mut ks.space, s => ks.batch.apply_now(s, |s| op.run(s)))?;
     Ok(Some(()))
 }
+
+/// One change of the SMP stress ([`crate::smp_stress`]).
+#[derive(Debug, Clone, Copy)]
+pub enum RangeOp {
+    /// Map one page to this frame with these flags.
+    Map(Pfn, Flags),
+    /// Unmap the pages (all mapped).
+    Unmap,
+    /// Set the pages' flags (all mapped).
+    Protect(Flags),
+}
+
+/// Applies `op` to `pages` pages at `va` and performs its flush (every CPU
+/// the space is active on), under the lock.
+pub fn change_range(va: u64, pages: u64, op: RangeOp) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = match op {
+                RangeOp::Map(pfn, flags) => s.map(va, pfn, 4096, flags)?,
+                RangeOp::Unmap => s.unmap(va, pages * 4096)?,
+                RangeOp::Protect(flags) => s.protect(va, pages * 4096, flags, false)?,
+            };
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
+/// Runs pvmmu's invariant walker over the whole live tree under the lock;
+/// the number of violations (each passed to `note`).
+pub fn check_invariants(
+    note: &mut dyn FnMut(pvmmu::invariants::Violation),
+) -> Result<usize, KspaceError> {
+    with(|ks| {
+        Ok(on_space!(&ks.space, s => {
+            let b = s.backend();
+            pvmmu::invariants::check(b, s.root(), pvmmu::invariants::Rules::for_backend(b), None, note)
+        }))
+    })
+}
