@@ -13,7 +13,15 @@
 //!
 //! Invariant: bit `n` is set from before CPU `n` can cache a translation of
 //! the address space until after it stopped being able to use one.
+//!
+//! The ordering is model-checked with `loom` (`tests/loom_shootdown.rs`:
+//! a CPU switching in races a change and its mask read); under `cfg(loom)`
+//! the atomics are loom's.
 
+#[cfg(loom)]
+use loom::sync::atomic::{fence, AtomicU64, Ordering};
+
+#[cfg(not(loom))]
 use core::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// Most CPUs a mask can name.
@@ -27,20 +35,37 @@ pub struct ActiveCpus(AtomicU64);
 
 impl ActiveCpus {
     /// No CPU.
+    #[cfg(not(loom))]
     pub const fn new() -> Self {
-        Self(AtomicU64::new(0))
+        Self::with_bits(0)
+    }
+
+    /// No CPU (loom's atomics are not `const`).
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self::with_bits(0)
     }
 
     /// A mask with the CPUs of `bits` already in it.
+    #[cfg(not(loom))]
     pub const fn with_bits(bits: u64) -> Self {
         Self(AtomicU64::new(bits))
     }
 
-    /// CPU `cpu` is about to load the root: call before the load. CPUs past
+    /// A mask with the CPUs of `bits` already in it (loom's atomics are not
+    /// `const`).
+    #[cfg(loom)]
+    pub fn with_bits(bits: u64) -> Self {
+        Self(AtomicU64::new(bits))
+    }
+
+    /// CPU `cpu` is about to load the root: call before the load (a full
+    /// fence orders the bit before the walks that follow). CPUs past
     /// [`MAX_CPUS`] are ignored (the caller refuses to bring them up).
     pub fn activate(&self, cpu: usize) {
         if cpu < MAX_CPUS {
             self.0.fetch_or(1 << cpu, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
         }
     }
 
@@ -58,13 +83,15 @@ impl ActiveCpus {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// The mask's address, for Xen to read (`MMUEXT_*_MULTI`'s `vcpumask`).
+    /// The mask's address, for Xen to read (`MMUEXT_*_MULTI`'s `vcpumask`):
+    /// the type is a transparent `AtomicU64`, which has the layout of a
+    /// `u64`.
     pub fn as_ptr(&self) -> *const u64 {
-        self.0.as_ptr().cast_const()
+        (self as *const Self).cast()
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
