@@ -23,7 +23,8 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypercall::MmuHypercalls;
-use pvmmu::backend::{LargePages, Native, XenPv};
+use pvmmu::backend::{FlushTargets, LargePages, Native, XenPv};
+use pvmmu::cpus::ActiveCpus;
 use pvmmu::entry::Flags;
 use pvmmu::lazy_task::BatchOwner;
 use pvmmu::space::{Protected, StaticProtection};
@@ -34,6 +35,14 @@ use crate::frames::Frames;
 use crate::shootdown::ShootdownTlb;
 use crate::xen_pv::PvBoot;
 use crate::Kernel;
+
+/// The CPUs this address space is active on: every CPU, from before it
+/// loads the kernel root (the boot CPU at [`init`], each other CPU before
+/// [`crate::smp`] starts it), since the kernel root is never switched away
+/// from. Under PV the flushes are `MMUEXT_*_MULTI` with this mask, which Xen
+/// reads after the updates before it; natively only these CPUs (those of
+/// them online) get the shootdown IPI. See `pvmmu::cpus` for the ordering.
+pub static ACTIVE: ActiveCpus = ActiveCpus::new();
 
 /// L4 slot of the kernel's dynamic area.
 pub const KSPACE_SLOT: usize = 403;
@@ -199,6 +208,7 @@ fn with<T>(f: impl FnOnce(&mut Kspace) -> Result<T, KspaceError>) -> Result<T, K
 /// Moves [`POOL_FRAMES`] frames from the boot allocator into the pool and
 /// opens the address space over the live tree.
 pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
+    ACTIVE.activate(crate::percpu::cpu_id());
     let dm = kernel.direct_map.clone().ok_or(KspaceError::NotReady)?;
     let mut pool = Pool::new();
     fill_pool(&mut pool, &mut kernel.frames)?;
@@ -207,9 +217,10 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
             let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
             // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
             let xen = unsafe { hypercall::Xen::new() };
-            // Every flush reaches all vCPUs: the tree is live on all of them.
-            let backend =
-                XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn).with_flush_all_vcpus(true);
+            // Every flush reaches the vCPUs the tree is live on: all of
+            // those started, each in ACTIVE before it loaded the root.
+            let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn)
+                .with_flush_targets(FlushTargets::Active(&ACTIVE));
             // SAFETY: `dm.root` is the live, pinned L4 the bootstrap built;
             // this space edits only slot KSPACE_SLOT, whose tables come from
             // and go back to its own pool.
@@ -936,4 +947,58 @@ pub fn try_apply_now(op: LazyOp) -> Result<Option<()>, KspaceError> {
     let ks = guard.as_mut().ok_or(KspaceError::NotReady)?;
     on_space!(&mut ks.space, s => ks.batch.apply_now(s, |s| op.run(s)))?;
     Ok(Some(()))
+}
+
+/// One change of the SMP stress ([`crate::smp_stress`]).
+#[derive(Debug, Clone, Copy)]
+pub enum RangeOp {
+    /// Map one page to this frame with these flags.
+    Map(Pfn, Flags),
+    /// Unmap the pages (all mapped).
+    Unmap,
+    /// Set the pages' flags (all mapped).
+    Protect(Flags),
+}
+
+/// Applies `op` to `pages` pages at `va` and performs its flush (every CPU
+/// the space is active on), under the lock.
+pub fn change_range(va: u64, pages: u64, op: RangeOp) -> Result<(), KspaceError> {
+    with(|ks| {
+        on_space!(&mut ks.space, s => {
+            let flush = match op {
+                RangeOp::Map(pfn, flags) => s.map(va, pfn, 4096, flags)?,
+                RangeOp::Unmap => s.unmap(va, pages * 4096)?,
+                RangeOp::Protect(flags) => s.protect(va, pages * 4096, flags, false)?,
+            };
+            s.flush(flush)?;
+        });
+        Ok(())
+    })
+}
+
+/// Runs pvmmu's invariant walker over the whole live tree under the lock;
+/// the number of violations (each passed to `note`). The one mapping of a
+/// frame outside the guest's memory made on purpose, Xen's shared-info
+/// page at [`Fixmap::SharedInfo`], is not one.
+pub fn check_invariants(
+    note: &mut dyn FnMut(pvmmu::invariants::Violation),
+) -> Result<usize, KspaceError> {
+    use pvmmu::invariants::{check, Rules, Violation};
+    let shared_info = Fixmap::SharedInfo.va();
+    let mut n = 0;
+    let mut filter = |v: Violation| match v {
+        Violation::ForeignFrame { va, .. } if va == shared_info => {}
+        v => {
+            n += 1;
+            note(v);
+        }
+    };
+    with(|ks| {
+        on_space!(&ks.space, s => {
+            let b = s.backend();
+            check(b, s.root(), Rules::for_backend(b), None, &mut filter)
+        });
+        Ok(())
+    })?;
+    Ok(n)
 }

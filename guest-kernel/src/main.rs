@@ -46,6 +46,7 @@ mod selftest;
 mod shootdown;
 mod shutdown;
 mod smp;
+mod smp_stress;
 mod smp_tests;
 mod stress;
 mod timer;
@@ -82,6 +83,7 @@ const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_te
 const RUNNING_SUITES: &[&[SelfTest]] = &[
     rk_tests::SUITE,
     smp_tests::SUITE,
+    smp_stress::SUITE,
     cpa_tests::SUITE,
     pagealloc_tests::SUITE,
     lazy_tests::SUITE,
@@ -614,6 +616,7 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.ipis = ipi::counts().0 + shootdown_ipis;
     kernel.report.shootdowns = shootdowns;
     (kernel.report.tlb_rounds, kernel.report.tlb_stale) = smp_tests::totals();
+    kernel.report.smp_stress_ops = smp_stress::ops_done();
     if let Some(cpa) = kspace::cpa_stats() {
         kernel.report.cpa_calls = cpa.calls;
         kernel.report.cpa_splits = cpa.splits;

@@ -71,6 +71,8 @@ pub struct Report {
     pub tlb_rounds: u64,
     /// Stale accesses those rounds saw (must be 0).
     pub tlb_stale: u64,
+    /// Operations of the concurrent SMP stress (`smp_stress.rs`).
+    pub smp_stress_ops: u64,
     /// change_page_attr calls that succeeded on the live tree.
     pub cpa_calls: u64,
     /// Large pages CPA split.
@@ -140,6 +142,7 @@ impl Report {
             shootdowns: 0,
             tlb_rounds: 0,
             tlb_stale: 0,
+            smp_stress_ops: 0,
             cpa_calls: 0,
             cpa_splits: 0,
             cpa_faults_verified: 0,
@@ -212,7 +215,7 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpus\":{},\"cpus_offered\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
-             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{}",
+             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{},\"smp_stress_ops\":{}",
             self.cpus,
             self.cpus_offered,
             self.timer_irqs,
@@ -224,7 +227,8 @@ impl fmt::Display for Report {
             self.ipis,
             self.shootdowns,
             self.tlb_rounds,
-            self.tlb_stale
+            self.tlb_stale,
+            self.smp_stress_ops
         )?;
         write!(
             f,

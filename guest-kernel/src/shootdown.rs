@@ -10,8 +10,14 @@
 //! generation). The wait is bounded: a CPU that does not answer within
 //! [`ACK_TIMEOUT_NS`] is counted and reported, never waited for forever.
 //!
+//! The targets are the CPUs in the kernel space's mask
+//! ([`crate::kspace::ACTIVE`], read after the table change with a full
+//! fence) that are online; a CPU marks itself online and then flushes its
+//! whole TLB, so one that was skipped as offline holds nothing stale.
+//!
 //! Under Xen PV none of this runs: pvmmu's PV backend asks Xen for
-//! `MMUEXT_INVLPG_ALL` / `MMUEXT_TLB_FLUSH_ALL` and Xen does the IPIs.
+//! `MMUEXT_INVLPG_MULTI` / `MMUEXT_TLB_FLUSH_MULTI` with that mask and Xen
+//! does the IPIs.
 //!
 //! The request/acknowledge protocol itself is `pvmmu::shootdown`, which is
 //! model-checked with loom on the host; this file sends the IPIs, flushes,
@@ -107,10 +113,12 @@ fn remote(va: u64) {
     // handler meanwhile, so `serve` has nothing to do.
     let _p = crate::sched::preempt_disable();
     let me = percpu::cpu_id();
+    let active = crate::kspace::ACTIVE.snapshot();
     let mut targets = [0usize; MAX_CPUS];
     let mut n = 0;
     for cpu in 0..MAX_CPUS {
-        if cpu != me && percpu::CPUS[cpu].online.load(Ordering::Acquire) {
+        if cpu != me && active & (1 << cpu) != 0 && percpu::CPUS[cpu].online.load(Ordering::SeqCst)
+        {
             targets[n] = cpu;
             n += 1;
         }

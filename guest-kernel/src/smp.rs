@@ -138,6 +138,8 @@ fn bring_up_pv(kernel: &Kernel, cpu: usize) -> Result<(), SmpError> {
     ctxt.event_callback_eip = crate::events::upcall_entry();
     ctxt.failsafe_callback_eip = crate::events::failsafe_entry();
     ctxt.gs_base_kernel = percpu::base_of(cpu);
+    // In the kernel space's mask before Xen loads the root for it.
+    crate::kspace::ACTIVE.activate(cpu);
     // SAFETY: PV; the context names a mapped stack, the pinned live root,
     // our handlers, and a GDT frame that is read-only everywhere.
     unsafe { hypercall::ops::vcpu_initialise(cpu as u32, &ctxt) }.map_err(SmpError::Xen)?;
@@ -184,7 +186,13 @@ pub extern "C" fn smp_ap_main(cpu: u64) -> ! {
     } else if let Err(e) = timer::start_native_cpu() {
         panic!("cpu {cpu}: timer: {e:?}");
     }
-    percpu::CPUS[cpu].online.store(true, Ordering::Release);
+    percpu::CPUS[cpu].online.store(true, Ordering::SeqCst);
+    if !crate::platform::is_xen_pv() {
+        // Shootdowns target online CPUs only: one that read us offline
+        // changed its tables before our store, so this flush, after it,
+        // drops anything we cached before we could answer IPIs.
+        x86_64::instructions::tlb::flush_all();
+    }
     irq::enable();
     sched::idle_loop(cpu as u64);
     unreachable!("the idle loop returned");

@@ -321,6 +321,8 @@ fn start_one(cpu: usize, apic_id: u32, cr3: u64) -> Result<(), SmpError> {
         );
         set_word(sym(&ap_tramp_cpu), cpu as u64);
     }
+    // In the kernel space's mask before the trampoline loads the root.
+    crate::kspace::ACTIVE.activate(cpu);
     core::sync::atomic::fence(Ordering::SeqCst);
     let page = (TRAMPOLINE_PHYS >> 12) as u8;
     apic::send_init_sipi(apic_id, None);

@@ -145,6 +145,21 @@ pub enum MmuExt {
         /// Linear address.
         va: u64,
     },
+    /// Flush the TLBs of the vCPUs in a mask (`MMUEXT_TLB_FLUSH_MULTI`).
+    TlbFlushMulti {
+        /// The guest address of the mask (one `unsigned long`, bit n for
+        /// vCPU n), which Xen reads when it runs this operation: after
+        /// every request and operation before it in the same batch.
+        mask: *const u64,
+    },
+    /// Invalidate one address on the vCPUs in a mask
+    /// (`MMUEXT_INVLPG_MULTI`).
+    InvlpgMulti {
+        /// Linear address.
+        va: u64,
+        /// The guest address of the mask, as for [`MmuExt::TlbFlushMulti`].
+        mask: *const u64,
+    },
 }
 
 impl MmuExt {
@@ -152,6 +167,7 @@ impl MmuExt {
     pub fn encode(self) -> mmuext_op {
         // SAFETY (none needed): building a union by value is safe; only
         // reading one is not.
+        let mut mask: *const u64 = core::ptr::null();
         let (cmd, arg1) = match self {
             Self::Pin { level, mfn } => (
                 match level {
@@ -169,11 +185,26 @@ impl MmuExt {
             Self::InvlpgLocal { va } => (abi::MMUEXT_INVLPG_LOCAL, va),
             Self::TlbFlushAll => (abi::MMUEXT_TLB_FLUSH_ALL, 0),
             Self::InvlpgAll { va } => (abi::MMUEXT_INVLPG_ALL, va),
+            Self::TlbFlushMulti { mask: m } => {
+                mask = m;
+                (abi::MMUEXT_TLB_FLUSH_MULTI, 0)
+            }
+            Self::InvlpgMulti { va, mask: m } => {
+                mask = m;
+                (abi::MMUEXT_INVLPG_MULTI, va)
+            }
+        };
+        let arg2 = if mask.is_null() {
+            xen_sys::mmuext_op__bindgen_ty_2 { src_mfn: 0 }
+        } else {
+            xen_sys::mmuext_op__bindgen_ty_2 {
+                vcpumask: mask.cast(),
+            }
         };
         mmuext_op {
             cmd,
             arg1: xen_sys::mmuext_op__bindgen_ty_1 { mfn: arg1 },
-            arg2: xen_sys::mmuext_op__bindgen_ty_2 { src_mfn: 0 },
+            arg2,
         }
     }
 
@@ -206,6 +237,17 @@ impl MmuExt {
             abi::MMUEXT_INVLPG_LOCAL => Self::InvlpgLocal { va: arg1 },
             abi::MMUEXT_TLB_FLUSH_ALL => Self::TlbFlushAll,
             abi::MMUEXT_INVLPG_ALL => Self::InvlpgAll { va: arg1 },
+            // SAFETY: `arg2` is a plain pointer-sized union; reading it as
+            // a pointer is valid for any bit pattern (it is not
+            // dereferenced here).
+            abi::MMUEXT_TLB_FLUSH_MULTI => Self::TlbFlushMulti {
+                mask: unsafe { op.arg2.vcpumask }.cast(),
+            },
+            // SAFETY: as above.
+            abi::MMUEXT_INVLPG_MULTI => Self::InvlpgMulti {
+                va: arg1,
+                mask: unsafe { op.arg2.vcpumask }.cast(),
+            },
             _ => return None,
         })
     }
@@ -552,6 +594,27 @@ mod tests {
         ];
         for c in cases {
             assert_eq!(MmuExt::decode(&c.encode()), Some(c));
+        }
+        let mask = 0b101u64;
+        let multi = [
+            MmuExt::TlbFlushMulti { mask: &mask },
+            MmuExt::InvlpgMulti {
+                va: 0x2000,
+                mask: &mask,
+            },
+        ];
+        for (c, cmd) in multi
+            .into_iter()
+            .zip([abi::MMUEXT_TLB_FLUSH_MULTI, abi::MMUEXT_INVLPG_MULTI])
+        {
+            let op = c.encode();
+            assert_eq!(op.cmd, cmd);
+            // SAFETY: `encode` stored the mask pointer in `vcpumask`.
+            assert_eq!(
+                unsafe { op.arg2.vcpumask }.cast::<u64>(),
+                &mask as *const u64
+            );
+            assert_eq!(MmuExt::decode(&op), Some(c));
         }
         assert_eq!(
             MmuExt::Pin {

@@ -11,6 +11,7 @@ extern crate std;
 
 pub mod backend;
 pub mod bootstrap;
+pub mod cpus;
 pub mod entry;
 pub mod invariants;
 pub mod kmap;

@@ -6,11 +6,15 @@
 //! would arrive between its instructions. The property: once `initiate`
 //! returns, every target's cached copy is at least the value the initiator
 //! wrote before calling it (no stale translation survives a shootdown).
+//! And the mask of CPUs a shootdown targets (`pvmmu::cpus`): a CPU that
+//! joins it and loads the root while another CPU changes an entry and reads
+//! the mask is either in the mask read, or walked the new entry.
 #![cfg(loom)]
 
 use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use pvmmu::cpus::ActiveCpus;
 use pvmmu::shootdown::Shootdown;
 
 /// The shared world: the entry, each CPU's cached copy of it, each CPU's
@@ -147,5 +151,36 @@ fn two_initiators_one_target() {
         w.target_loop(2, 2);
         a.join().unwrap();
         b.join().unwrap();
+    });
+}
+
+/// CPU 1 switches in (joins the mask, then loads the root and walks the
+/// entry) while CPU 0 changes the entry and reads the mask to aim its
+/// flush: if CPU 1 is not in the mask CPU 0 read, CPU 1 walked the new
+/// entry. The same for a CPU that switches away and back in between.
+#[test]
+fn a_cpu_switching_in_is_in_the_mask_or_sees_the_change() {
+    builder(0).check(|| {
+        let cpus = Arc::new(ActiveCpus::new());
+        let pte = Arc::new(AtomicU64::new(1));
+        cpus.activate(0);
+        let b = {
+            let (cpus, pte) = (cpus.clone(), pte.clone());
+            thread::spawn(move || {
+                cpus.activate(1);
+                let _first_walk = pte.load(Ordering::SeqCst);
+                // Away (another root loaded: nothing cached), and back.
+                cpus.deactivate(1);
+                cpus.activate(1);
+                pte.load(Ordering::SeqCst)
+            })
+        };
+        pte.store(2, Ordering::SeqCst);
+        let mask = cpus.snapshot();
+        let again = b.join().unwrap();
+        assert_ne!(mask & 1, 0, "the initiator is in its own mask");
+        if mask & 2 == 0 {
+            assert_eq!(again, 2, "cpu 1 missed by the mask walked the old entry");
+        }
     });
 }

@@ -25,7 +25,9 @@ use crate::phys::FrameWords;
 use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK};
 
 pub use native::{CpuTlb, Native, NoTlb, Tlb};
-pub use xen::{Alias, AliasMap, NoAliases, RequestBuffer, XenPv, DEFAULT_BATCH, MAX_BATCH};
+pub use xen::{
+    Alias, AliasMap, FlushTargets, NoAliases, RequestBuffer, XenPv, DEFAULT_BATCH, MAX_BATCH,
+};
 
 /// Which set of entry rules a backend enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

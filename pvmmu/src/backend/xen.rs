@@ -20,6 +20,7 @@ use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{Call, MmuExt, MmuHypercalls, MmuUpdate};
 
 use super::{Backend, BackendError, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
+use crate::cpus::ActiveCpus;
 use crate::entry::{
     pv_check, pv_normalize, pv_sanitize, Entry, FlagError, Flags, Level, TABLE_FLAGS,
 };
@@ -101,9 +102,22 @@ pub struct XenPv<
     root: Option<Mfn>,
     /// PWT/PCD allowed (the domain has I/O privileges).
     io_privileged: bool,
-    /// TLB flushes reach every vCPU of the domain (`MMUEXT_*_ALL`), not
-    /// only the calling one: the tree is live on several vCPUs.
-    flush_all_vcpus: bool,
+    /// Which vCPUs a TLB flush reaches.
+    targets: FlushTargets,
+}
+
+/// Which vCPUs the PV backend's TLB flushes reach.
+#[derive(Debug, Clone, Copy)]
+pub enum FlushTargets {
+    /// The calling vCPU only (`MMUEXT_*_LOCAL`): a tree live on one vCPU.
+    Local,
+    /// Every vCPU of the domain (`MMUEXT_*_ALL`).
+    All,
+    /// The vCPUs of a mask (`MMUEXT_*_MULTI`): those the tree is active on.
+    /// Xen reads the mask when it runs the flush, after the updates queued
+    /// before it in the same multicall (see [`crate::cpus`] for why that
+    /// order keeps a vCPU switching in from missing the flush).
+    Active(&'static ActiveCpus),
 }
 
 fn filter_bit(table_maddr: u64) -> u64 {
@@ -139,16 +153,31 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
             filter: 0,
             root,
             io_privileged: false,
-            flush_all_vcpus: false,
+            targets: FlushTargets::Local,
         }
     }
 
     /// Makes every TLB flush reach all of the domain's vCPUs (Xen sends the
     /// IPIs and returns when they are done): for a tree that other vCPUs
     /// may be running on. Off by default (one vCPU: local flushes).
-    pub fn with_flush_all_vcpus(mut self, all: bool) -> Self {
-        self.flush_all_vcpus = all;
+    pub fn with_flush_all_vcpus(self, all: bool) -> Self {
+        self.with_flush_targets(if all {
+            FlushTargets::All
+        } else {
+            FlushTargets::Local
+        })
+    }
+
+    /// Chooses which vCPUs TLB flushes reach (default
+    /// [`FlushTargets::Local`]).
+    pub fn with_flush_targets(mut self, targets: FlushTargets) -> Self {
+        self.targets = targets;
         self
+    }
+
+    /// Which vCPUs TLB flushes reach.
+    pub fn flush_targets(&self) -> FlushTargets {
+        self.targets
     }
 
     /// Allows PWT/PCD in leaves: only for a domain with I/O privileges
@@ -523,21 +552,26 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
     }
 
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
-        let all = self.flush_all_vcpus;
-        let full = if all {
-            MmuExt::TlbFlushAll
-        } else {
-            MmuExt::TlbFlushLocal
+        let targets = self.targets;
+        let full = match targets {
+            FlushTargets::Local => MmuExt::TlbFlushLocal,
+            FlushTargets::All => MmuExt::TlbFlushAll,
+            FlushTargets::Active(cpus) => MmuExt::TlbFlushMulti {
+                mask: cpus.as_ptr(),
+            },
         };
         let mut ops = [full; INVLPG_LIMIT as usize];
         let n = match scope {
             TlbScope::Range { start, pages } if pages <= INVLPG_LIMIT => {
                 for (i, op) in ops.iter_mut().enumerate().take(pages as usize) {
                     let va = start.wrapping_add(i as u64 * PAGE_SIZE);
-                    *op = if all {
-                        MmuExt::InvlpgAll { va }
-                    } else {
-                        MmuExt::InvlpgLocal { va }
+                    *op = match targets {
+                        FlushTargets::Local => MmuExt::InvlpgLocal { va },
+                        FlushTargets::All => MmuExt::InvlpgAll { va },
+                        FlushTargets::Active(cpus) => MmuExt::InvlpgMulti {
+                            va,
+                            mask: cpus.as_ptr(),
+                        },
                     };
                 }
                 pages as usize

@@ -12,6 +12,7 @@ use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{BatchError, Call, HypercallStats, MmuExt, MmuHypercalls, PinLevel, XenError};
 
 use super::rules::{entry_mfn, is_xen_l4_slot};
+use super::tlb::{Scope, Vcpus};
 use super::{DomainKind, Owner, PageType, XenModel, PAGE_PRESENT, PAGE_PSE};
 use crate::types::{Mfn, ENTRIES};
 
@@ -124,6 +125,8 @@ impl XenModel {
     /// `MMUEXT_NEW_BASEPTR` (`new_guest_cr3`).
     pub(crate) fn new_baseptr(&mut self, mfn: u64) -> Result<(), XenError> {
         if mfn == self.root {
+            // Xen reloads CR3 (`write_ptbase`) all the same.
+            self.vcpus.flush_local(Scope::All);
             return Ok(());
         }
         if self.owner(Mfn(mfn)) != Owner::Guest {
@@ -140,6 +143,7 @@ impl XenModel {
             self.put_page_type(old);
         }
         self.tlb_flushes += 1;
+        self.vcpus.flush_local(Scope::All);
         Ok(())
     }
 
@@ -177,14 +181,27 @@ impl XenModel {
             MmuExt::Unpin { mfn } => self.unpin(mfn),
             MmuExt::NewBaseptr { mfn } => self.new_baseptr(mfn),
             MmuExt::NewUserBaseptr { mfn } => self.new_user_baseptr(mfn),
-            MmuExt::TlbFlushLocal
-            | MmuExt::TlbFlushAll
-            | MmuExt::InvlpgLocal { .. }
-            | MmuExt::InvlpgAll { .. } => {
+            MmuExt::TlbFlushLocal => self.flushed(|v| v.flush_local(Scope::All)),
+            MmuExt::InvlpgLocal { va } => self.flushed(|v| v.flush_local(Scope::Page(va))),
+            MmuExt::TlbFlushAll => self.flushed(|v| v.flush_all(Scope::All)),
+            MmuExt::InvlpgAll { va } => self.flushed(|v| v.flush_all(Scope::Page(va))),
+            MmuExt::TlbFlushMulti { mask } => {
+                self.vcpus.flush_multi(mask, Scope::All)?;
+                self.tlb_flushes += 1;
+                Ok(())
+            }
+            MmuExt::InvlpgMulti { va, mask } => {
+                self.vcpus.flush_multi(mask, Scope::Page(va))?;
                 self.tlb_flushes += 1;
                 Ok(())
             }
         }
+    }
+
+    fn flushed(&mut self, f: impl FnOnce(&mut Vcpus)) -> Result<(), XenError> {
+        f(&mut self.vcpus);
+        self.tlb_flushes += 1;
+        Ok(())
     }
 
     fn run_mmuext(&mut self, ops: &[mmuext_op]) -> Result<(), BatchError> {
@@ -238,6 +255,16 @@ impl XenModel {
             // type is a pointer to a vCPU mask, which the model cannot read.
             if flags & !3 != 0 && flags & !3 != 4 {
                 return Err(XenError::Fault);
+            }
+            let scope = if flags & 3 == 2 {
+                Scope::Page(va)
+            } else {
+                Scope::All
+            };
+            if flags & 4 != 0 {
+                self.vcpus.flush_all(scope);
+            } else {
+                self.vcpus.flush_local(scope);
             }
         }
         Ok(())

@@ -23,8 +23,13 @@
 //! Not modelled: grant mappings, shadow/translated paging, 32-bit PV,
 //! preemption (a model call never returns `ERESTART`), the L1TF checks on
 //! non-present entries (off for dom0, and pvmmu writes non-present entries as
-//! zero), `MMUEXT_SET_LDT`, `CLEAR_PAGE`, `COPY_PAGE` and the `*_MULTI`
-//! flushes (the model answers `ENOSYS` to those).
+//! zero), `MMUEXT_SET_LDT`, `CLEAR_PAGE`, `COPY_PAGE` (the model answers
+//! `ENOSYS` to those), `update_va_mapping` with a vCPU mask pointer
+//! (`EFAULT`), global pages.
+//!
+//! TLBs are modelled per vCPU (`tlb.rs`): each simulated vCPU keeps the
+//! translations it read through until a flush covering it, so a missing or
+//! too-narrow flush is visible on the host.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -43,11 +48,13 @@ mod rules;
 mod shared;
 #[cfg(test)]
 mod tests;
+mod tlb;
 
 pub use boot::StartOfDay;
 pub use env::{ModelNegativeEnv, MODEL_VIRT_BASE, MODEL_WINDOW_VA};
 pub use hypercalls::is_guest_l4_slot;
 pub use shared::SharedModel;
+pub use tlb::MODEL_MAX_VCPUS;
 
 /// Entry bit: present.
 pub const PAGE_PRESENT: u64 = 1 << 0;
@@ -281,6 +288,8 @@ pub struct XenModel {
     user_root: u64,
     stats: HypercallStats,
     tlb_flushes: u64,
+    /// The simulated vCPUs' TLBs.
+    vcpus: tlb::Vcpus,
 }
 
 // SAFETY: the raw pointers in `memory` are owned allocations of this model
@@ -384,6 +393,7 @@ impl XenModel {
             user_root: 0,
             stats: HypercallStats::default(),
             tlb_flushes: 0,
+            vcpus: tlb::Vcpus::default(),
         }
     }
 

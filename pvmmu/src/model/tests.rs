@@ -882,3 +882,84 @@ fn frame_map_and_owner_queries() {
     assert!(is_guest_l4_slot(255) && !is_guest_l4_slot(256) && !is_guest_l4_slot(271));
     assert!(is_guest_l4_slot(272) && !is_guest_l4_slot(512));
 }
+
+#[test]
+fn each_vcpu_keeps_its_translations_until_a_flush_covers_it() {
+    let mut m = XenModel::new(1024);
+    let virt = 0xffff_ffff_8000_0000;
+    m.start_of_day(virt, 8).unwrap();
+    m.set_vcpus(3);
+    let va = virt + 4096;
+    let old = m.live_leaf(va).unwrap();
+    let mask: &'static crate::cpus::ActiveCpus =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(crate::cpus::ActiveCpus::new()));
+    let fill = |m: &mut XenModel, want: u64| {
+        for v in 0..3 {
+            assert_eq!(m.vcpu_translate(v, va + 12), Some(want));
+        }
+    };
+    let cached = |m: &XenModel| [0, 1, 2].map(|v| m.vcpu_cached(v, va).is_some());
+    fill(&mut m, old);
+    // Unmapped with no flush: every vCPU still translates the old entry,
+    // while a walk finds nothing.
+    m.update_va_mapping(va, 0, 0).unwrap();
+    assert_eq!(m.live_leaf(va), None);
+    assert_eq!(m.vcpu_translate(1, va), Some(old), "stale until flushed");
+    // A local invlpg reaches the issuing vCPU only.
+    m.set_current_vcpu(1);
+    assert_eq!(ext(&mut m, MmuExt::InvlpgLocal { va }), Ok(()));
+    assert_eq!(cached(&m), [true, false, true]);
+    assert_eq!(m.vcpu_translate(1, va), None, "re-walked: not mapped");
+    // A mask the model was not given: EFAULT, nothing flushed.
+    let unknown = 0b111u64;
+    assert_eq!(
+        ext(&mut m, MmuExt::TlbFlushMulti { mask: &unknown }),
+        Err(XenError::Fault)
+    );
+    assert_eq!(cached(&m), [true, false, true]);
+    // INVLPG_MULTI: the vCPUs of the mask, read when the op runs.
+    m.accept_vcpu_mask(mask);
+    mask.activate(2);
+    let multi = MmuExt::InvlpgMulti {
+        va,
+        mask: mask.as_ptr(),
+    };
+    assert_eq!(ext(&mut m, multi), Ok(()));
+    assert_eq!(cached(&m), [true, false, false]);
+    // Another page's invlpg leaves this one.
+    assert_eq!(ext(&mut m, MmuExt::InvlpgAll { va: va + 4096 }), Ok(()));
+    assert_eq!(cached(&m), [true, false, false]);
+    assert_eq!(ext(&mut m, MmuExt::InvlpgAll { va }), Ok(()));
+    assert_eq!(cached(&m), [false; 3]);
+    // Full flushes: local, multi, all; NEW_BASEPTR flushes the issuer.
+    let v = pte(&m, 200, P);
+    m.update_va_mapping(va, v, 0).unwrap();
+    let new = m.live_leaf(va).unwrap();
+    fill(&mut m, new);
+    m.set_current_vcpu(0);
+    assert_eq!(ext(&mut m, MmuExt::TlbFlushLocal), Ok(()));
+    assert_eq!(cached(&m), [false, true, true]);
+    mask.deactivate(2);
+    mask.activate(1);
+    let multi = MmuExt::TlbFlushMulti {
+        mask: mask.as_ptr(),
+    };
+    assert_eq!(ext(&mut m, multi), Ok(()));
+    assert_eq!(cached(&m), [false, false, true]);
+    fill(&mut m, new);
+    m.set_current_vcpu(2);
+    let root = m.current_root().unwrap().0;
+    assert_eq!(ext(&mut m, MmuExt::NewBaseptr { mfn: root }), Ok(()));
+    assert_eq!(cached(&m), [true, true, false]);
+    assert_eq!(ext(&mut m, MmuExt::TlbFlushAll), Ok(()));
+    assert_eq!(cached(&m), [false; 3]);
+    // update_va_mapping's flags: UVMF_INVLPG | UVMF_ALL, and local.
+    fill(&mut m, new);
+    m.update_va_mapping(va, 0, 2 | 4).unwrap();
+    assert_eq!(cached(&m), [false; 3]);
+    m.update_va_mapping(va, v, 0).unwrap();
+    fill(&mut m, new);
+    m.set_current_vcpu(1);
+    m.update_va_mapping(va, 0, 1).unwrap();
+    assert_eq!(cached(&m), [true, false, true]);
+}
