@@ -1,7 +1,8 @@
 //! The oracle check: a seeded random differential between real Xen and the
 //! Xen model. The same code draws `N` requests from a seed and applies them
 //! to a small pool of the guest's own frames, under real Xen in the guest
-//! kernel and against [`crate::model`] on the host; each request prints one
+//! kernel and against the Xen model (`pvmmu::model`, feature `model`) on
+//! the host; each request prints one
 //! `ORACLE <i> <answers> <entries> #<hash>` line, and the harness compares
 //! the two transcripts line for line.
 //!
