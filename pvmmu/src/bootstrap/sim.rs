@@ -58,7 +58,30 @@ pub struct PvRun {
 /// Boots a PV guest of `nr_pages` with `image` frames of kernel, p2m and
 /// start_info (the last 256 of them free padding, as Xen leaves >= 512 KiB).
 pub fn run_pv(nr_pages: u64, image: u64, batch: usize) -> Result<PvRun, BootError> {
+    run_pv_after(nr_pages, image, batch, 0)
+}
+
+/// [`run_pv`] with `earlier` local TLB flushes sent to the model before the
+/// bootstrap starts, as a kernel's console and set-up hypercalls come
+/// before it: the report must count only the bootstrap's own.
+pub fn run_pv_after(
+    nr_pages: u64,
+    image: u64,
+    batch: usize,
+    earlier: usize,
+) -> Result<PvRun, BootError> {
     let mut model = XenModel::new_hardware_domain(nr_pages);
+    for _ in 0..earlier {
+        hypercall::MmuHypercalls::mmuext_op(
+            &mut model,
+            &[hypercall::mmu::MmuExt::TlbFlushLocal.encode()],
+        )
+        .map_err(|e| BootError::Hypervisor {
+            round: 0,
+            done: 0,
+            error: e.error,
+        })?;
+    }
     let sod = model
         .start_of_day(VIRT_BASE, image)
         .map_err(|error| BootError::Hypervisor {
