@@ -96,6 +96,22 @@ pub fn run(command: &mut Command) -> Result<(), XtaskError> {
     }
 }
 
+/// Runs `command` to completion and returns what it wrote on stdout (its
+/// stderr is left as the caller set it); an unsuccessful exit is an error.
+pub fn stdout_of(command: &mut Command) -> Result<String, XtaskError> {
+    let output = command.output().map_err(|source| XtaskError::Spawn {
+        program: command.get_program().to_string_lossy().into_owned(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(XtaskError::CommandFailed {
+            command: describe(command),
+            status: output.status,
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// `apt-get <args>` without questions.
 pub fn apt_get(args: &[&str]) -> Command {
     let mut command = Command::new("apt-get");

@@ -181,17 +181,7 @@ fn count(ws: &Workspace, shard: Option<(u32, u32)>) -> Result<usize, XtaskError>
         .arg("mutants")
         .arg("--list")
         .args(selection(shard));
-    let output = list.output().map_err(|source| XtaskError::Spawn {
-        program: "cargo mutants".into(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(XtaskError::CommandFailed {
-            command: host::describe(&list),
-            status: output.status,
-        });
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
+    Ok(host::stdout_of(&mut list)?
         .lines()
         .filter(|l| !l.trim().is_empty())
         .count())

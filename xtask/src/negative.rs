@@ -40,17 +40,7 @@ pub fn model_lines(ws: &Workspace) -> Result<Vec<String>, XtaskError> {
             "negative-model",
         ])
         .stderr(Stdio::inherit());
-    let output = command.output().map_err(|source| XtaskError::Spawn {
-        program: "cargo".into(),
-        source,
-    })?;
-    if !output.status.success() {
-        return Err(XtaskError::CommandFailed {
-            command: host::describe(&command),
-            status: output.status,
-        });
-    }
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = host::stdout_of(&mut command)?;
     Ok(lines(&text.lines().map(str::to_string).collect::<Vec<_>>()))
 }
 
