@@ -37,6 +37,29 @@ pub struct XenNegativeEnv<'k> {
     window: Option<Pfn>,
 }
 
+impl<'k> XenNegativeEnv<'k> {
+    /// The environment of a PV kernel whose live root is `root`, taking
+    /// its frames from `frames`.
+    fn new(
+        pv: PvBoot,
+        mem: DirectMem,
+        aliases: KernelAliases,
+        frames: &'k mut Frames,
+        root: Mfn,
+    ) -> Self {
+        Self {
+            // SAFETY: a `PvBoot` exists only on the Xen PV entry path.
+            xen: unsafe { hypercall::Xen::new() },
+            mem,
+            pv,
+            aliases,
+            frames,
+            root,
+            window: None,
+        }
+    }
+}
+
 impl XenNegativeEnv<'_> {
     /// The L1 entry that maps `va` in the live tree; `None` where the walk
     /// finds no 4 KiB leaf.
@@ -150,16 +173,7 @@ pub fn run(kernel: &mut Kernel) -> Option<usize> {
     };
     let (mem, aliases) = (dm.mem, dm.aliases);
     let before = kernel.frames.free_count();
-    let mut env = XenNegativeEnv {
-        // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
-        xen: unsafe { hypercall::Xen::new() },
-        mem,
-        pv,
-        aliases,
-        frames: &mut kernel.frames,
-        root,
-        window: None,
-    };
+    let mut env = XenNegativeEnv::new(pv, mem, aliases, &mut kernel.frames, root);
     log::info!(
         "negative suite: {} cases against Xen",
         negative::EXPECTED.len()
@@ -270,16 +284,7 @@ pub fn run_oracle(kernel: &mut Kernel, seed: u64, replay: u64) -> Option<OracleF
     };
     let (mem, aliases) = (dm.mem, dm.aliases);
     let before = kernel.frames.free_count();
-    let mut env = XenNegativeEnv {
-        // SAFETY: `kernel.pv` is set only on the Xen PV entry path.
-        xen: unsafe { hypercall::Xen::new() },
-        mem,
-        pv,
-        aliases,
-        frames: &mut kernel.frames,
-        root,
-        window: None,
-    };
+    let mut env = XenNegativeEnv::new(pv, mem, aliases, &mut kernel.frames, root);
     let requests = oracle::DEFAULT_REQUESTS;
     let start = crate::platform::rdtsc();
     let mut figures = OracleFigures {
