@@ -409,6 +409,16 @@ pub struct Seen {
     pub flags: u16,
 }
 
+impl Seen {
+    /// The window's entry 0, empty: what an unused slot of a line holds.
+    pub const NONE: Seen = Seen {
+        frame: None,
+        index: 0,
+        token: 0,
+        flags: 0,
+    };
+}
+
 const TOKEN_FOREIGN: u8 = 100;
 const TOKEN_ROOT: u8 = 101;
 const TOKEN_OTHER: u8 = 102;
@@ -825,12 +835,7 @@ impl Runner<'_> {
             index,
             answers: [Answer::Skip; MAX_STEPS],
             n_answers: 1,
-            seen: [Seen {
-                frame: None,
-                index: 0,
-                token: 0,
-                flags: 0,
-            }; MAX_STEPS],
+            seen: [Seen::NONE; MAX_STEPS],
             n_seen: 0,
             hash: 0,
         };
@@ -1233,12 +1238,7 @@ mod tests {
             index,
             answers: [Answer::Ok; MAX_STEPS],
             n_answers: 1,
-            seen: [Seen {
-                frame: None,
-                index: 0,
-                token: 0,
-                flags: 0,
-            }; MAX_STEPS],
+            seen: [Seen::NONE; MAX_STEPS],
             n_seen: 0,
             hash,
         };
@@ -1285,12 +1285,7 @@ mod tests {
         };
         line.answers[0] = Answer::Partial(1, XenError::Inval);
         line.answers[1] = Answer::Ok;
-        line.seen[1] = Seen {
-            frame: None,
-            index: 0,
-            token: 0,
-            flags: 0,
-        };
+        line.seen[1] = Seen::NONE;
         line.n_seen = 2;
         assert_eq!(
             alloc::format!("{line}"),
