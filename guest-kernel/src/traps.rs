@@ -9,8 +9,8 @@
 //! hypercall under PV (the guest kernel runs in ring 3 there).
 //!
 //! An exception is either expected, at one of the probe instructions below
-//! (like Linux's exception table: the dispatcher records the fault and
-//! resumes at the probe's fixup label), or fatal: it prints vector, error
+//! (like Linux's exception table: the dispatcher puts the fault in the
+//! probe's return registers and resumes at the probe's fixup label), or fatal: it prints vector, error
 //! code, rip and cr2 and takes the panic path.
 //!
 //! Invariant: the dispatcher never returns to a faulting instruction; it
@@ -183,7 +183,8 @@ trap_pv_stubs:
     .quad trap_pv_\v
     .endr
 
-    # Probes: rax = value, rdx = 0, or rdx = 1 after a fault.
+    # Probes: rax = value, rdx = 0; after a fault the dispatcher sets
+    # rdx = 1 | vector << 8 | error code << 16 and rax = CR2.
     .globl probe_read_u64
 probe_read_u64:
     xor %eax, %eax
@@ -318,11 +319,15 @@ pub struct Fault {
     pub cr2: u64,
 }
 
-static FAULT_VECTOR: AtomicU64 = AtomicU64::new(0);
-static FAULT_ERROR: AtomicU64 = AtomicU64::new(0);
-static FAULT_CR2: AtomicU64 = AtomicU64::new(0);
-/// The address `probe_exec` is calling (0 when no exec probe runs).
-static EXEC_PROBE_TARGET: AtomicU64 = AtomicU64::new(0);
+/// How a caught fault travels back to its probe: in the probe's own return
+/// registers (`rdx` = 1 | vector << 8 | error code << 16, `rax` = CR2), so
+/// probes on several CPUs at once, or a thread that migrates right after
+/// its probe, never read another fault's record. Error codes are at most
+/// 32 bits wide (the CPU and Xen push them zero-extended).
+fn fault_registers(frame: &mut TrapFrame, cr2: u64) {
+    frame.rdx = 1 | (frame.vector & 0xff) << 8 | (frame.error_code & 0xffff_ffff) << 16;
+    frame.rax = cr2;
+}
 /// Exceptions taken (expected and fatal).
 static TRAPS_TAKEN: AtomicU64 = AtomicU64::new(0);
 
@@ -472,17 +477,13 @@ fn exception(frame: &mut TrapFrame) {
     } else {
         0
     };
-    let exec_target = EXEC_PROBE_TARGET.load(Ordering::Relaxed);
-    if exec_target != 0 && frame.vector == u64::from(vector::PF) && frame.rip == exec_target {
+    if exec_probe_fault(frame, cr2) {
         // An instruction fetch from the probed page faulted: return to the
         // probe as if the `ret` there had run, with the fault recorded.
-        FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
-        FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
-        FAULT_CR2.store(cr2, Ordering::Relaxed);
+        fault_registers(frame, cr2);
         // SAFETY: only the address of the asm label is taken.
         frame.rip = addr(unsafe { &probe_exec_fixup });
         frame.rsp += 8;
-        frame.rdx = 1;
         return;
     }
     if let Some(fixup) = fixup_for(frame.rip) {
@@ -490,11 +491,8 @@ fn exception(frame: &mut TrapFrame) {
         if let Some(hook) = hook {
             hook();
         }
-        FAULT_VECTOR.store(frame.vector, Ordering::Relaxed);
-        FAULT_ERROR.store(frame.error_code, Ordering::Relaxed);
-        FAULT_CR2.store(cr2, Ordering::Relaxed);
+        fault_registers(frame, cr2);
         frame.rip = fixup;
-        frame.rdx = 1;
         return;
     }
     // SAFETY: one CPU; this path never returns to the interrupted code.
@@ -548,14 +546,33 @@ fn exception(frame: &mut TrapFrame) {
     );
 }
 
+/// Whether `frame` is `probe_exec`'s call faulting on its fetch: a #PF
+/// fetching at the faulting address whose top of stack is the return
+/// address into `probe_exec_u64` (the stack the frame was pushed on is
+/// mapped, so reading its top cannot fault).
+fn exec_probe_fault(frame: &TrapFrame, cr2: u64) -> bool {
+    if frame.vector != u64::from(vector::PF)
+        || frame.error_code & pf::FETCH == 0
+        || cr2 != frame.rip
+    {
+        return false;
+    }
+    // SAFETY: `frame.rsp` is the interrupted stack pointer; the exception
+    // frame was pushed just below it on the same stack, so the word at it
+    // is mapped and readable.
+    let ret = unsafe { core::ptr::read_volatile(frame.rsp as *const u64) };
+    // SAFETY: only the address of the asm label is taken.
+    ret == addr(unsafe { &probe_exec_fixup })
+}
+
 fn probe_outcome(r: ProbeResult) -> Result<u64, Fault> {
     if r.faulted == 0 {
         Ok(r.value)
     } else {
         Err(Fault {
-            vector: FAULT_VECTOR.load(Ordering::Relaxed) as u8,
-            error_code: FAULT_ERROR.load(Ordering::Relaxed),
-            cr2: FAULT_CR2.load(Ordering::Relaxed),
+            vector: (r.faulted >> 8) as u8,
+            error_code: r.faulted >> 16,
+            cr2: r.value,
         })
     }
 }
@@ -586,12 +603,9 @@ pub unsafe fn probe_write(va: u64, value: u64) -> Result<(), Fault> {
 /// If `va` is executable, the byte there must be `ret` (0xc3): nothing else
 /// runs.
 pub unsafe fn probe_exec(va: u64) -> Result<(), Fault> {
-    EXEC_PROBE_TARGET.store(va, Ordering::Relaxed);
     // SAFETY: a fetch fault at `va` is caught by `trap_dispatch` (handlers
     // installed by `init`); otherwise the caller vouches `va` holds `ret`.
-    let r = unsafe { probe_exec_u64(va) };
-    EXEC_PROBE_TARGET.store(0, Ordering::Relaxed);
-    probe_outcome(r).map(|_| ())
+    probe_outcome(unsafe { probe_exec_u64(va) }).map(|_| ())
 }
 
 /// Executes `ud2`; returns the fault it raised (`Ok` would mean the
