@@ -24,10 +24,11 @@ pub mod nr {
 pub use xen_sys::{
     CONSOLEIO_write, EVTCHNOP_send, SCHEDOP_shutdown, SHUTDOWN_crash, SHUTDOWN_poweroff,
     SHUTDOWN_reboot, VMASST_CMD_disable, VMASST_CMD_enable, VMASST_TYPE_writable_pagetables,
-    MMUEXT_INVLPG_ALL, MMUEXT_INVLPG_LOCAL, MMUEXT_INVLPG_MULTI, MMUEXT_NEW_BASEPTR,
-    MMUEXT_NEW_USER_BASEPTR, MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE,
-    MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_ALL, MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_TLB_FLUSH_MULTI,
-    MMUEXT_UNPIN_TABLE, MMU_MACHPHYS_UPDATE, MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
+    MMUEXT_FLUSH_CACHE, MMUEXT_FLUSH_CACHE_GLOBAL, MMUEXT_INVLPG_ALL, MMUEXT_INVLPG_LOCAL,
+    MMUEXT_INVLPG_MULTI, MMUEXT_NEW_BASEPTR, MMUEXT_NEW_USER_BASEPTR, MMUEXT_PIN_L1_TABLE,
+    MMUEXT_PIN_L2_TABLE, MMUEXT_PIN_L3_TABLE, MMUEXT_PIN_L4_TABLE, MMUEXT_TLB_FLUSH_ALL,
+    MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_TLB_FLUSH_MULTI, MMUEXT_UNPIN_TABLE, MMU_MACHPHYS_UPDATE,
+    MMU_NORMAL_PT_UPDATE, MMU_PT_UPDATE_PRESERVE_AD,
 };
 
 /// `update_va_mapping` flag: flush the whole local TLB afterwards.
@@ -63,6 +64,12 @@ pub const DOMID_SELF: u16 = 0x7ff0;
 pub const SIF_PRIVILEGED: u32 = 1 << 0;
 /// `start_info.flags`: this is the initial domain (dom0).
 pub const SIF_INITDOMAIN: u32 = 1 << 1;
+/// The `IA32_PAT` value Xen runs PV guests with (`XEN_MSR_PAT` in Xen's
+/// `asm/processor.h`, an ABI with PV guests; a PV guest's `rdmsr` of
+/// `IA32_PAT` returns it): PA0 WB, PA1 WT, PA2 UC-, PA3 UC, PA4 WC, PA5 WP,
+/// PA6 UC, PA7 UC. Kernels should read the MSR rather than assume it.
+pub const XEN_MSR_PAT: u64 = 0x0000_0501_0007_0406;
+
 /// `start_info.flags`: `mod_start` is a PFN, not a virtual address.
 pub const SIF_MOD_START_PFN: u32 = 1 << 3;
 

@@ -160,6 +160,15 @@ pub enum MmuExt {
         /// The guest address of the mask, as for [`MmuExt::TlbFlushMulti`].
         mask: *const u64,
     },
+    /// Write back and invalidate the caches of the physical CPU this vCPU
+    /// runs on (`MMUEXT_FLUSH_CACHE`, `wbinvd`): only for a domain whose
+    /// cache flushes Xen permits (I/O memory or port capabilities), else
+    /// `EACCES`.
+    FlushCache,
+    /// Write back and invalidate every physical CPU's caches
+    /// (`MMUEXT_FLUSH_CACHE_GLOBAL`): as [`MmuExt::FlushCache`], but
+    /// refused with `EINVAL` (not `EACCES`) without the permission.
+    FlushCacheGlobal,
 }
 
 impl MmuExt {
@@ -189,6 +198,8 @@ impl MmuExt {
                 mask = m;
                 (abi::MMUEXT_TLB_FLUSH_MULTI, 0)
             }
+            Self::FlushCache => (abi::MMUEXT_FLUSH_CACHE, 0),
+            Self::FlushCacheGlobal => (abi::MMUEXT_FLUSH_CACHE_GLOBAL, 0),
             Self::InvlpgMulti { va, mask: m } => {
                 mask = m;
                 (abi::MMUEXT_INVLPG_MULTI, va)
@@ -237,6 +248,8 @@ impl MmuExt {
             abi::MMUEXT_INVLPG_LOCAL => Self::InvlpgLocal { va: arg1 },
             abi::MMUEXT_TLB_FLUSH_ALL => Self::TlbFlushAll,
             abi::MMUEXT_INVLPG_ALL => Self::InvlpgAll { va: arg1 },
+            abi::MMUEXT_FLUSH_CACHE => Self::FlushCache,
+            abi::MMUEXT_FLUSH_CACHE_GLOBAL => Self::FlushCacheGlobal,
             // SAFETY: `arg2` is a plain pointer-sized union; reading it as
             // a pointer is valid for any bit pattern (it is not
             // dereferenced here).
@@ -591,7 +604,11 @@ mod tests {
             },
             MmuExt::TlbFlushAll,
             MmuExt::InvlpgAll { va: 0x1000 },
+            MmuExt::FlushCache,
+            MmuExt::FlushCacheGlobal,
         ];
+        assert_eq!(MmuExt::FlushCache.encode().cmd, 12, "Xen's number");
+        assert_eq!(MmuExt::FlushCacheGlobal.encode().cmd, 18, "Xen's number");
         for c in cases {
             assert_eq!(MmuExt::decode(&c.encode()), Some(c));
         }

@@ -15,7 +15,7 @@
 
 use core::fmt;
 
-use crate::abi::{start_info, SIF_INITDOMAIN, SIF_MOD_START_PFN};
+use crate::abi::{start_info, SIF_INITDOMAIN, SIF_MOD_START_PFN, SIF_PRIVILEGED};
 use crate::boot::cmdline::Cmdline;
 
 /// What a 64-bit PV `start_info.magic` starts with (Xen writes
@@ -99,6 +99,14 @@ impl StartInfoFields {
     /// Whether this is dom0.
     pub fn is_dom0(&self) -> bool {
         self.flags & SIF_INITDOMAIN != 0
+    }
+
+    /// Whether Xen built this domain privileged (`SIF_PRIVILEGED` or
+    /// `SIF_INITDOMAIN`): dom0, which holds I/O memory and port
+    /// capabilities, so Xen lets it put cache attributes in its L1 entries
+    /// and flush caches (`MMUEXT_FLUSH_CACHE*`).
+    pub fn is_privileged(&self) -> bool {
+        self.flags & (SIF_PRIVILEGED | SIF_INITDOMAIN) != 0
     }
 }
 

@@ -17,7 +17,6 @@ use super::{DomainKind, Owner, PageType, XenModel, PAGE_PRESENT, PAGE_PSE};
 use crate::types::{Mfn, ENTRIES};
 
 /// `mmuext_op` commands the hypercall crate does not decode but Xen knows.
-const MMUEXT_FLUSH_CACHE: u32 = 12;
 const MMUEXT_MARK_SUPER: u32 = 19;
 const MMUEXT_UNMARK_SUPER: u32 = 20;
 
@@ -168,10 +167,6 @@ impl XenModel {
     fn mmuext_one(&mut self, op: &mmuext_op) -> Result<(), XenError> {
         let Some(ext) = MmuExt::decode(op) else {
             return match op.cmd {
-                MMUEXT_FLUSH_CACHE => match self.kind {
-                    DomainKind::Hardware => Ok(()),
-                    DomainKind::Unprivileged => Err(XenError::Acces),
-                },
                 MMUEXT_MARK_SUPER | MMUEXT_UNMARK_SUPER => Err(XenError::OpNotSupp),
                 _ => Err(XenError::NoSys),
             };
@@ -195,6 +190,23 @@ impl XenModel {
                 self.tlb_flushes += 1;
                 Ok(())
             }
+            // `cache_flush_permitted`: I/O memory or port capabilities. The
+            // two refusals differ in Xen 4.17 (`do_mmuext_op`): the local
+            // flush says EACCES, the global one EINVAL.
+            MmuExt::FlushCache => match self.kind {
+                DomainKind::Hardware => {
+                    self.cache_flushes.local += 1;
+                    Ok(())
+                }
+                DomainKind::Unprivileged => Err(XenError::Acces),
+            },
+            MmuExt::FlushCacheGlobal => match self.kind {
+                DomainKind::Hardware => {
+                    self.cache_flushes.global += 1;
+                    Ok(())
+                }
+                DomainKind::Unprivileged => Err(XenError::Inval),
+            },
         }
     }
 

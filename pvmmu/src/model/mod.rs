@@ -186,15 +186,31 @@ pub enum Owner {
 }
 
 /// Which kind of PV domain the model plays: it changes which cache
-/// attributes an L1 entry may carry and whether MMIO may be mapped.
+/// attributes an L1 entry may carry, whether MMIO may be mapped and
+/// whether Xen flushes caches for it (Xen decides all three by the
+/// domain's I/O memory and port capabilities, which dom0 has).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainKind {
     /// An ordinary domU without I/O privileges: PWT/PCD/PAT are refused in
-    /// L1 entries, MMIO mappings get `EPERM`.
+    /// L1 entries (`EINVAL`), MMIO mappings get `EPERM`,
+    /// `MMUEXT_FLUSH_CACHE` `EACCES` and `MMUEXT_FLUSH_CACHE_GLOBAL`
+    /// `EINVAL`.
     Unprivileged,
     /// The hardware domain (dom0), which the reference kernel is under real
-    /// Xen: cache attributes allowed in L1 entries, MMIO mappable.
+    /// Xen: cache attributes allowed in L1 entries (any PAT index, on any
+    /// of its RAM frames, with no agreement required between two mappings
+    /// of one frame: Xen 4.17 dropped that tracking, XSA-402), MMIO
+    /// mappable, cache flushes run.
     Hardware,
+}
+
+/// Cache flushes the model accepted, by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheFlushes {
+    /// `MMUEXT_FLUSH_CACHE`: the current physical CPU's caches.
+    pub local: u64,
+    /// `MMUEXT_FLUSH_CACHE_GLOBAL`: every physical CPU's caches.
+    pub global: u64,
 }
 
 /// A live page table whose guest-visible memory differs from what Xen
@@ -288,6 +304,8 @@ pub struct XenModel {
     user_root: u64,
     stats: HypercallStats,
     tlb_flushes: u64,
+    /// Cache flushes Xen ran for the guest.
+    cache_flushes: CacheFlushes,
     /// The simulated vCPUs' TLBs.
     vcpus: tlb::Vcpus,
 }
@@ -393,6 +411,7 @@ impl XenModel {
             user_root: 0,
             stats: HypercallStats::default(),
             tlb_flushes: 0,
+            cache_flushes: CacheFlushes::default(),
             vcpus: tlb::Vcpus::default(),
         }
     }
@@ -516,11 +535,17 @@ impl XenModel {
         self.tlb_flushes
     }
 
+    /// Cache flushes accepted (`MMUEXT_FLUSH_CACHE`, `_GLOBAL`).
+    pub fn cache_flushes(&self) -> CacheFlushes {
+        self.cache_flushes
+    }
+
     /// Sets every counter of [`hypercall::MmuHypercalls::stats`] (and the
-    /// TLB flush count) back to zero.
+    /// TLB and cache flush counts) back to zero.
     pub fn reset_stats(&mut self) {
         self.stats = HypercallStats::default();
         self.tlb_flushes = 0;
+        self.cache_flushes = CacheFlushes::default();
     }
 
     /// Entry `index` of machine frame `mfn` as the guest sees it, `None` if

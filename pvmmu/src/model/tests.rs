@@ -233,6 +233,70 @@ fn l1_cache_attributes_depend_on_privilege() {
 }
 
 #[test]
+fn dom0_maps_one_frame_with_different_cache_attributes_at_once() {
+    // Xen 4.17 keeps no per-frame cache attribute (XSA-402 dropped
+    // PGC_cacheattr): every PAT index is accepted on a RAM frame, whatever
+    // its other mappings say, and read back as written.
+    let mut dom0 = with_l1(DomainKind::Hardware);
+    let modes = [
+        0,
+        PAGE_PWT,
+        PAGE_PCD,
+        PAGE_PWT | PAGE_PCD,
+        PAGE_PSE,
+        PAGE_PSE | PAGE_PWT | PAGE_PCD,
+    ];
+    for (i, bits) in modes.into_iter().enumerate() {
+        set!(dom0, 10, i, pte(&dom0, 20, P | RW | bits)).unwrap();
+        assert_eq!(
+            peek(&dom0, 10, i),
+            pte(&dom0, 20, P | RW | bits | KERNEL_BITS)
+        );
+    }
+    assert_eq!(ty(&dom0, 20), (PageType::Writable, modes.len() as u32));
+    // A change of cache attribute alone re-validates the entry (it is not
+    // on the fast path's whitelist) and keeps one writable reference.
+    set!(dom0, 10, 0, pte(&dom0, 20, P | RW | PAGE_PSE)).unwrap();
+    assert_eq!(ty(&dom0, 20), (PageType::Writable, modes.len() as u32));
+    assert_eq!(dom0.check_integrity(), Ok(()));
+    // The same in a domU: refused, the old entry kept.
+    let mut domu = with_l1(DomainKind::Unprivileged);
+    set!(domu, 10, 0, pte(&domu, 20, P | RW)).unwrap();
+    assert_eq!(
+        set!(domu, 10, 0, pte(&domu, 20, P | RW | PAGE_PSE)),
+        Err(XenError::Inval)
+    );
+    assert_eq!(peek(&domu, 10, 0), pte(&domu, 20, P | RW | KERNEL_BITS));
+}
+
+#[test]
+fn cache_flushes_need_io_privilege_and_are_counted() {
+    let mut domu = XenModel::new(64);
+    let mut dom0 = XenModel::new_hardware_domain(64);
+    // Xen 4.17 `do_mmuext_op`: EACCES for the local flush, EINVAL for the
+    // global one.
+    assert_eq!(ext(&mut domu, MmuExt::FlushCache), Err(XenError::Acces));
+    assert_eq!(
+        ext(&mut domu, MmuExt::FlushCacheGlobal),
+        Err(XenError::Inval)
+    );
+    assert_eq!(domu.cache_flushes(), CacheFlushes::default());
+    assert_eq!(ext(&mut dom0, MmuExt::FlushCache), Ok(()));
+    assert_eq!(ext(&mut dom0, MmuExt::FlushCacheGlobal), Ok(()));
+    assert_eq!(ext(&mut dom0, MmuExt::FlushCacheGlobal), Ok(()));
+    assert_eq!(
+        dom0.cache_flushes(),
+        CacheFlushes {
+            local: 1,
+            global: 2
+        }
+    );
+    assert_eq!(dom0.tlb_flushes(), 0, "a cache flush is no TLB flush");
+    dom0.reset_stats();
+    assert_eq!(dom0.cache_flushes(), CacheFlushes::default());
+}
+
+#[test]
 fn l1_entries_for_frames_the_guest_does_not_own() {
     let mut domu = with_l1(DomainKind::Unprivileged);
     for m in [XEN_MFN_BASE, OTHER_MFN_BASE, GUEST_MFN_BASE + 256] {
