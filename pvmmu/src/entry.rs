@@ -180,14 +180,16 @@ pub fn pv_check(flags: Flags, io_privileged: bool) -> Result<Flags, FlagError> {
 
 /// Xen PV rules for any entry the backend writes (leaves, table entries,
 /// alias flips): no PS at any level, no caching attributes without I/O
-/// privilege. GLOBAL is Xen's to manage: a read-back GLOBAL is not written
-/// back.
+/// privilege. With it, bit 7 is let through as the PAT bit of a 4 KiB
+/// leaf (a caching change, `crate::backend::cache`): the backend builds
+/// table entries without it and leaves only at L1. GLOBAL is Xen's to
+/// manage: a read-back GLOBAL is not written back.
 pub fn pv_sanitize(val: Entry, io_privileged: bool) -> Result<Entry, FlagError> {
     if !val.is_present() {
         return Ok(Entry::EMPTY);
     }
     let flags = val.flags();
-    if flags.contains(Flags::HUGE_PAGE) {
+    if !io_privileged && flags.contains(Flags::HUGE_PAGE) {
         return Err(FlagError::LargePage);
     }
     if !io_privileged && flags.intersects(Flags::WRITE_THROUGH | Flags::NO_CACHE) {
@@ -287,9 +289,13 @@ mod tests {
             Ok(Entry::EMPTY)
         );
         assert_eq!(
-            pv_sanitize(Entry::new(Mfn(5), p | Flags::HUGE_PAGE), true),
+            pv_sanitize(Entry::new(Mfn(5), p | Flags::HUGE_PAGE), false),
             Err(FlagError::LargePage)
         );
+        // With I/O privilege bit 7 of a leaf is its PAT bit (Xen's
+        // `l1_disallow_mask` lets PAT, PCD and PWT through).
+        let wc = Entry::new(Mfn(5), p | Flags::HUGE_PAGE);
+        assert_eq!(pv_sanitize(wc, true), Ok(wc));
         assert_eq!(pv_normalize(p | Flags::USER_ACCESSIBLE), p);
         assert_eq!(native_check(p | Flags::GLOBAL), Ok(p | Flags::GLOBAL));
     }

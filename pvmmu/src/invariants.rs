@@ -34,6 +34,9 @@ pub struct Rules {
     pub pv: bool,
     /// Report writable + executable leaves.
     pub wx: bool,
+    /// Under PV: 4 KiB leaves may carry cache attributes (PWT, PCD, PAT:
+    /// the domain has I/O privilege and changes caching through CPA).
+    pub pv_cache: bool,
 }
 
 impl Rules {
@@ -43,6 +46,7 @@ impl Rules {
         Self {
             pv: backend.caps().read_only_tables,
             wx: true,
+            pv_cache: backend.caps().read_only_tables && backend.cache_encoding().is_some(),
         }
     }
 }
@@ -154,7 +158,11 @@ pub fn check<R: TableReader + ?Sized>(
                 }
                 // GLOBAL is not checked: Xen sets it itself on user pages of
                 // a 64-bit PV guest (the backend never writes it).
-                let forbidden = Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE;
+                let forbidden = if rules.pv_cache && level == Level::L1 {
+                    Flags::empty()
+                } else {
+                    Flags::HUGE_PAGE | Flags::WRITE_THROUGH | Flags::NO_CACHE
+                };
                 if e.flags().intersects(forbidden) {
                     emit(Violation::ForbiddenFlags {
                         va,

@@ -392,19 +392,150 @@ fn caching_changes_flush_the_range_lines_below_the_limit_and_everything_above() 
 
 #[test]
 fn pv_refuses_caching_changes_before_xen_is_asked() {
-    // Without I/O privilege (the entry rules), and with it (pvmmu flushes
-    // no caches through Xen, so it changes no caching attribute there).
-    for io in [false, true] {
-        let (model, mut s, _) = pv_aliased_direct_map_io(io);
+    // Without I/O privilege (the entry rules; with or without a PAT), and
+    // with it but no PAT known (no encoding to write).
+    for (io, pat) in [
+        (false, None),
+        (false, Some(hypercall::abi::XEN_MSR_PAT)),
+        (true, None),
+    ] {
+        let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
+        let (model, mut s, _) = pv_aliased_direct_map_on(model, io, pat);
+        assert!(!s.backend().flushes_caches());
         let before = leaves(s.backend(), s.root());
         let calls = hypercalls(&model);
         let refused = Err(Error::Flags(FlagError::CacheAttributes));
         assert_eq!(s.set_memory_uc(BASE, 1), refused, "io {io}");
         assert_eq!(s.set_memory_wc(BASE, 4), refused);
         assert_eq!(s.set_memory_wb(BASE, 4), refused);
+        assert_eq!(
+            s.change_page_attr_set_clr(BASE, PAGE, Flags::NO_CACHE, Flags::empty()),
+            refused
+        );
+        // The PAT bit is no CPA flag where no cache mode uses it.
+        assert_eq!(
+            s.change_page_attr_set_clr(BASE, PAGE, Flags::HUGE_PAGE, Flags::empty()),
+            Err(Error::CpaFlags)
+        );
+        assert_eq!(s.cpa_stats().refused, 5);
         assert_eq!(hypercalls(&model), calls, "Xen not asked");
         assert_eq!(leaves(s.backend(), s.root()), before);
     }
+}
+
+/// The raw L1 entry mapping `va`, as Xen holds it.
+fn raw_leaf(s: &PvSpace, va: u64) -> u64 {
+    pvmmu::walk::walk(s.backend(), s.root(), va, Level::L1)
+        .unwrap()
+        .entry
+        .0
+}
+
+#[test]
+fn pv_dom0_changes_caching_through_xen_with_xens_pat() {
+    use hypercall::MmuHypercalls;
+    use pvmmu::backend::cache::{CACHE_SELECT, PAT_4K};
+    use pvmmu::model::{CacheFlushes, XenModel};
+    let model = Shared::new(XenModel::new_hardware_domain(
+        DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES,
+    ));
+    let (model, mut s, _) =
+        pv_aliased_direct_map_on(model, true, Some(hypercall::abi::XEN_MSR_PAT));
+    let cache_bits = |s: &PvSpace, va: u64| raw_leaf(s, va) & CACHE_SELECT.bits();
+    let flushes = |m: &Shared| m.0.borrow().cache_flushes();
+    // The same frames stay mapped write-back at a second address: Xen
+    // 4.17 accepts the mix (the kernel, which knows its aliases, refuses
+    // it before asking: `cache::check_aliases`).
+    const OTHER: u64 = BASE + (1 << 30);
+    s.map(OTHER, Pfn(0), 4 * PAGE, RW).unwrap().ignore();
+    for (call, mode_bits) in [
+        (
+            AddressSpace::set_memory_uc as fn(&mut PvSpace, u64, u64) -> _,
+            Flags::WRITE_THROUGH | Flags::NO_CACHE,
+        ),
+        (AddressSpace::set_memory_wc, PAT_4K),
+        (AddressSpace::set_memory_wb, Flags::empty()),
+    ] {
+        let stats = model.stats();
+        let before = flushes(&model);
+        let d = call(&mut s, BASE + PAGE, 4).unwrap();
+        assert_eq!(d.pages_changed, 4);
+        assert_eq!(
+            d.cache,
+            Some(TlbScope::Range {
+                start: BASE + PAGE,
+                pages: 4
+            })
+        );
+        for k in 1..5 {
+            assert_eq!(
+                cache_bits(&s, BASE + k * PAGE),
+                mode_bits.bits(),
+                "page {k}"
+            );
+            assert_eq!(
+                cache_bits(&s, OTHER + (k - 1) * PAGE),
+                0,
+                "the other mapping"
+            );
+        }
+        assert_eq!(cache_bits(&s, BASE), 0, "the page before is untouched");
+        assert_eq!(cache_bits(&s, BASE + 5 * PAGE), 0, "and the one after");
+        // One mmu_update with the four entries, then one mmuext_op: four
+        // invlpg and the global cache flush.
+        let after = model.stats();
+        assert_eq!(after.hypercalls - stats.hypercalls, 2);
+        assert_eq!(after.mmu_update_entries - stats.mmu_update_entries, 4);
+        assert_eq!(after.mmuext_ops - stats.mmuext_ops, 5);
+        assert_eq!(flushes(&model).global - before.global, 1);
+    }
+    // Above the clflush limit the engine's decision is "everything": still
+    // one global flush, after the full TLB flush in the same batch.
+    let pages = CLFLUSH_LIMIT + 1;
+    let stats = model.stats();
+    let d = s.set_memory_uc(BASE, pages).unwrap();
+    assert_eq!(
+        (d.flush, d.cache),
+        (Some(TlbScope::All), Some(TlbScope::All))
+    );
+    assert_eq!(model.stats().mmuext_ops - stats.mmuext_ops, 2);
+    // Uncached leaves are no violation where the domain may have them.
+    no_pv_violations(&model, &s);
+    s.set_memory_wb(BASE, pages).unwrap();
+    assert_eq!(cache_bits(&s, BASE + 100 * PAGE), 0);
+    assert_eq!(
+        flushes(&model),
+        CacheFlushes {
+            local: 0,
+            global: 5
+        }
+    );
+    // No change, no flush.
+    assert_eq!(s.set_memory_wb(BASE, 1).unwrap().cache, None);
+    assert_eq!(flushes(&model).global, 5);
+    let st = s.cpa_stats();
+    assert_eq!((st.cache_lines, st.cache_all, st.refused), (3, 2, 0));
+    no_pv_violations(&model, &s);
+}
+
+#[test]
+fn pv_cache_bits_without_io_caps_are_refused_by_xen() {
+    // A kernel claiming I/O privilege Xen did not give it: the model (as
+    // Xen) refuses the entries (EINVAL), and the tree stays as it was.
+    let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
+    let (model, mut s, _) =
+        pv_aliased_direct_map_on(model, true, Some(hypercall::abi::XEN_MSR_PAT));
+    let before = leaves(s.backend(), s.root());
+    let r = s.set_memory_uc(BASE, 4);
+    // (A refused writable entry is reported as a possible page-table
+    // mapping: the engine cannot tell which rule Xen applied.)
+    let inval = hypercall::XenError::Inval;
+    assert!(
+        matches!(r, Err(Error::WritablePageTable { error, .. }) if error == inval),
+        "{r:?}"
+    );
+    assert_eq!(leaves(s.backend(), s.root()), before);
+    assert_eq!(model.0.borrow().cache_flushes().global, 0);
 }
 
 #[test]
@@ -464,6 +595,16 @@ fn pv_aliased_direct_map() -> (Shared, PvSpace, DirectAliases) {
 /// [`pv_aliased_direct_map`], with I/O privilege (`io`) or without.
 fn pv_aliased_direct_map_io(io: bool) -> (Shared, PvSpace, DirectAliases) {
     let model = shared(DATA_FRAMES + TABLE_FRAMES + BOOT_FRAMES);
+    pv_aliased_direct_map_on(model, io, None)
+}
+
+/// [`pv_aliased_direct_map`] over `model`, the backend told `io` and the
+/// PAT Xen runs the guest with (`pat`), if any.
+fn pv_aliased_direct_map_on(
+    model: Shared,
+    io: bool,
+    pat: Option<u64>,
+) -> (Shared, PvSpace, DirectAliases) {
     let direct = DirectAliases {
         base: BASE,
         first: DATA_FRAMES,
@@ -471,6 +612,10 @@ fn pv_aliased_direct_map_io(io: bool) -> (Shared, PvSpace, DirectAliases) {
     };
     let backend = pvmmu::XenPv::new(model.clone(), model.clone(), model.clone(), direct, None)
         .with_io_privilege(io);
+    let backend = match pat {
+        Some(pat) => backend.with_pat(pat),
+        None => backend,
+    };
     let pool = Pool::new(DATA_FRAMES + TABLE_FRAMES, BOOT_FRAMES);
     let mut s = AddressSpace::new(backend, pool)
         .map_err(|e| e.0)

@@ -106,6 +106,7 @@ fn pv_walker_reports_write_execute() {
         Rules {
             pv: true,
             wx: false,
+            pv_cache: false,
         },
         Some(&ModelOracle(&model_ref)),
         &mut |x| v.push(x),
@@ -127,7 +128,11 @@ fn native_walker_reports_a_writable_table_and_write_execute_under_pv_rules() {
     invariants::check(
         s.backend(),
         s.root(),
-        Rules { pv: true, wx: true },
+        Rules {
+            pv: true,
+            wx: true,
+            pv_cache: false,
+        },
         Some(&tables),
         &mut |x| v.push(x),
     );

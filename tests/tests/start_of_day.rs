@@ -137,6 +137,7 @@ fn address_space_on_xens_start_of_day_tree() {
             Rules {
                 pv: true,
                 wx: false,
+                pv_cache: false,
             },
             Some(&*m),
             &mut |v| found.push(v),

@@ -13,6 +13,7 @@
 //! * [`native::Native`]: plain stores, invlpg / CR3 through a [`native::Tlb`].
 //! * [`xen::XenPv`]: queued `mmu_update` requests drained in ordered batches.
 
+pub mod cache;
 pub mod native;
 pub mod xen;
 
@@ -24,6 +25,7 @@ use crate::entry::{Entry, FlagError, Flags, Level};
 use crate::phys::FrameWords;
 use crate::types::{Mfn, Pfn, ENTRIES, ENTRY_FRAME_MASK};
 
+pub use cache::{CacheEncoding, CacheMode};
 pub use native::{CpuTlb, Native, NoTlb, Tlb};
 pub use xen::{
     Alias, AliasMap, FlushTargets, NoAliases, RequestBuffer, XenPv, DEFAULT_BATCH, MAX_BATCH,
@@ -236,11 +238,18 @@ pub trait Backend {
     unsafe fn replace_root(&mut self, root: Pfn, old: Option<Pfn>) -> Result<(), BackendError>;
     /// Invalidates TLB entries (drains first).
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError>;
-    /// Whether [`Backend::flush_cache`] works here (natively; a PV guest
-    /// changes no caching attributes without I/O privilege, and pvmmu does
-    /// not flush caches through Xen).
+    /// Whether [`Backend::flush_cache`] works here, and so whether caching
+    /// attributes may change: natively; under PV only with I/O privilege
+    /// (Xen refuses both the attributes and the flush without it) and a
+    /// known PAT.
     fn flushes_caches(&self) -> bool {
         false
+    }
+    /// The leaf bits of each cache mode under the PAT in force, `None`
+    /// where caching attributes cannot change (see
+    /// [`Backend::flushes_caches`]).
+    fn cache_encoding(&self) -> Option<CacheEncoding> {
+        None
     }
     /// Writes back and invalidates caches after a caching-attribute change:
     /// the range's lines, or everything. Backends that cannot refuse.
@@ -249,5 +258,12 @@ pub trait Backend {
         Err(BackendError::Flags(
             crate::entry::FlagError::CacheAttributes,
         ))
+    }
+    /// After a caching change: the TLB flush `tlb`, then the cache flush
+    /// `cache`, as one submission where the backend can (PV: one
+    /// `mmuext_op` batch).
+    fn flush_tlb_and_cache(&mut self, tlb: TlbScope, cache: TlbScope) -> Result<(), BackendError> {
+        self.flush_tlb(tlb)?;
+        self.flush_cache(cache)
     }
 }

@@ -374,4 +374,11 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
     fn flushes_caches(&self) -> bool {
         true
     }
+
+    fn cache_encoding(&self) -> Option<super::CacheEncoding> {
+        // The PAT the kernel programs on every CPU (docs/cpa.md).
+        const NATIVE: Option<super::CacheEncoding> =
+            super::CacheEncoding::from_pat(crate::space::PAT_VALUE);
+        NATIVE
+    }
 }

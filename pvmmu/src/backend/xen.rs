@@ -11,15 +11,25 @@
 //! (when the queue fills between the two they go in consecutive hypercalls,
 //! still in order, with nothing in between);
 //! a freed table's aliases become writable only after the request that
-//! unhooked it. Entry rules (no PSE, no PWT/PCD/PAT, no GLOBAL, holes
-//! written as 0, USER read back is Xen's) live in [`crate::entry`].
+//! unhooked it. Entry rules (no PSE, no PWT/PCD/PAT without I/O
+//! privilege, no GLOBAL, holes written as 0, USER read back is Xen's) live
+//! in [`crate::entry`].
+//!
+//! Caching: a domain with I/O privilege (dom0: Xen's `l1_disallow_mask`
+//! lets PAT/PCD/PWT through for a domain with I/O memory or port
+//! capabilities) may change cache attributes when the kernel told the
+//! backend the PAT Xen runs it with ([`XenPv::with_pat`], read with `rdmsr
+//! IA32_PAT`): the leaves are written as any other, and the cache flush is
+//! `MMUEXT_FLUSH_CACHE_GLOBAL` after the TLB flush in the same `mmuext_op`
+//! batch (the flush every physical CPU runs: a vCPU may have run, and left
+//! dirty lines of the frames, on any of them).
 
 use core::ptr::NonNull;
 
 use hypercall::abi::{mmu_update, mmuext_op};
 use hypercall::{Call, MmuExt, MmuHypercalls, MmuUpdate};
 
-use super::{Backend, BackendError, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
+use super::{Backend, BackendError, CacheEncoding, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
 use crate::cpus::ActiveCpus;
 use crate::entry::{
     pv_check, pv_normalize, pv_sanitize, Entry, FlagError, Flags, Level, TABLE_FLAGS,
@@ -100,8 +110,11 @@ pub struct XenPv<
     /// The root Xen walks now (aliases given as virtual addresses are
     /// resolved in it).
     root: Option<Mfn>,
-    /// PWT/PCD allowed (the domain has I/O privileges).
+    /// PWT/PCD/PAT allowed (the domain has I/O privileges).
     io_privileged: bool,
+    /// The cache modes' leaf bits under the PAT Xen runs the guest with
+    /// ([`XenPv::with_pat`]), if known.
+    cache: Option<CacheEncoding>,
     /// Which vCPUs a TLB flush reaches.
     targets: FlushTargets,
 }
@@ -153,6 +166,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
             filter: 0,
             root,
             io_privileged: false,
+            cache: None,
             targets: FlushTargets::Local,
         }
     }
@@ -180,10 +194,19 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
         self.targets
     }
 
-    /// Allows PWT/PCD in leaves: only for a domain with I/O privileges
+    /// Allows PWT/PCD/PAT in leaves: only for a domain with I/O privileges
     /// (dom0, or I/O memory or ports assigned), as Xen checks.
     pub fn with_io_privilege(mut self, io_privileged: bool) -> Self {
         self.io_privileged = io_privileged;
+        self
+    }
+
+    /// The `IA32_PAT` value Xen runs the guest with (a PV guest reads it
+    /// with `rdmsr`; Xen 4.17 answers `XEN_MSR_PAT`): with I/O privilege,
+    /// caching changes are then possible ([`Backend::cache_encoding`]).
+    /// A PAT lacking WB, WC or UC leaves them impossible.
+    pub fn with_pat(mut self, pat: u64) -> Self {
+        self.cache = CacheEncoding::from_pat(pat);
         self
     }
 
@@ -329,7 +352,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
     /// Submits `ops` after every queued request, in one `multicall` when
     /// requests are pending.
     fn submit_ext(&mut self, ops: &[MmuExt]) -> Result<(), BackendError> {
-        let mut encoded = [MmuExt::TlbFlushLocal.encode(); INVLPG_LIMIT as usize];
+        let mut encoded = [MmuExt::TlbFlushLocal.encode(); INVLPG_LIMIT as usize + 1];
         let n = ops.len().min(encoded.len());
         for (slot, op) in encoded.iter_mut().zip(&ops[..n]) {
             *slot = op.encode();
@@ -552,6 +575,50 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
     }
 
     fn flush_tlb(&mut self, scope: TlbScope) -> Result<(), BackendError> {
+        let mut ops = [MmuExt::TlbFlushLocal; INVLPG_LIMIT as usize + 1];
+        let n = self.tlb_ops(scope, &mut ops);
+        if n == 0 {
+            return self.drain();
+        }
+        self.submit_ext(&ops[..n])
+    }
+
+    fn flushes_caches(&self) -> bool {
+        self.cache_encoding().is_some()
+    }
+
+    fn cache_encoding(&self) -> Option<CacheEncoding> {
+        self.cache.filter(|_| self.io_privileged)
+    }
+
+    fn flush_cache(&mut self, scope: TlbScope) -> Result<(), BackendError> {
+        // Xen has no range flush: every scope is the global one.
+        let _ = scope;
+        if !self.flushes_caches() {
+            return Err(BackendError::Flags(FlagError::CacheAttributes));
+        }
+        self.submit_ext(&[MmuExt::FlushCacheGlobal])
+    }
+
+    fn flush_tlb_and_cache(&mut self, tlb: TlbScope, cache: TlbScope) -> Result<(), BackendError> {
+        let _ = cache;
+        if !self.flushes_caches() {
+            return Err(BackendError::Flags(FlagError::CacheAttributes));
+        }
+        let mut ops = [MmuExt::TlbFlushLocal; INVLPG_LIMIT as usize + 1];
+        let n = self.tlb_ops(tlb, &mut ops);
+        ops[n] = MmuExt::FlushCacheGlobal;
+        self.submit_ext(&ops[..=n])
+    }
+}
+
+impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
+    XenPv<H, M, F, A, Q>
+{
+    /// The flush operations of `scope` for this backend's targets, into
+    /// `ops`: one per page up to [`INVLPG_LIMIT`], else one full flush.
+    /// Returns how many (0 for an empty range).
+    fn tlb_ops(&self, scope: TlbScope, ops: &mut [MmuExt; INVLPG_LIMIT as usize + 1]) -> usize {
         let targets = self.targets;
         let full = match targets {
             FlushTargets::Local => MmuExt::TlbFlushLocal,
@@ -560,8 +627,7 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
                 mask: cpus.as_ptr(),
             },
         };
-        let mut ops = [full; INVLPG_LIMIT as usize];
-        let n = match scope {
+        match scope {
             TlbScope::Range { start, pages } if pages <= INVLPG_LIMIT => {
                 for (i, op) in ops.iter_mut().enumerate().take(pages as usize) {
                     let va = start.wrapping_add(i as u64 * PAGE_SIZE);
@@ -576,12 +642,11 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer> B
                 }
                 pages as usize
             }
-            _ => 1,
-        };
-        if n == 0 {
-            return self.drain();
+            _ => {
+                ops[0] = full;
+                1
+            }
         }
-        self.submit_ext(&ops[..n])
     }
 }
 

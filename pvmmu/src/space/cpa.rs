@@ -31,13 +31,16 @@
 //!   to [`crate::backend::INVLPG_LIMIT`], everything above it or after a
 //!   split), through the backend (which shoots down every CPU where the
 //!   kernel configured it to); after a caching change, one cache flush
-//!   (the range's lines up to [`CLFLUSH_LIMIT`] pages, `wbinvd` above),
-//!   and a caching change is refused up front where the backend flushes
-//!   no caches (PV).
+//!   (the range's lines up to [`CLFLUSH_LIMIT`] pages, `wbinvd` above;
+//!   under PV Xen's global cache flush in the TLB flush's batch), and a
+//!   caching change is refused up front where the backend flushes no
+//!   caches (PV without I/O privilege). The cache modes' bits are the
+//!   backend's ([`crate::backend::CacheEncoding`], from the PAT in force).
 
 use super::slots::slots;
 use super::{AddressSpace, Error, Request};
-use crate::backend::{Backend, LargePages, TlbScope, INVLPG_LIMIT};
+use crate::backend::cache::CACHE_SELECT;
+use crate::backend::{Backend, CacheMode, LargePages, TlbScope, INVLPG_LIMIT};
 use crate::entry::{Entry, FlagError, Flags, Level, HARDWARE_SET};
 use crate::phys::FrameAllocator;
 use crate::types::{Pfn, ENTRIES, ENTRY_FRAME_MASK, PAGE_SIZE};
@@ -229,12 +232,21 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         let Some(last) = self.checked_range(va, len)? else {
             return Ok(CpaDone::default());
         };
-        if !CPA_FLAGS.contains(set | clear) || set.intersects(clear) {
+        // The PAT bit of a 4 KiB leaf too, where the backend's cache modes
+        // use it (PV: write-combining).
+        let allowed = CPA_FLAGS
+            | self
+                .backend
+                .cache_encoding()
+                .map_or(Flags::empty(), |c| c.mask());
+        if !allowed.contains(set | clear) || set.intersects(clear) {
             return Err(Error::CpaFlags);
         }
         // A caching change needs its cache flush: refused where the backend
-        // cannot do it (PV), before anything is read or written.
-        if (set | clear).intersects(CACHE_BITS) && !self.backend.flushes_caches() {
+        // cannot do it (PV without I/O privilege), before anything is read
+        // or written.
+        let caching = (set | clear).intersects(CACHE_SELECT);
+        if caching && !self.backend.flushes_caches() {
             return Err(Error::Flags(FlagError::CacheAttributes));
         }
         // Where tables are read-only (PV) a non-present entry is written as
@@ -277,22 +289,11 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         };
         written?;
         self.cpa_stats.splits += u64::from(done.splits);
-        if done.pages_changed > 0 || done.splits > 0 {
-            let scope = if done.splits > 0 || done.pages_changed > INVLPG_LIMIT {
-                self.cpa_stats.flush_all += 1;
-                TlbScope::All
-            } else {
-                self.cpa_stats.flush_pages += 1;
-                req.flush_scope()
-            };
-            self.backend.flush_tlb(scope)?;
-            done.flush = Some(scope);
-        }
         // The cache, once the new attributes are in every TLB: the range's
         // lines up to CLFLUSH_LIMIT pages, everything above.
-        if (set | clear).intersects(CACHE_BITS) && done.pages_changed > 0 {
+        if caching && done.pages_changed > 0 {
             let range = req.flush_scope();
-            let scope = match range {
+            done.cache = Some(match range {
                 TlbScope::Range { pages, .. } if pages <= CLFLUSH_LIMIT => {
                     self.cpa_stats.cache_lines += 1;
                     range
@@ -301,9 +302,22 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                     self.cpa_stats.cache_all += 1;
                     TlbScope::All
                 }
+            });
+        }
+        if done.pages_changed > 0 || done.splits > 0 {
+            let scope = if done.splits > 0 || done.pages_changed > INVLPG_LIMIT {
+                self.cpa_stats.flush_all += 1;
+                TlbScope::All
+            } else {
+                self.cpa_stats.flush_pages += 1;
+                req.flush_scope()
             };
-            self.backend.flush_cache(scope)?;
-            done.cache = Some(scope);
+            // TLB then cache, one submission where the backend can.
+            match done.cache {
+                Some(cache) => self.backend.flush_tlb_and_cache(scope, cache)?,
+                None => self.backend.flush_tlb(scope)?,
+            }
+            done.flush = Some(scope);
         }
         Ok(done)
     }
@@ -644,22 +658,45 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         Ok(self.backend.table_entry(frame)?)
     }
 
-    /// Makes the pages uncached (PAT index 3: PCD and PWT), then flushes
-    /// their cache lines (or the whole cache above [`CLFLUSH_LIMIT`]).
-    /// Refused where the backend flushes no caches (PV):
+    /// Makes the pages uncached (natively PAT index 3: PCD and PWT; under
+    /// PV Xen's index 3 too), then flushes their cache lines (or the whole
+    /// cache above [`CLFLUSH_LIMIT`]). Refused where the backend flushes no
+    /// caches (PV without I/O privilege):
     /// `Error::Flags(FlagError::CacheAttributes)`, before Xen is asked.
     pub fn set_memory_uc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
-        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, CACHE_BITS, Flags::empty())
+        self.set_memory_cache(va, pages, CacheMode::Uncached)
     }
-    /// Makes the pages write-combining (PAT index 1: PWT, with the PAT of
-    /// [`PAT_VALUE`]), then flushes as [`AddressSpace::set_memory_uc`].
+    /// Makes the pages write-combining (natively PAT index 1: PWT, with the
+    /// PAT of [`PAT_VALUE`]; under PV Xen's index 4: the PAT bit), then
+    /// flushes as [`AddressSpace::set_memory_uc`].
     pub fn set_memory_wc(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
-        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::WRITE_THROUGH, Flags::NO_CACHE)
+        self.set_memory_cache(va, pages, CacheMode::WriteCombining)
     }
     /// Makes the pages write-back again (PAT index 0), then flushes as
     /// [`AddressSpace::set_memory_uc`].
     pub fn set_memory_wb(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
-        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, Flags::empty(), CACHE_BITS)
+        self.set_memory_cache(va, pages, CacheMode::WriteBack)
+    }
+    /// Gives the pages cache mode `mode`, encoded as the backend says
+    /// ([`Backend::cache_encoding`]), then flushes as
+    /// [`AddressSpace::set_memory_uc`].
+    pub fn set_memory_cache(
+        &mut self,
+        va: u64,
+        pages: u64,
+        mode: CacheMode,
+    ) -> Result<CpaDone, Error> {
+        let (set, clear) = self.cache_change(mode);
+        self.change_page_attr_set_clr(va, pages * PAGE_SIZE, set, clear)
+    }
+    /// The bits to set and clear for cache mode `mode`. Where the backend
+    /// has no encoding, the native uncached bits: the core refuses them
+    /// (and counts the refusal).
+    pub fn cache_change(&self, mode: CacheMode) -> (Flags, Flags) {
+        match self.backend.cache_encoding() {
+            Some(enc) => (enc.bits(mode), enc.mask() - enc.bits(mode)),
+            None => (CACHE_BITS, Flags::empty()),
+        }
     }
     /// Makes the pages read-only.
     pub fn set_memory_ro(&mut self, va: u64, pages: u64) -> Result<CpaDone, Error> {
