@@ -292,11 +292,14 @@ fn round(rng: &mut Rng, owned: &Owned) -> TestResult {
 
 const UC: Flags = Flags::WRITE_THROUGH.union(Flags::NO_CACHE);
 
-/// Natively: uncached, write-combining and write-back again on a few pages
-/// (their cache lines flushed one by one) and on more than
+/// Uncached, write-combining and write-back again on a few pages (their
+/// cache lines flushed, natively one by one) and on more than
 /// [`pvmmu::space::CLFLUSH_LIMIT`] pages (the whole cache written back),
-/// each checked by walk and by a write read back. Under PV: refused before
-/// Xen is asked (no I/O privilege).
+/// each checked by the raw leaf (the bits of the backend's encoding: under
+/// Xen PV the PAT Xen runs the guest with, write-combining on the PAT bit),
+/// by walk, and by a write read back; then the alias refusal. Under PV
+/// with I/O privilege (dom0) through Xen, each change's TLB and cache
+/// flush in one hypercall; without it (domU): refused before Xen is asked.
 fn cache_modes(kernel: &mut Kernel) -> TestResult {
     let pages = pvmmu::space::CLFLUSH_LIMIT + 1;
     let start = kernel
@@ -311,36 +314,71 @@ fn cache_modes(kernel: &mut Kernel) -> TestResult {
         .frames
         .reserve(start, start + pages)
         .map_err(|_| Failure::Check("cannot take the run"))?;
-    let r = cache_modes_on(start, pages, kernel.pv.is_some());
+    let r = cache_modes_on(start, pages, kernel.pv.as_ref());
     let back = kernel.frames.add(start, start + pages);
     r?;
     back.map_err(|_| Failure::Check("cannot give the run back"))
 }
 
-fn cache_modes_on(pfn: u64, pages: u64, pv: bool) -> TestResult {
+/// MMU requests issued so far: mmu_update entries, mmuext ops and
+/// update_va_mappings (not hypercalls: a timer tick may set the next
+/// deadline, `set_timer_op`, in the middle of a change).
+fn mmu_issued() -> u64 {
+    let st = hypercall::mmu::issued_stats();
+    st.mmu_update_entries + st.mmuext_ops + st.update_va_mappings
+}
+
+fn cache_modes_on(pfn: u64, pages: u64, pv: Option<&crate::xen_pv::PvBoot>) -> TestResult {
+    use pvmmu::backend::cache::CACHE_SELECT;
+    use pvmmu::backend::CacheMode;
     let va = DirectMem::va(Pfn(pfn));
-    if pv {
-        let mmu = || {
-            let st = hypercall::mmu::issued_stats();
-            st.mmu_update_entries + st.mmuext_ops + st.update_va_mappings
-        };
-        let calls = mmu();
+    let Some(enc) = kspace::cache_encoding() else {
+        check(
+            pv.is_some_and(|p| !p.is_privileged()),
+            "caching changes impossible only in a PV domain without I/O privilege",
+        )?;
+        let calls = mmu_issued();
+        for mode in [
+            CacheMode::Uncached,
+            CacheMode::WriteCombining,
+            CacheMode::WriteBack,
+        ] {
+            refused(
+                kspace::set_memory_cache(va, 1, mode),
+                Error::Flags(FlagError::CacheAttributes),
+            )?;
+        }
         refused(
             kspace::change_page_attr(va, 4096, UC, Flags::empty()),
             Error::Flags(FlagError::CacheAttributes),
         )?;
         check_eq(
             "MMU requests for a refused caching change",
-            mmu() - calls,
+            mmu_issued() - calls,
             0,
         )?;
         return walk_check(pfn, 1, Some(RW));
+    };
+    if pv.is_some() {
+        // Read, not assumed: Xen answers the rdmsr with its PV PAT.
+        let pat = crate::platform::read_pat();
+        log::info!("cpa cache test: IA32_PAT under Xen PV {pat:#018x}");
+        check_eq(
+            "the PAT Xen runs PV guests with",
+            pat,
+            hypercall::abi::XEN_MSR_PAT,
+        )?;
+        check_eq(
+            "write-combining on the PAT bit (Xen's index 4)",
+            enc.bits(CacheMode::WriteCombining).bits(),
+            pvmmu::backend::cache::PAT_4K.bits(),
+        )?;
     }
     let before = kspace::cpa_stats().unwrap_or_default();
     let wbinvds = crate::shootdown::remote_wbinvds();
-    let change = |va: u64, n: u64, set: Flags, clear: Flags| {
-        kspace::change_page_attr(va, n * 4096, set, clear).map_err(|e| {
-            log::error!("caching change {va:#x}+{n}: {e:?}");
+    let change = |n: u64, mode: CacheMode| {
+        kspace::set_memory_cache(va, n, mode).map_err(|e| {
+            log::error!("caching change {va:#x}+{n} to {mode:?}: {e:?}");
             Failure::Check("caching change refused")
         })
     };
@@ -350,51 +388,139 @@ fn cache_modes_on(pfn: u64, pages: u64, pv: bool) -> TestResult {
             pages: n,
         })
     };
-    // Few pages: their lines. Each mode checked by walk and by a value
-    // written and read back through it.
-    for (set, clear, want) in [
-        (UC, Flags::empty(), RW | UC),
-        (
-            Flags::WRITE_THROUGH,
-            Flags::NO_CACHE,
-            RW | Flags::WRITE_THROUGH,
-        ),
-        (Flags::empty(), UC, RW),
+    // The raw leaves select `mode` (the translation drops bit 7).
+    let raw_check = |n: u64, mode: CacheMode| -> TestResult {
+        for k in 0..n {
+            let e = kspace::leaf_raw(va + k * 4096).map_err(|_| Failure::Check("leaf read"))?;
+            check_eq(
+                "a leaf's cache bits after the change",
+                e & CACHE_SELECT.bits(),
+                enc.bits(mode).bits(),
+            )?;
+        }
+        Ok(())
+    };
+    // Few pages: their lines. Each mode checked by the leaves, by walk and
+    // by a value written and read back through it.
+    for mode in [
+        CacheMode::Uncached,
+        CacheMode::WriteCombining,
+        CacheMode::WriteBack,
     ] {
-        let done = change(va, 4, set, clear)?;
+        let calls = mmu_issued();
+        let done = change(4, mode)?;
+        let used = mmu_issued();
         check(done.cache == lines(4), "the four pages' lines flushed")?;
+        if pv.is_some() {
+            // 4 entries (one mmu_update), then 4 invlpg and the global
+            // cache flush in one mmuext_op batch.
+            check_eq("MMU requests for one caching change", used - calls, 9)?;
+        }
+        raw_check(4, mode)?;
+        let want = RW | (enc.bits(mode) - pvmmu::backend::cache::PAT_4K);
         walk_check(pfn, 4, Some(want))?;
         // SAFETY: the run is this test's (reserved), mapped writable.
-        unsafe { probe_write(va + 8, want.bits()) }
+        unsafe { probe_write(va + 8, want.bits() | 0x5a00) }
             .map_err(|_| Failure::Check("write through a cache mode faulted"))?;
         // SAFETY: as above.
         let got = unsafe { probe_read(va + 8) }.unwrap_or(0);
-        check_eq("value read back", got, want.bits())?;
+        check_eq("value read back", got, want.bits() | 0x5a00)?;
     }
     // Above the limit: everything written back.
-    let done = change(va, pages, UC, Flags::empty())?;
+    let done = change(pages, CacheMode::Uncached)?;
     check(
         done.cache == Some(pvmmu::backend::TlbScope::All),
         "the whole cache flushed above the limit",
     )?;
+    raw_check(pages, CacheMode::Uncached)?;
     walk_check(pfn, pages, Some(RW | UC))?;
-    change(va, pages, Flags::empty(), UC)?;
+    change(pages, CacheMode::WriteBack)?;
+    raw_check(pages, CacheMode::WriteBack)?;
     walk_check(pfn, pages, Some(RW))?;
     let after = kspace::cpa_stats().unwrap_or_default();
     let opt = crate::platform::cpuid(0).eax >= 7
         && core::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0;
     log::info!(
-        "cpa cache test: 3 range flushes with {}, 2 wbinvd",
-        if opt { "clflushopt" } else { "clflush" }
+        "cpa cache test: 3 range flushes with {}, 2 whole-cache flushes",
+        match (pv.is_some(), opt) {
+            (true, _) => "MMUEXT_FLUSH_CACHE_GLOBAL",
+            (false, true) => "clflushopt",
+            (false, false) => "clflush",
+        }
     );
     check_eq("range flushes", after.cache_lines - before.cache_lines, 3)?;
     check_eq("whole-cache flushes", after.cache_all - before.cache_all, 2)?;
-    // Each wbinvd reached every other CPU (through the shootdown).
+    if pv.is_none() {
+        // Each wbinvd reached every other CPU (through the shootdown).
+        check_eq(
+            "wbinvd served by the other CPUs",
+            crate::shootdown::remote_wbinvds() - wbinvds,
+            2 * (percpu::online_count() as u64 - 1),
+        )?;
+    }
+    cache_alias_refusals()
+}
+
+/// A caching change that would leave another mapping of a frame with the
+/// old type is refused before anything is written: a page outside the
+/// direct map and the image (whose direct-map alias could not follow), and
+/// a direct-map range covering image data in part (its image alias not
+/// carried). The image data through its direct-map alias is carried.
+fn cache_alias_refusals() -> TestResult {
+    use pvmmu::backend::CacheMode;
+    let calls = mmu_issued();
+    let probe = kspace::Fixmap::TlbProbe.va();
+    match kspace::set_memory_cache(probe, 1, CacheMode::Uncached) {
+        Err(KspaceError::CacheAlias { va, alias: 0 }) if va == probe => {}
+        r => {
+            log::error!("caching change outside the direct map: {r:?}");
+            return Err(Failure::Check(
+                "caching change outside the direct map not refused",
+            ));
+        }
+    }
+    let dm_of = |img: u64| DirectMem::va(Pfn((img - crate::boot::KERNEL_VMA) >> 12));
+    // The last page of the image's data and the page after it.
+    let last = (crate::boot::image_layout().data.end - 1) & !0xfff;
+    match kspace::set_memory_cache(dm_of(last), 2, CacheMode::Uncached) {
+        Err(KspaceError::CacheAlias { va, alias }) if va == dm_of(last) && alias == last => {}
+        r => {
+            log::error!("caching change over image data in part: {r:?}");
+            return Err(Failure::Check("image data's alias left behind"));
+        }
+    }
     check_eq(
-        "wbinvd served by the other CPUs",
-        crate::shootdown::remote_wbinvds() - wbinvds,
-        2 * (percpu::online_count() as u64 - 1),
-    )
+        "MMU requests for refused alias changes",
+        mmu_issued() - calls,
+        0,
+    )?;
+    // Whole: carried, both leaves uncached, then both write-back again.
+    let img = core::ptr::addr_of!(ALIAS_PAGE) as u64;
+    let dm = dm_of(img);
+    let before = kspace::alias_changes();
+    for mode in [CacheMode::Uncached, CacheMode::WriteBack] {
+        kspace::set_memory_cache(dm, 1, mode).map_err(|e| {
+            log::error!("image data's caching change: {e:?}");
+            Failure::Check("image data's caching change refused")
+        })?;
+        let want = kspace::cache_change(mode)
+            .map_err(|_| Failure::Check("encoding"))?
+            .0;
+        for v in [img, dm] {
+            let e = kspace::leaf_raw(v).map_err(|_| Failure::Check("leaf read"))?;
+            check_eq(
+                "both aliases' cache bits",
+                e & UC.bits(),
+                (want & UC).bits(),
+            )?;
+        }
+    }
+    check_eq(
+        "caching changes carried",
+        kspace::alias_changes() - before,
+        2,
+    )?;
+    Ok(())
 }
 
 // ---- every CPU at once ----------------------------------------------------

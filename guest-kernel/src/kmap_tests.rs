@@ -783,6 +783,8 @@ fn walker(kernel: &mut Kernel) -> TestResult {
     let rules = Rules {
         pv: kernel.pv.is_some(),
         wx: true,
+        // dom0 may leave cache attributes in 4 KiB leaves (CPA).
+        pv_cache: kernel.pv.as_ref().is_some_and(|pv| pv.is_privileged()),
     };
     let kmaps0 = kmap::stats().kmaps;
     // Xen's shared-info page (PV) is mapped in the fixmap by design: a

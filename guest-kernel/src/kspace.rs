@@ -23,14 +23,15 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypercall::MmuHypercalls;
-use pvmmu::backend::{FlushTargets, LargePages, Native, XenPv};
+use pvmmu::backend::cache::CACHE_SELECT;
+use pvmmu::backend::{CacheEncoding, CacheMode, FlushTargets, LargePages, Native, XenPv};
 use pvmmu::cpus::ActiveCpus;
 use pvmmu::entry::Flags;
 use pvmmu::lazy_task::BatchOwner;
 use pvmmu::space::{Protected, StaticProtection};
 use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
-use crate::directmap::{DirectMem, KernelAliases};
+use crate::directmap::{DirectMem, KernelAliases, DIRECT_MAP_BASE};
 use crate::frames::Frames;
 use crate::shootdown::ShootdownTlb;
 use crate::xen_pv::PvBoot;
@@ -101,6 +102,18 @@ pub enum KspaceError {
     Xen(hypercall::XenError),
     /// The boot allocator could not give the pool its frames.
     PoolFill,
+    /// A caching change would leave another mapping of a page's frame
+    /// with the old memory type (one the change does not carry: Xen 4.17
+    /// would accept the mix, the architecture does not want it): refused
+    /// before anything is written. `va` is the page of the range, `alias`
+    /// the other mapping (0: the kernel cannot name the page's frame, so
+    /// its direct-map alias cannot follow).
+    CacheAlias {
+        /// The page of the range.
+        va: u64,
+        /// The mapping that would disagree.
+        alias: u64,
+    },
 }
 
 impl From<Error> for KspaceError {
@@ -188,6 +201,9 @@ struct Kspace {
     /// The thread whose lazy batch is open in `space` and the TLB flushes
     /// it owes (see [`crate::lazy`]).
     batch: BatchOwner,
+    /// Every kernel mapping of a frame (direct map, image), for the
+    /// caching changes' alias check.
+    aliases: KernelAliases,
 }
 
 static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
@@ -212,6 +228,7 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
     let dm = kernel.direct_map.clone().ok_or(KspaceError::NotReady)?;
     let mut pool = Pool::new();
     fill_pool(&mut pool, &mut kernel.frames)?;
+    let aliases = dm.aliases;
     let space = match kernel.pv.clone() {
         Some(pv) => {
             let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
@@ -219,8 +236,18 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
             let xen = unsafe { hypercall::Xen::new() };
             // Every flush reaches the vCPUs the tree is live on: all of
             // those started, each in ACTIVE before it loaded the root.
+            let privileged = pv.is_privileged();
             let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn)
-                .with_flush_targets(FlushTargets::Active(&ACTIVE));
+                .with_flush_targets(FlushTargets::Active(&ACTIVE))
+                .with_io_privilege(privileged);
+            // With I/O privilege (dom0) caching changes go through Xen,
+            // encoded for the PAT Xen runs the guest with (read, as Xen
+            // emulates `rdmsr IA32_PAT` for a PV kernel).
+            let backend = if privileged {
+                backend.with_pat(crate::platform::read_pat())
+            } else {
+                backend
+            };
             // SAFETY: `dm.root` is the live, pinned L4 the bootstrap built;
             // this space edits only slot KSPACE_SLOT, whose tables come from
             // and go back to its own pool.
@@ -245,6 +272,7 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
         space,
         stacks: [false; MAX_STACKS],
         batch: BatchOwner::new(),
+        aliases,
     });
     Ok(())
 }
@@ -446,6 +474,10 @@ pub fn change_page_attr(
         image_data_alias(va, len)
     };
     with(|ks| {
+        let caching = (set | clear).intersects(CACHE_SELECT);
+        if caching && on_space!(&ks.space, s => s.backend().flushes_caches()) {
+            cache_alias_check(&ks.aliases, va, len, alias)?;
+        }
         let done = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?;
         if let Some(other) = alias {
             let r = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(other, len, alias_set, alias_clear));
@@ -463,10 +495,86 @@ pub fn change_page_attr(
     })
 }
 
-/// The attributes every alias of a frame must agree on.
-const ALIAS_AGREE: Flags = Flags::WRITABLE
-    .union(Flags::WRITE_THROUGH)
-    .union(Flags::NO_CACHE);
+/// The attributes every alias of a frame must agree on: writable or not,
+/// and the memory type (PWT, PCD and the 4 KiB PAT bit, which only a PV
+/// backend's cache modes use).
+const ALIAS_AGREE: Flags = Flags::WRITABLE.union(CACHE_SELECT);
+
+/// Checks that a caching change of `[va, va + len)` (carried to `carried`
+/// when the range is image data) leaves no kernel mapping of its frames
+/// with another memory type ([`pvmmu::backend::cache::check_aliases`] over
+/// every alias the kernel knows: direct map, image). A range outside the
+/// direct map and the image has frames the kernel cannot name without a
+/// walk, whose direct-map alias would keep its type: refused too. Mappings
+/// the kernel does not track (a kmap of the frame) are not seen.
+fn cache_alias_check(
+    aliases: &KernelAliases,
+    va: u64,
+    len: u64,
+    carried: Option<u64>,
+) -> Result<(), KspaceError> {
+    let end = va.saturating_add(len);
+    let image_end = crate::boot::image_layout().data.end;
+    let first = if va >= DIRECT_MAP_BASE && end <= DIRECT_MAP_BASE + (1 << 39) {
+        Pfn((va - DIRECT_MAP_BASE) / 4096)
+    } else if va >= crate::boot::KERNEL_VMA && end <= image_end {
+        Pfn((va - crate::boot::KERNEL_VMA) / 4096)
+    } else {
+        return Err(KspaceError::CacheAlias { va, alias: 0 });
+    };
+    let carried = carried.as_slice();
+    pvmmu::backend::cache::check_aliases(aliases, va, first, len / 4096, carried).map_err(|c| {
+        KspaceError::CacheAlias {
+            va: c.va,
+            alias: c.alias,
+        }
+    })
+}
+
+/// The leaf bits of cache mode `mode` on the live tree: the bits to set
+/// and to clear (the backend's encoding: natively pvmmu's PAT, under PV
+/// the PAT Xen runs the guest with).
+pub fn cache_change(mode: CacheMode) -> Result<(Flags, Flags), KspaceError> {
+    with(|ks| Ok(on_space!(&ks.space, s => s.cache_change(mode))))
+}
+
+/// `set_memory_uc / wc / wb` on the live tree: the bits of `mode`
+/// ([`cache_change`]) through [`change_page_attr`] (so an image-data range
+/// carries the change to its direct-map alias and back, and a range whose
+/// frames keep another mapping is refused with
+/// [`KspaceError::CacheAlias`]).
+pub fn set_memory_cache(
+    va: u64,
+    pages: u64,
+    mode: CacheMode,
+) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    let (set, clear) = cache_change(mode)?;
+    change_page_attr(va, pages * 4096, set, clear)
+}
+
+/// The raw leaf entry mapping `va` in the live tree (at whatever level),
+/// as Xen or the MMU holds it: the translation ([`translate`]) drops bit 7,
+/// which is the PAT bit of a 4 KiB leaf.
+pub fn leaf_raw(va: u64) -> Result<u64, KspaceError> {
+    with(|ks| {
+        on_space!(&ks.space, s => {
+            let found = pvmmu::walk::walk(s.backend(), s.root(), va, pvmmu::entry::Level::L1)
+                .map_err(|e| match e {
+                    pvmmu::walk::WalkError::NotPresent { .. } => Error::NotMapped { va },
+                    pvmmu::walk::WalkError::ForeignFrame(mfn) => Error::ForeignFrame(mfn),
+                })?;
+            Ok(found.entry.0)
+        })
+    })
+}
+
+/// The live tree's cache-mode encoding, `None` where caching cannot change
+/// (PV without I/O privilege).
+pub fn cache_encoding() -> Option<CacheEncoding> {
+    with(|ks| Ok(on_space!(&ks.space, s => s.backend().cache_encoding())))
+        .ok()
+        .flatten()
+}
 
 /// Changes [`change_page_attr`] carried to an alias.
 static ALIAS_CHANGES: AtomicU64 = AtomicU64::new(0);

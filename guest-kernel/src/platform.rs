@@ -100,6 +100,17 @@ pub fn program_pat() {
     unsafe { pat.write(pvmmu::space::PAT_VALUE) };
 }
 
+/// This CPU's `IA32_PAT`. Under Xen PV the `rdmsr` traps and Xen answers
+/// with the PAT it runs PV guests with (`XEN_MSR_PAT` in Xen 4.17), which
+/// decides what a leaf's PWT/PCD/PAT bits mean.
+pub fn read_pat() -> u64 {
+    let pat = x86_64::registers::model_specific::Msr::new(0x277);
+    // SAFETY: reading IA32_PAT has no side effect; natively ring 0, under
+    // Xen PV the privileged instruction is emulated by Xen for the guest
+    // kernel (it reads, never faults, for IA32_PAT).
+    unsafe { pat.read() }
+}
+
 /// `cpuid(leaf, 0)`.
 pub fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)
