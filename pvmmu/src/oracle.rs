@@ -8,9 +8,11 @@
 //!
 //! The requests: `mmu_update` of any pool frame's entries (whatever level
 //! the frame has become) with random flags and targets, singly and in
-//! batches; pin of every level and unpin; `MMUEXT_NEW_BASEPTR`;
-//! `update_va_mapping` of one live-tree slot (the window); multicalls
-//! mixing them. The targets are pool frames, a frame the guest does not
+//! batches (the flags include every cache attribute, PWT, PCD and PAT, on
+//! frames the kernel also maps write-back); pin of every level and unpin;
+//! `MMUEXT_NEW_BASEPTR`; `MMUEXT_FLUSH_CACHE` and `_GLOBAL` (Xen runs them
+//! only for a domain with I/O capabilities); `update_va_mapping` of one
+//! live-tree slot (the window); multicalls mixing them. The targets are pool frames, a frame the guest does not
 //! own (Xen's), and the live root. The states arise from the requests
 //! themselves: empty or filled data frames, tables of each level (pinned,
 //! or held by another pool table), frames mapped writable by a pool L1 or
@@ -188,6 +190,11 @@ pub enum Step {
         /// The frame unpinned.
         frame: Frame,
     },
+    /// `MMUEXT_FLUSH_CACHE`, or `MMUEXT_FLUSH_CACHE_GLOBAL` when `global`.
+    FlushCache {
+        /// Every physical CPU's caches, not the current one's.
+        global: bool,
+    },
     /// `update_va_mapping(va, pte, flags)`.
     Uvm {
         /// The address.
@@ -314,13 +321,20 @@ impl Requests {
         }
     }
 
+    fn flush_cache(&mut self) -> Step {
+        Step::FlushCache {
+            global: self.rng.chance(50),
+        }
+    }
+
     fn step(&mut self) -> Step {
         match self.rng.below(100) {
             0..=44 => self.write(),
-            45..=64 => Step::Pin {
+            45..=62 => Step::Pin {
                 frame: self.pool_or_foreign(5),
                 level: 1 + self.rng.below(4) as u8,
             },
+            63..=64 => self.flush_cache(),
             65..=79 => Step::Unpin {
                 frame: self.pool_or_foreign(5),
             },
@@ -347,10 +361,11 @@ impl Requests {
                 let (steps, n) = self.steps(Self::write);
                 Request::Batch(steps, n)
             }
-            45..=57 => Request::One(Step::Pin {
+            45..=55 => Request::One(Step::Pin {
                 frame: self.pool_or_foreign(5),
                 level: 1 + self.rng.below(4) as u8,
             }),
+            56..=57 => Request::One(self.flush_cache()),
             58..=67 => Request::One(Step::Unpin {
                 frame: self.pool_or_foreign(5),
             }),
@@ -786,6 +801,8 @@ impl Runner<'_> {
                 mfn: self.mfn(frame),
             }
             .encode(),
+            Step::FlushCache { global: false } => MmuExt::FlushCache.encode(),
+            Step::FlushCache { global: true } => MmuExt::FlushCacheGlobal.encode(),
             _ => MmuExt::TlbFlushLocal.encode(),
         }
     }
@@ -804,7 +821,7 @@ impl Runner<'_> {
                 let req = self.mmu_req(step);
                 self.batch(&[req])
             }
-            Step::Pin { .. } | Step::Unpin { .. } => {
+            Step::Pin { .. } | Step::Unpin { .. } | Step::FlushCache { .. } => {
                 let op = self.ext_op(step);
                 step_result(self.env.hypercalls().mmuext_op(&[op]).map_err(|e| e.error))
             }
@@ -912,7 +929,7 @@ impl Runner<'_> {
                 for (i, s) in steps.iter().enumerate() {
                     calls[i] = match *s {
                         Step::Write { .. } => Call::MmuUpdate(core::slice::from_ref(&reqs[i])),
-                        Step::Pin { .. } | Step::Unpin { .. } => {
+                        Step::Pin { .. } | Step::Unpin { .. } | Step::FlushCache { .. } => {
                             Call::MmuExtOp(core::slice::from_ref(&ops[i]))
                         }
                         Step::Uvm { va, pte, flags } => Call::UpdateVaMapping {
@@ -1153,7 +1170,7 @@ mod tests {
     #[test]
     fn every_kind_of_request_is_drawn() {
         let mut g = Requests::new(1);
-        let mut kinds = [0usize; 9];
+        let mut kinds = [0usize; 11];
         for _ in 0..10_000 {
             let k = match g.next_request() {
                 Request::One(Step::Write { .. }) => 0,
@@ -1162,6 +1179,8 @@ mod tests {
                 Request::One(Step::Uvm { .. }) => 6,
                 Request::Batch(..) | Request::Multi(..) => 7,
                 Request::NewBaseptr(_) | Request::Mirror(_) | Request::Unmirror(_) => 8,
+                Request::One(Step::FlushCache { global: false }) => 9,
+                Request::One(Step::FlushCache { global: true }) => 10,
             };
             kinds[k] += 1;
         }
@@ -1230,6 +1249,34 @@ mod tests {
             assert!(seen.contains(want), "{want} never answered: {seen:?}");
         }
         assert!(based > 1_000);
+    }
+
+    #[test]
+    fn a_domain_without_io_caps_is_refused_its_cache_flushes() {
+        use crate::model::{DomainKind, ModelNegativeEnv};
+        let answers = |kind| {
+            let mut env = ModelNegativeEnv::new(kind, 4096).unwrap();
+            let mut seen = alloc::collections::BTreeSet::new();
+            run(
+                &mut env,
+                11,
+                2_000,
+                &mut |_| {},
+                &mut |line| {
+                    for a in &line.answers[..usize::from(line.n_answers)] {
+                        seen.insert(alloc::format!("{a}"));
+                    }
+                },
+                &mut |_| {},
+            );
+            (seen, env.model().cache_flushes())
+        };
+        let (domu, flushed) = answers(DomainKind::Unprivileged);
+        assert!(domu.contains("EACCES"), "{domu:?}");
+        assert_eq!(flushed, crate::model::CacheFlushes::default());
+        let (dom0, flushed) = answers(DomainKind::Hardware);
+        assert!(!dom0.contains("EACCES"), "{dom0:?}");
+        assert!(flushed.local > 10 && flushed.global > 10, "{flushed:?}");
     }
 
     #[test]
