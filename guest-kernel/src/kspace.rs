@@ -201,10 +201,12 @@ struct Kspace {
     /// The thread whose lazy batch is open in `space` and the TLB flushes
     /// it owes (see [`crate::lazy`]).
     batch: BatchOwner,
-    /// Every kernel mapping of a frame (direct map, image), for the
-    /// caching changes' alias check.
-    aliases: KernelAliases,
 }
+
+/// Every kernel mapping of a frame (direct map, image), for the caching
+/// changes' alias check (set by [`init`]; a static, not in [`Kspace`]:
+/// the boot stack holds one `Kspace` being built, with no room to spare).
+static ALIASES: spin::Once<KernelAliases> = spin::Once::new();
 
 static KSPACE: spin::Mutex<Option<Kspace>> = spin::Mutex::new(None);
 
@@ -228,7 +230,6 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
     let dm = kernel.direct_map.clone().ok_or(KspaceError::NotReady)?;
     let mut pool = Pool::new();
     fill_pool(&mut pool, &mut kernel.frames)?;
-    let aliases = dm.aliases;
     let space = match kernel.pv.clone() {
         Some(pv) => {
             let root_mfn = pv.pfn_to_mfn(dm.root.0).map(Mfn);
@@ -236,18 +237,8 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
             let xen = unsafe { hypercall::Xen::new() };
             // Every flush reaches the vCPUs the tree is live on: all of
             // those started, each in ACTIVE before it loaded the root.
-            let privileged = pv.is_privileged();
             let backend = XenPv::new(xen, dm.mem, pv, dm.aliases, root_mfn)
-                .with_flush_targets(FlushTargets::Active(&ACTIVE))
-                .with_io_privilege(privileged);
-            // With I/O privilege (dom0) caching changes go through Xen,
-            // encoded for the PAT Xen runs the guest with (read, as Xen
-            // emulates `rdmsr IA32_PAT` for a PV kernel).
-            let backend = if privileged {
-                backend.with_pat(crate::platform::read_pat())
-            } else {
-                backend
-            };
+                .with_flush_targets(FlushTargets::Active(&ACTIVE));
             // SAFETY: `dm.root` is the live, pinned L4 the bootstrap built;
             // this space edits only slot KSPACE_SLOT, whose tables come from
             // and go back to its own pool.
@@ -272,9 +263,38 @@ pub fn init(kernel: &mut Kernel) -> Result<(), KspaceError> {
         space,
         stacks: [false; MAX_STACKS],
         batch: BatchOwner::new(),
-        aliases,
     });
-    Ok(())
+    drop(_p);
+    remember_aliases(kernel);
+    enable_caching(kernel)
+}
+
+/// Keeps the kernel's alias map for the caching changes' check (not in
+/// [`init`]'s frame, for the same reason as [`enable_caching`]).
+#[inline(never)]
+fn remember_aliases(kernel: &Kernel) {
+    if let Some(dm) = &kernel.direct_map {
+        ALIASES.call_once(|| dm.aliases);
+    }
+}
+
+/// Under Xen PV with I/O privilege (dom0): caching changes go through Xen,
+/// encoded for the PAT Xen runs the guest with (read, as Xen emulates
+/// `rdmsr IA32_PAT` for a PV kernel). Set on the backend in place, after
+/// [`init`] stored the space: the backend holds its 16 KiB request queue,
+/// and the boot stack has no room for another copy of it in `init`'s frame.
+#[inline(never)]
+fn enable_caching(kernel: &Kernel) -> Result<(), KspaceError> {
+    if !kernel.pv.as_ref().is_some_and(|pv| pv.is_privileged()) {
+        return Ok(());
+    }
+    let pat = crate::platform::read_pat();
+    with(|ks| {
+        if let Space::Pv(s) = &mut ks.space {
+            s.backend_mut().set_caching(true, pat);
+        }
+        Ok(())
+    })
 }
 
 /// Registers CPA's static protections of the kernel (see
@@ -476,7 +496,8 @@ pub fn change_page_attr(
     with(|ks| {
         let caching = (set | clear).intersects(CACHE_SELECT);
         if caching && on_space!(&ks.space, s => s.backend().flushes_caches()) {
-            cache_alias_check(&ks.aliases, va, len, alias)?;
+            let aliases = ALIASES.get().ok_or(KspaceError::NotReady)?;
+            cache_alias_check(aliases, va, len, alias)?;
         }
         let done = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?;
         if let Some(other) = alias {

@@ -210,6 +210,14 @@ impl<H: MmuHypercalls, M: PhysMem, F: FrameMap, A: AliasMap, Q: RequestBuffer>
         self
     }
 
+    /// [`XenPv::with_io_privilege`] and [`XenPv::with_pat`] in place: for
+    /// a caller that cannot afford another copy of the backend (it holds
+    /// its request queue) on its stack.
+    pub fn set_caching(&mut self, io_privileged: bool, pat: u64) {
+        self.io_privileged = io_privileged;
+        self.cache = CacheEncoding::from_pat(pat);
+    }
+
     /// Sets the batch capacity (clamped to `1..=` the buffer's length,
     /// [`MAX_BATCH`] for the backend's own).
     pub fn with_batch_capacity(mut self, cap: usize) -> Self {
