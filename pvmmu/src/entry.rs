@@ -11,6 +11,12 @@ pub use x86_64::structures::paging::PageTableFlags as Flags;
 
 use crate::types::{Mfn, ENTRIES, ENTRY_FRAME_MASK};
 
+/// The PAT bit of a 4 KiB leaf (bit 7: PS at the other levels).
+pub const PAT_4K: u64 = 1 << 7;
+/// The PAT bit of a 2 MiB or 1 GiB leaf (bit 12, the lowest bit of the
+/// frame field of a table entry or a 4 KiB leaf).
+pub const PAT_LARGE: u64 = 1 << 12;
+
 /// A page-table level; [`Level::L1`] holds 4 KiB leaf entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
@@ -118,9 +124,29 @@ impl Entry {
             Level::L4 => false,
         }
     }
-    /// Machine frame the entry points to.
+    /// Machine frame the entry points to (a table, or a 4 KiB page). For a
+    /// large leaf use [`Entry::leaf_mfn`]: its bit 12 is the PAT bit, not
+    /// part of the frame.
     pub const fn mfn(self) -> Mfn {
         Mfn((self.0 & ENTRY_FRAME_MASK) >> 12)
+    }
+    /// The first machine frame of the page this entry maps as a leaf at
+    /// `level`: the frame field without the bits below the page's
+    /// alignment (bit 12 of a 2 MiB or 1 GiB leaf is its PAT bit, the rest
+    /// below the alignment is reserved).
+    pub const fn leaf_mfn(self, level: Level) -> Mfn {
+        Mfn((self.0 & ENTRY_FRAME_MASK & !(level.entry_span() - 1)) >> 12)
+    }
+    /// The PAT bit of a leaf at `level`, as it sits in the raw entry (bit 7
+    /// of a 4 KiB leaf, bit 12 of a large one), or 0. [`Flags`] has no name
+    /// for it, so code that rebuilds a leaf from flags carries it over with
+    /// this.
+    pub const fn pat_bit(self, level: Level) -> u64 {
+        let bit = match level {
+            Level::L1 => PAT_4K,
+            _ => PAT_LARGE,
+        };
+        self.0 & bit
     }
     /// All flag bits (everything but the frame field).
     pub const fn flags(self) -> Flags {

@@ -171,12 +171,13 @@ pub fn check<R: TableReader + ?Sized>(
                     });
                 }
             }
-            if backend.guest_frame(e.mfn()).is_none() {
-                emit(Violation::ForeignFrame {
-                    va,
-                    level,
-                    mfn: e.mfn(),
-                });
+            let mfn = if e.is_leaf(level) {
+                e.leaf_mfn(level)
+            } else {
+                e.mfn()
+            };
+            if backend.guest_frame(mfn).is_none() {
+                emit(Violation::ForeignFrame { va, level, mfn });
                 return false;
             }
             if e.is_leaf(level) {

@@ -70,9 +70,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             Ok(f) if f.level > want => PageState::InHugePage,
             Ok(f) if !f.entry.is_present() => PageState::Free(0),
             Ok(f) if !f.is_leaf() => PageState::HoldsSmaller,
-            Ok(f) => match self.backend.to_pfn(f.entry.mfn()) {
+            Ok(f) => match self.backend.to_pfn(f.entry.leaf_mfn(f.level)) {
                 Some(pfn) => PageState::Mapped(pfn),
-                None => PageState::Foreign(f.entry.mfn()),
+                None => PageState::Foreign(f.entry.leaf_mfn(f.level)),
             },
             Err(WalkError::NotPresent { level }) => {
                 PageState::Free((level.number() - want.number()) as usize)
@@ -201,7 +201,13 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             Ok(f) if f.entry.is_present() => f,
             _ => return Err(FlagUpdateError::PageNotMapped),
         };
-        let new = Entry::new(found.entry.mfn(), flags);
+        // A large leaf keeps its PAT bit (bit 12, which `flags` cannot name).
+        let pat = if level == Level::L1 {
+            0
+        } else {
+            found.entry.pat_bit(level)
+        };
+        let new = Entry(Entry::new(found.entry.leaf_mfn(level), flags).0 | pat);
         self.backend
             .write(found.table, found.index, new)
             .and_then(|()| self.backend.drain())

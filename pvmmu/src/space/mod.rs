@@ -304,7 +304,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// What a leaf entry translates to at its first byte.
     pub(crate) fn leaf_translation(&self, level: Level, e: Entry) -> Result<Translation, Error> {
         Ok(Translation {
-            pfn: self.child_of(e)?,
+            pfn: self.leaf_frame(level, e)?,
             offset: 0,
             flags: self
                 .backend
@@ -412,10 +412,17 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         }
     }
 
-    /// The guest frame an entry points to.
+    /// The guest frame a table entry points to (or a 4 KiB leaf maps).
     fn child_of(&self, e: Entry) -> Result<Pfn, Error> {
         self.backend
             .to_pfn(e.mfn())
             .ok_or(Error::ForeignFrame(e.mfn()))
+    }
+
+    /// The first guest frame a leaf at `level` maps (a large leaf's PAT bit
+    /// is not part of its frame).
+    fn leaf_frame(&self, level: Level, e: Entry) -> Result<Pfn, Error> {
+        let mfn = e.leaf_mfn(level);
+        self.backend.to_pfn(mfn).ok_or(Error::ForeignFrame(mfn))
     }
 }

@@ -178,7 +178,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 return Err(Error::SplitsLargePage { va: slot.base });
             }
             if !matches!(uniform, Uniform::Skip) {
-                let frame = self.child_of(e)?;
+                let frame = self.leaf_frame(level, e)?;
                 if !flags_checked {
                     self.backend.leaf_entry(level, frame, flags)?;
                     flags_checked = true;
@@ -210,11 +210,10 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
             if !e.is_present() {
                 continue;
             }
-            let child = self.child_of(e)?;
             if e.is_leaf(level) {
-                let new = self.backend.leaf_entry(level, child, flags)?;
-                self.write_leaf(table, slot.index, e, new)?;
+                self.rewrite_leaf(table, level, slot.index, e, flags)?;
             } else if let Some(lower) = level.lower() {
+                let child = self.child_of(e)?;
                 self.protect_table(child, lower, slot.first, slot.last, flags)?;
             }
         }
@@ -242,7 +241,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                     *bits.insert(b)
                 }
             };
-            let new = Entry((e.0 & ENTRY_FRAME_MASK) | bits);
+            // The PAT bit stays: `flags` cannot name it, and protect changes
+            // access, not the cache type.
+            let new = Entry((e.0 & ENTRY_FRAME_MASK) | e.pat_bit(Level::L1) | bits);
             self.write_leaf(table, i, e, new)?;
         }
         Ok(())
@@ -269,8 +270,9 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
         e: Entry,
         flags: Flags,
     ) -> Result<(), Error> {
-        let frame = self.child_of(e)?;
-        let new = self.backend.leaf_entry(level, frame, flags)?;
+        let frame = self.leaf_frame(level, e)?;
+        // The PAT bit stays (see `protect_l1`).
+        let new = Entry(self.backend.leaf_entry(level, frame, flags)?.0 | e.pat_bit(level));
         self.write_leaf(table, index, e, new)
     }
 

@@ -239,8 +239,9 @@ pub fn leaves_outside<B: Backend>(
                     continue;
                 }
             }
-            let pfn = b.to_pfn(e.mfn()).expect("entry points to a guest frame").0;
             let leaf = level == Level::L1 || (e.is_huge() && b.kind() == Kind::Native);
+            let mfn = if leaf { e.leaf_mfn(level) } else { e.mfn() };
+            let pfn = b.to_pfn(mfn).expect("entry points to a guest frame").0;
             if leaf {
                 let flags = b.normalize(e.flags() - Flags::HUGE_PAGE - HARDWARE_SET);
                 let n = level.entry_span() / 4096;
