@@ -626,14 +626,41 @@ fn image_data_alias(va: u64, len: u64) -> Option<u64> {
 /// DEBUG_PAGEALLOC's unmap (and the CPA self-test's): the direct-map pages of frames
 /// `[pfn, pfn + pages)` become not present through CPA (natively parked,
 /// under PV holes written through Xen; the L1 tables stay). One CPA call,
-/// one TLB decision reaching every CPU.
+/// one TLB decision reaching every CPU. Under PV the call runs in a lazy
+/// batch ([`pv_absent_batched`]), so its `mmu_update`s and its flush go
+/// out in one multicall.
 pub fn direct_map_absent(pfn: Pfn, pages: u64) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    if crate::platform::is_xen_pv() {
+        return pv_absent_batched(DirectMem::va(pfn), pages * 4096);
+    }
     change_page_attr(
         DirectMem::va(pfn),
         pages * 4096,
         Flags::empty(),
         Flags::PRESENT,
     )
+}
+
+/// Under PV: CPA's `np` on `[va, va + len)` inside a lazy batch. The
+/// batch keeps CPA's end-of-call drain from sending the holes on their
+/// own, so the TLB flush that follows them is submitted with them, one
+/// `HYPERVISOR_multicall` (`mmu_update` then `mmuext_op`, the backend's
+/// `submit_ext`): one hypercall per call instead of two (a range of more
+/// than one batch's capacity sends the full batches first). Nothing in
+/// the range is an alias (PRESENT is not carried, see
+/// [`change_page_attr`]).
+fn pv_absent_batched(va: u64, len: u64) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    with(|ks| {
+        let Space::Pv(s) = &mut ks.space else {
+            return Err(KspaceError::NotReady);
+        };
+        let mut batch = s.lazy();
+        let done = batch.change_page_attr_set_clr(va, len, Flags::empty(), Flags::PRESENT);
+        let sent = batch.finish();
+        let done = done?;
+        sent?;
+        Ok(done)
+    })
 }
 
 /// DEBUG_PAGEALLOC's map-back (and the CPA self-test's): the direct-map pages of frames
@@ -651,13 +678,23 @@ pub fn direct_map_present(pfn: Pfn, pages: u64) -> Result<(), KspaceError> {
             s.change_page_attr_set_clr(va, len, Flags::PRESENT, Flags::empty())?;
             Ok(())
         }
-        Space::Pv(s) => {
-            let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
-            let flush = s.map(va, pfn, len, flags)?;
-            s.flush(flush)?;
-            Ok(())
-        }
+        Space::Pv(s) => pv_present_batched(s, va, pfn, len),
     })
+}
+
+/// Under PV: the map-back of [`direct_map_present`] and its flush in one
+/// lazy batch, so the `mmu_update`s and the `mmuext_op` go out in one
+/// multicall (as [`pv_absent_batched`]).
+fn pv_present_batched(s: &mut PvSpace, va: u64, pfn: Pfn, len: u64) -> Result<(), KspaceError> {
+    let flags = Flags::PRESENT | Flags::WRITABLE | Flags::NO_EXECUTE;
+    let mut batch = s.lazy();
+    let done = batch
+        .map(va, pfn, len, flags)
+        .and_then(|flush| batch.flush(flush));
+    let sent = batch.finish();
+    done?;
+    sent?;
+    Ok(())
 }
 
 /// Moves frames from the boot allocator into the pool until it holds

@@ -250,13 +250,13 @@ pub const PLAIN: Allocator = Allocator {
 
 /// The same allocator with `pvmmu.debug_pagealloc` on: every allocation maps
 /// the frame back into the direct map, every free unmaps it (one CPA call
-/// each, a shootdown to the other CPUs). Under PV at least one hypercall
-/// each way, at most two (measured on 2 vCPUs: 4 per pair, the update and
-/// the flush of every vCPU are separate hypercalls, not one multicall).
+/// each, a shootdown to the other CPUs). Under PV one hypercall each way:
+/// the entry's `mmu_update` and the every-vCPU flush go in one multicall
+/// (kspace runs the change in a lazy batch).
 pub const PAGEALLOC: Allocator = Allocator {
     name: "frame-alloc-free-pagealloc",
     unmaps_freed: true,
-    pv_hypercalls: (2, 4),
+    pv_hypercalls: (2, 2),
     ..PLAIN
 };
 
