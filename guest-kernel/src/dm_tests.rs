@@ -49,13 +49,27 @@ fn dm(kernel: &Kernel) -> Result<&DirectMap, Failure> {
 }
 
 /// Reads one word of every RAM page through the direct map (every one
-/// below `pvmmu.directmap_limit` when it is given).
+/// below `pvmmu.directmap_limit` when it is given). Under DEBUG_PAGEALLOC
+/// a free frame is absent instead: its page is checked by walk, and the
+/// first and last frame of every free range by a read that must fault
+/// (not present).
 fn every_ram_page_readable(kernel: &mut Kernel) -> TestResult {
     let dm = dm(kernel)?;
+    let pagealloc = crate::pagealloc::enabled();
+    // With the option, this suite runs under DEBUG_PAGEALLOC already.
+    check(
+        pagealloc == kernel.options.debug_pagealloc,
+        "DEBUG_PAGEALLOC on for the direct-map suite",
+    )?;
     let mut pages = 0u64;
     for r in dm.mem.ram() {
         for p in r.start.0..r.end.0 {
             let va = DirectMem::va(Pfn(p)) + (p % 512) * 8;
+            if pagealloc && kernel.frames.is_free(Pfn(p)) {
+                free_frame_absent(kernel, p, va)?;
+                pages += 1;
+                continue;
+            }
             // SAFETY: RAM has no read side effects.
             if let Err(f) = unsafe { probe_read(va) } {
                 return Err(Failure::Fault {
@@ -79,14 +93,84 @@ fn every_ram_page_readable(kernel: &mut Kernel) -> TestResult {
     )
 }
 
+/// Under DEBUG_PAGEALLOC: the free frame `pfn` has no present page in the
+/// direct map (walk), and when it starts or ends a free range a read of
+/// `va` takes a not-present #PF.
+fn free_frame_absent(kernel: &Kernel, pfn: u64, va: u64) -> TestResult {
+    match crate::kspace::translate(va) {
+        Err(crate::kspace::KspaceError::Map(pvmmu::Error::NotMapped { .. })) => {}
+        Ok(_) => return Err(Failure::Check("a free frame is mapped in the direct map")),
+        Err(_) => return Err(Failure::Check("direct-map walk failed")),
+    }
+    let edge = kernel
+        .frames
+        .ranges()
+        .iter()
+        .any(|r| r.start == pfn || r.end == pfn + 1);
+    if !edge {
+        return Ok(());
+    }
+    // SAFETY: RAM; the page is absent, the probe catches the fault.
+    match unsafe { probe_read(va) } {
+        Ok(_) => Err(Failure::Check("a free frame was readable")),
+        Err(f) => check_eq(
+            "error code of a read of a free frame (not present)",
+            f.error_code & crate::traps::pf::PRESENT,
+            0,
+        ),
+    }
+}
+
 fn pattern(pfn: u64, word: u64) -> u64 {
     (pfn << 20 | word).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a_a5a5_0f0f_f0f0
 }
 
 /// Writes a pattern unique to each free frame (first and last word), then
 /// reads all of them back: catches unmapped, read-only and aliased frames.
+/// Under DEBUG_PAGEALLOC the free frames are absent from the direct map:
+/// every free range is taken out of the allocator first (one CPA call
+/// each maps it back), written and read, and given back (one CPA call
+/// each unmaps it), then checked absent again.
 fn free_frames_hold_patterns(kernel: &mut Kernel) -> TestResult {
     let frames = kernel.frames.clone();
+    if !crate::pagealloc::enabled() {
+        return write_read_patterns(&frames);
+    }
+    let mut taken = 0;
+    let mut result = Ok(());
+    for r in frames.ranges() {
+        if kernel.frames.reserve(r.start, r.end).is_err() {
+            result = Err(Failure::Check("a free range could not be taken"));
+            break;
+        }
+        taken += 1;
+    }
+    if result.is_ok() {
+        result = write_read_patterns(&frames);
+    }
+    for r in &frames.ranges()[..taken] {
+        if kernel.frames.add(r.start, r.end).is_err() {
+            log::error!("free range [{:#x}, {:#x}) not given back", r.start, r.end);
+            result = Err(Failure::Check("a free range could not be given back"));
+        }
+    }
+    result?;
+    check_eq(
+        "free frames after the test",
+        kernel.frames.free_count(),
+        frames.free_count(),
+    )?;
+    for r in frames.ranges() {
+        for p in [r.start, r.end - 1] {
+            free_frame_absent(kernel, p, DirectMem::va(Pfn(p)))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pattern pass of [`free_frames_hold_patterns`] over the free ranges
+/// of `frames` (mapped in the direct map).
+fn write_read_patterns(frames: &crate::frames::Frames) -> TestResult {
     let mut n = 0u64;
     for pass in 0..2 {
         for r in frames.ranges() {

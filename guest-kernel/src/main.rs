@@ -535,6 +535,14 @@ fn kernel_main(mut kernel: Kernel) -> ! {
         Err(e) => panic!("direct-map bootstrap failed: {e:?}"),
     }
 
+    // DEBUG_PAGEALLOC as early as it can be: it needs kspace's CPA, which
+    // needs only the direct map. The direct-map and pvmmu suites then run
+    // with every free frame out of the direct map (docs/cpa.md).
+    if kernel.options.debug_pagealloc {
+        if let Err(e) = running::start_kspace(&mut kernel) {
+            panic!("cannot start the kernel space for debug_pagealloc: {e:?}");
+        }
+    }
     for suite in SUITES {
         selftest::run_suite(&mut kernel, suite, &mut tally);
     }

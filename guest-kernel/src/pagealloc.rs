@@ -6,8 +6,10 @@
 //! ([`kspace::direct_map_absent`] / [`kspace::direct_map_present`]), with the
 //! cross-CPU TLB flush every CPA call makes.
 //!
-//! Switched on by [`enable`] when the running kernel's address space
-//! exists (the suites before it run on the plain direct map):
+//! Switched on by [`enable`] as soon as the kernel's address space
+//! (kspace, with its CPA) exists: with the option the boot starts kspace
+//! right after the direct-map bootstrap (`running::start_kspace`), so the
+//! direct-map and pvmmu suites run under it too (`docs/cpa.md`):
 //! 1. natively, the direct map is split to 4 KiB pages through CPA (each
 //!    large page gets CPA's software test bit set on one page and cleared
 //!    again: the change splits it, the tree is otherwise unchanged; under
@@ -45,6 +47,8 @@ static RAM_END: AtomicU64 = AtomicU64::new(0);
 static UNMAPS: AtomicU64 = AtomicU64::new(0);
 static MAPS: AtomicU64 = AtomicU64::new(0);
 static ERRORS: AtomicU64 = AtomicU64::new(0);
+static HYPERCALLS: AtomicU64 = AtomicU64::new(0);
+static ENTRIES: AtomicU64 = AtomicU64::new(0);
 
 /// Pool frames kept ready while the direct map is split (a split takes at
 /// most [`pvmmu::space::MAX_SPLITS`]).
@@ -81,9 +85,41 @@ pub fn errors() -> u64 {
     ERRORS.load(Ordering::Relaxed)
 }
 
+/// Hypercalls and `mmu_update` entries issued while the allocator's CPA
+/// calls ran (under PV; both 0 natively).
+pub fn issued() -> (u64, u64) {
+    (
+        HYPERCALLS.load(Ordering::Relaxed),
+        ENTRIES.load(Ordering::Relaxed),
+    )
+}
+
+/// Runs `f` and adds the hypercalls and `mmu_update` entries issued
+/// meanwhile to [`issued`]: what a test that counts its own subtracts
+/// when the frames it takes and frees are unmapped and mapped back on
+/// the way. The counters are global, so on several CPUs they would
+/// include the others' too; the tests that subtract them run on one CPU
+/// (before the others start).
+fn counted<T>(f: impl FnOnce() -> T) -> T {
+    let before = hypercall::mmu::issued_stats();
+    let out = f();
+    let after = hypercall::mmu::issued_stats();
+    HYPERCALLS.fetch_add(
+        after.hypercalls.wrapping_sub(before.hypercalls),
+        Ordering::Relaxed,
+    );
+    ENTRIES.fetch_add(
+        after
+            .mmu_update_entries
+            .wrapping_sub(before.mmu_update_entries),
+        Ordering::Relaxed,
+    );
+    out
+}
+
 /// The allocator's frames `[pfn, pfn + n)` became free: unmaps them.
 pub fn on_free(pfn: u64, n: u64) {
-    match kspace::direct_map_absent(Pfn(pfn), n) {
+    match counted(|| kspace::direct_map_absent(Pfn(pfn), n)) {
         Ok(_) => {
             UNMAPS.fetch_add(n, Ordering::Relaxed);
         }
@@ -96,7 +132,7 @@ pub fn on_free(pfn: u64, n: u64) {
 
 /// The allocator hands out frames `[pfn, pfn + n)`: maps them back.
 pub fn on_alloc(pfn: u64, n: u64) {
-    match kspace::direct_map_present(Pfn(pfn), n) {
+    match counted(|| kspace::direct_map_present(Pfn(pfn), n)) {
         Ok(()) => {
             MAPS.fetch_add(n, Ordering::Relaxed);
         }

@@ -1,6 +1,7 @@
 //! Starts the running kernel once the direct map is live: the kernel's own
 //! address space and frame pool (and, with `pvmmu.debug_pagealloc`,
-//! DEBUG_PAGEALLOC on top of it), the scheduler (the boot code becomes
+//! DEBUG_PAGEALLOC on top of it; both already up when the boot started
+//! them early for DEBUG_PAGEALLOC, [`start_kspace`]), the scheduler (the boot code becomes
 //! thread "main", plus an idle thread), the tick (Xen events and
 //! `VIRQ_TIMER` under PV, the local APIC natively), then interrupts on.
 //!
@@ -30,15 +31,20 @@ pub struct Running {
     pub timer: TimerSource,
 }
 
-/// See the module docs.
-pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
-    crate::percpu::CPUS[0]
-        .online
-        .store(true, core::sync::atomic::Ordering::Release);
-    kspace::init(kernel).map_err(StartError::Kspace)?;
-    kspace::protect_kernel(kernel).map_err(StartError::Kspace)?;
+/// The kernel address space (kspace, with its CPA) over the live tree,
+/// the kernel's static protections, and with `pvmmu.debug_pagealloc`
+/// DEBUG_PAGEALLOC on top of it. Needs only the direct map: the boot
+/// calls it right after the bootstrap when DEBUG_PAGEALLOC is asked for
+/// (so the direct-map and pvmmu suites run under it), else [`start`] does.
+/// Runs once; a second call does nothing.
+pub fn start_kspace(kernel: &mut Kernel) -> Result<(), KspaceError> {
+    if kspace::pool_free().is_some() {
+        return Ok(());
+    }
+    kspace::init(kernel)?;
+    kspace::protect_kernel(kernel)?;
     if kernel.options.debug_pagealloc {
-        let on = crate::pagealloc::enable(kernel).map_err(StartError::Kspace)?;
+        let on = crate::pagealloc::enable(kernel)?;
         log::info!(
             "debug_pagealloc: direct map split to 4 KiB ({} splits), {} free frames in {} \
              ranges unmapped",
@@ -47,6 +53,15 @@ pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
             on.ranges
         );
     }
+    Ok(())
+}
+
+/// See the module docs.
+pub fn start(kernel: &mut Kernel) -> Result<Running, StartError> {
+    crate::percpu::CPUS[0]
+        .online
+        .store(true, core::sync::atomic::Ordering::Release);
+    start_kspace(kernel).map_err(StartError::Kspace)?;
     sched::init().map_err(StartError::Sched)?;
     crate::lazy::init().map_err(StartError::Sched)?;
     let source = match kernel.pv.as_ref() {
