@@ -13,6 +13,7 @@ pub mod backend;
 pub mod bootstrap;
 pub mod cpus;
 pub mod entry;
+pub mod install;
 pub mod invariants;
 pub mod kmap;
 pub mod lazy;

@@ -18,6 +18,7 @@ pub mod native;
 pub mod xen;
 
 use core::ptr::NonNull;
+use core::sync::atomic::AtomicU64;
 
 use hypercall::XenError;
 
@@ -199,6 +200,15 @@ pub trait Backend {
     /// Queues a write of entry `index` of live table `table` (draining first
     /// when the queue is full).
     fn write(&mut self, table: Pfn, index: usize, val: Entry) -> Result<(), BackendError>;
+    /// Entry `index` of live table `table` as an atomic cell, where live
+    /// entries may be changed by compare-and-exchange (natively: a plain
+    /// 8-byte word the CPU's walker reads atomically); `None` where they
+    /// change only through the hypervisor (PV). The engine uses it for
+    /// [`crate::install`]'s protocol: CPA's leaf updates and splits.
+    fn entry_cell(&self, table: Pfn, index: usize) -> Option<&AtomicU64> {
+        let _ = (table, index);
+        None
+    }
     /// Writes queued and not yet applied.
     fn pending(&self) -> usize;
     /// Applies every queued write, in order.

@@ -7,6 +7,7 @@
 //! arena never execute them.
 
 use core::ptr::NonNull;
+use core::sync::atomic::AtomicU64;
 
 use super::{Backend, BackendError, Caps, Kind, LargePages, TlbScope, INVLPG_LIMIT};
 use crate::entry::{native_check, Entry, Flags, Level, TABLE_FLAGS};
@@ -313,6 +314,16 @@ impl<M: PhysMem, T: Tlb> Backend for Native<M, T> {
         // valid for writes per `PhysMem`; one aligned 8-byte store.
         unsafe { p.write_volatile(val.0) };
         Ok(())
+    }
+
+    fn entry_cell(&self, table: Pfn, index: usize) -> Option<&AtomicU64> {
+        let p = self.entry_ptr(table, index)?;
+        // SAFETY: `PhysMem` guarantees the frame is valid for reads and
+        // writes of 4096 bytes for as long as `self.mem` lives (so for the
+        // borrow of `self`), and the entry is 8-byte aligned inside it.
+        // Every access to a live entry natively is an aligned 8-byte
+        // access (volatile or atomic), so none of them tears.
+        Some(unsafe { AtomicU64::from_ptr(p) })
     }
 
     fn pending(&self) -> usize {
