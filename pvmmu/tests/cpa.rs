@@ -15,7 +15,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use pvmmu::backend::{Backend, LargePages, TlbScope};
 use pvmmu::entry::{Entry, FlagError, Flags, Level};
-use pvmmu::space::{Protected, StaticProtection, CLFLUSH_LIMIT, CPA_TEST_BIT, MAX_PROTECTIONS};
+use pvmmu::space::{
+    Protected, SlowPath, StaticProtection, CLFLUSH_LIMIT, CPA_TEST_BIT, MAX_PROTECTIONS,
+};
 use pvmmu::{AddressSpace, Error, Granule, Pfn};
 
 const GIB: u64 = 1 << 30;
@@ -112,6 +114,96 @@ fn a_partial_change_splits_1g_then_2m_and_preserves_every_other_page() {
     assert_eq!(leaves(s.backend(), s.root())[&va].page_len, PAGE);
     assert_eq!(s.cpa_stats().splits, 2);
     assert_eq!(s.cpa_stats().calls, 3);
+    no_violations(&s);
+}
+
+#[test]
+fn the_lockless_path_takes_only_what_needs_no_lock_and_refuses_as_the_locked_one() {
+    let mut s = native(1024);
+    s.map_sized(BASE, Pfn(0), 2 * MIB2, RW, Granule::Size2MiB, false)
+        .unwrap()
+        .ignore();
+    s.map(BASE + 2 * MIB2, Pfn(1 << 10), 60 * PAGE, RW)
+        .unwrap()
+        .ignore();
+    // Four pages of "kernel text", executable.
+    let text_va = BASE + 2 * MIB2 + 60 * PAGE;
+    s.map(text_va, Pfn((1 << 10) + 60), 4 * PAGE, Flags::PRESENT)
+        .unwrap()
+        .ignore();
+    let text = StaticProtection {
+        region: Protected::KernelText,
+        first: Pfn((1 << 10) + 60),
+        end: Pfn((1 << 10) + 64),
+    };
+    s.cpa_protect(text).unwrap();
+    s.cpa_stable(BASE, BASE + 4 * MIB2).unwrap();
+    // SAFETY: used only over this space's arena, while it lives.
+    let fast = unsafe { s.cpa_fast() };
+    assert_eq!(s.cpa_protect(text), Err(Error::ProtectionsFrozen));
+    let small = BASE + 2 * MIB2;
+    let before = tree(s.backend(), s.root());
+    let mut b = pvmmu::Native::new(s.backend().mem()).with_large_pages(LargePages::Size2MiB);
+    let mut call = |va: u64, pages: u64, set: Flags, clear: Flags| {
+        fast.change_page_attr_set_clr(&mut b, va, pages * PAGE, set, clear)
+    };
+    // What needs the lock, and why; nothing written.
+    let slow = |r: Result<_, Error>| match r {
+        Err(Error::SlowPath(why)) => why,
+        r => panic!("expected the slow path, got {r:?}"),
+    };
+    assert_eq!(
+        slow(call(BASE + PAGE, 1, CPA_TEST_BIT, Flags::empty())),
+        SlowPath::Split { splits: 1 }
+    );
+    assert_eq!(
+        slow(call(small, 1, Flags::WRITABLE, Flags::empty())),
+        SlowPath::Loosens
+    );
+    assert_eq!(
+        slow(call(small, 1, Flags::empty(), Flags::NO_EXECUTE)),
+        SlowPath::Loosens
+    );
+    assert_eq!(
+        slow(call(BASE + 4 * MIB2, 1, CPA_TEST_BIT, Flags::empty())),
+        SlowPath::Unstable
+    );
+    // Refused as the locked path refuses (static protection, flags).
+    assert_eq!(
+        call(small + 59 * PAGE, 2, Flags::empty(), Flags::PRESENT),
+        Err(Error::StaticProtection {
+            va: small + 60 * PAGE,
+            pfn: Pfn((1 << 10) + 60),
+            region: Protected::KernelText
+        })
+    );
+    assert_eq!(
+        call(small, 1, Flags::USER_ACCESSIBLE, Flags::empty()),
+        Err(Error::CpaFlags)
+    );
+    assert_eq!(tree(s.backend(), s.root()), before);
+    // Taken: 4 KiB leaves, and a large page covered whole, one decision.
+    let d = call(small, 8, Flags::empty(), Flags::WRITABLE).unwrap();
+    assert_eq!((d.pages_changed, d.splits), (8, 0));
+    assert_eq!(
+        d.flush,
+        Some(TlbScope::Range {
+            start: small,
+            pages: 8
+        })
+    );
+    let d = call(BASE, 512, CPA_TEST_BIT, Flags::empty()).unwrap();
+    assert_eq!((d.pages_changed, d.flush), (512, Some(TlbScope::All)));
+    let d = call(small, 8, Flags::empty(), Flags::WRITABLE).unwrap();
+    assert_eq!((d.pages_changed, d.flush), (0, None));
+    assert_eq!(b.tlb().pages, 8);
+    assert_eq!(b.tlb().full, 1);
+    let l = leaves(s.backend(), s.root());
+    assert_eq!(l[&BASE].page_len, MIB2, "covered whole: not split");
+    assert_eq!(l[&BASE].flags, RW | CPA_TEST_BIT);
+    assert_eq!(l[&small].flags, RW - Flags::WRITABLE);
+    // The tables below a stable range are never freed: unmap is refused.
+    assert_eq!(s.unmap(small, PAGE), Err(Error::StableRange { va: small }));
     no_violations(&s);
 }
 
@@ -567,6 +659,16 @@ fn pv_refuses_page_table_frames_and_the_xen_hole_before_xen_is_asked() {
     );
     assert_eq!(hypercalls(&model), calls, "refused before Xen is asked");
     assert_eq!(leaves(s.backend(), s.root()), before);
+    // No lockless path under PV (no compare-and-exchange of live entries):
+    // every call is left to the locked path, nothing asked of Xen.
+    s.cpa_stable(BASE, BASE + GIB).unwrap();
+    // SAFETY: used only with this space's backend, while it lives.
+    let fast = unsafe { s.cpa_fast() };
+    assert_eq!(
+        fast.change_page_attr_set_clr(s.backend_mut(), BASE, PAGE, Flags::empty(), Flags::WRITABLE),
+        Err(Error::SlowPath(pvmmu::space::SlowPath::NoAtomicEntries))
+    );
+    assert_eq!(hypercalls(&model), calls);
     // RO/NX changes on ordinary direct-map pages work under PV.
     let data = BASE + 8 * PAGE;
     let calls = hypercalls(&model);
@@ -786,6 +888,13 @@ fn run_native(rng: &mut TestRng, steps: usize) -> Result<(), TestCaseError> {
     };
     let mut model = snapshot(&s);
     let mut splits = 0u64;
+    // Half the calls try the lockless path first (the whole window is
+    // stable), as the kernel does, and fall back to the locked one.
+    s.cpa_stable(BASE, BASE + 2 * GIB).unwrap();
+    // SAFETY: used only with backends over this space's arena, while the
+    // space lives.
+    let fast = unsafe { s.cpa_fast() };
+    let mut lockless = 0u64;
     for _ in 0..steps {
         let (base, len) = regions[rng.random_range(0..regions.len())];
         let pages = rng.random_range(1..=100u64).min(len / PAGE);
@@ -793,7 +902,25 @@ fn run_native(rng: &mut TestRng, steps: usize) -> Result<(), TestCaseError> {
         let va = base + first * PAGE;
         let (set, clear) = CHANGES[rng.random_range(0..CHANGES.len())];
         let before_tree = tree(s.backend(), s.root());
-        let r = s.change_page_attr_set_clr(va, pages * PAGE, set, clear);
+        let mut r = Err(Error::SlowPath(SlowPath::NoAtomicEntries));
+        if rng.random_range(0..2) == 0 {
+            let mut b =
+                pvmmu::Native::new(s.backend().mem()).with_large_pages(LargePages::Size1GiB);
+            r = fast.change_page_attr_set_clr(&mut b, va, pages * PAGE, set, clear);
+            match r {
+                Ok(d) => {
+                    lockless += 1;
+                    prop_assert_eq!(d.splits, 0);
+                }
+                Err(Error::SlowPath(_)) => {
+                    prop_assert_eq!(tree(s.backend(), s.root()), before_tree.clone());
+                }
+                _ => {}
+            }
+        }
+        if let Err(Error::SlowPath(_)) = r {
+            r = s.change_page_attr_set_clr(va, pages * PAGE, set, clear);
+        }
         let expect = apply_model(&model, va, pages, set, clear);
         match (r, expect) {
             (Ok(d), Ok(m)) => {
@@ -826,6 +953,7 @@ fn run_native(rng: &mut TestRng, steps: usize) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(s.cpa_stats().splits, splits);
     prop_assert!(splits > 0, "the run split large pages");
+    prop_assert!(lockless > 0, "calls went through the lockless path");
     Ok(())
 }
 

@@ -95,6 +95,20 @@ pub enum Error {
     /// [`crate::space::MAX_PROTECTIONS`] static protections are registered
     /// already.
     TooManyProtections,
+    /// A static protection registered after a lockless CPA handle was made
+    /// (the handle holds a copy of them).
+    ProtectionsFrozen,
+    /// The lockless CPA path leaves this change to the locked one.
+    SlowPath(crate::space::SlowPath),
+    /// `unmap` of a range touching a stable range (see
+    /// [`crate::space::AddressSpace::cpa_stable`]): no table there may be
+    /// freed.
+    StableRange {
+        /// First address of the range inside the stable range.
+        va: u64,
+    },
+    /// [`crate::space::MAX_STABLE`] stable ranges are registered already.
+    TooManyStableRanges,
 }
 
 impl From<BackendError> for Error {

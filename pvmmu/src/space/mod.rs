@@ -39,8 +39,8 @@ mod slots;
 mod unmap;
 
 pub use cpa::{
-    CpaDone, CpaStats, Protected, StaticProtection, CLFLUSH_LIMIT, CPA_FLAGS, CPA_TEST_BIT,
-    MAX_PROTECTIONS, MAX_SPLITS, PAT_VALUE,
+    CpaDone, CpaFast, CpaStats, Protected, SlowPath, StaticProtection, CLFLUSH_LIMIT, CPA_FLAGS,
+    CPA_TEST_BIT, MAX_PROTECTIONS, MAX_SPLITS, MAX_STABLE, PAT_VALUE,
 };
 pub use error::Error;
 pub use flush::Flush;
@@ -170,10 +170,43 @@ pub struct AddressSpace<B: Backend, A: FrameAllocator> {
     /// Frames CPA keeps their protection (kernel text, rodata, pages
     /// shared with the hypervisor).
     protections: [Option<StaticProtection>; MAX_PROTECTIONS],
+    /// Ranges `unmap` refuses, where the lockless CPA path may walk.
+    stable: [Option<(u64, u64)>; cpa::MAX_STABLE],
+    /// Whether a lockless CPA handle was made (protections frozen).
+    fast_issued: bool,
 }
 
 fn canonical(va: u64) -> bool {
     va <= LOWER_HALF_LAST || va >= UPPER_HALF
+}
+
+/// Validates `[va, va + len)` for pages of `granule` on `backend`; returns
+/// the last address, or `None` for an empty range.
+pub(crate) fn range_last<B: Backend>(
+    backend: &B,
+    va: u64,
+    len: u64,
+    granule: Granule,
+) -> Result<Option<u64>, Error> {
+    if !canonical(va) {
+        return Err(Error::NonCanonical { va });
+    }
+    if va % granule.bytes() != 0 || len % granule.bytes() != 0 {
+        return Err(Error::Misaligned);
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    let last = va.checked_add(len - 1).ok_or(Error::RangeOverflow)?;
+    if !canonical(last) || (va >> 47) != (last >> 47) {
+        return Err(Error::NonCanonical { va: last });
+    }
+    if let Some((start, end)) = backend.reserved() {
+        if va < end && last >= start {
+            return Err(Error::XenHole);
+        }
+    }
+    Ok(Some(last))
 }
 
 /// The W^X rule, in one place: writable without NO_EXECUTE needs consent.
@@ -245,12 +278,16 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
                 calls: 0,
                 refused: 0,
                 splits: 0,
+                joined: 0,
+                lost: 0,
                 flush_pages: 0,
                 flush_all: 0,
                 cache_lines: 0,
                 cache_all: 0,
             },
             protections: [None; MAX_PROTECTIONS],
+            stable: [None; cpa::MAX_STABLE],
+            fast_issued: false,
         }
     }
 
@@ -382,25 +419,7 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// Validates `[va, va + len)` for pages of `granule`; returns the last
     /// address, or `None` for an empty range.
     fn check_range(&self, va: u64, len: u64, granule: Granule) -> Result<Option<u64>, Error> {
-        if !canonical(va) {
-            return Err(Error::NonCanonical { va });
-        }
-        if va % granule.bytes() != 0 || len % granule.bytes() != 0 {
-            return Err(Error::Misaligned);
-        }
-        if len == 0 {
-            return Ok(None);
-        }
-        let last = va.checked_add(len - 1).ok_or(Error::RangeOverflow)?;
-        if !canonical(last) || (va >> 47) != (last >> 47) {
-            return Err(Error::NonCanonical { va: last });
-        }
-        if let Some((start, end)) = self.backend.reserved() {
-            if va < end && last >= start {
-                return Err(Error::XenHole);
-            }
-        }
-        Ok(Some(last))
+        range_last(&self.backend, va, len, granule)
     }
 
     /// Whether pages of `granule` may be mapped here.

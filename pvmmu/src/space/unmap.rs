@@ -23,10 +23,13 @@ impl<B: Backend, A: FrameAllocator> AddressSpace<B, A> {
     /// [`Error::NotMapped`], nothing changed) and large pages must be
     /// covered whole. Tables that become empty are freed (after a TLB flush
     /// of everything, so the returned token is then empty).
+    /// A range touching a stable range ([`AddressSpace::cpa_stable`]) is
+    /// refused ([`Error::StableRange`]).
     pub fn unmap(&mut self, va: u64, len: u64) -> Result<Flush, Error> {
         let Some(last) = self.checked_range(va, len)? else {
             return Ok(Flush::none());
         };
+        self.check_unstable(va, last)?;
         let req = Request::new(va, last);
         let root = self.root;
         self.check_pass(
