@@ -250,7 +250,7 @@ pub const CI_BOOTS: &[Boot] = &[
 
 /// The loom stage (run with `RUSTFLAGS="--cfg loom"`, see `run`).
 pub const LOOM_STAGE: (&str, &[&str]) = (
-    "loom: TLB shootdown, lazy-mode hand-off (pvmmu)",
+    "loom: TLB shootdown, lazy-mode hand-off, table install (pvmmu)",
     &[
         "test",
         "-p",
@@ -259,6 +259,8 @@ pub const LOOM_STAGE: (&str, &[&str]) = (
         "loom_shootdown",
         "--test",
         "loom_lazy",
+        "--test",
+        "loom_split",
         "--release",
     ],
 );
