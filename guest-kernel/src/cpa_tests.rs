@@ -534,89 +534,147 @@ static SHARES: [spin::Mutex<Option<Owned>>; percpu::MAX_CPUS] =
     [const { spin::Mutex::new(None) }; percpu::MAX_CPUS];
 /// CPUs taking part.
 static WORKERS: AtomicU64 = AtomicU64::new(0);
-/// The large page every CPU marks at once (0: none), and how many CPUs
-/// are ready to start marking it.
-static SAME_PAGE: AtomicU64 = AtomicU64::new(0);
+/// The large pages every CPU marks at once, one per race round (the
+/// first `RACE_COUNT` of them), and how many CPUs are ready to start.
+static RACE_PAGES: [AtomicU64; RACE_ROUNDS] = [const { AtomicU64::new(0) }; RACE_ROUNDS];
+static RACE_COUNT: AtomicU64 = AtomicU64::new(0);
 static READY: AtomicU64 = AtomicU64::new(0);
-/// Splits the CPUs' marks of that page made, summed (must be 1).
-static SAME_SPLITS: AtomicU64 = AtomicU64::new(0);
+/// Splits the CPUs' marks of each race round's page made, summed (each
+/// must be 1).
+static RACE_SPLITS: [AtomicU64; RACE_ROUNDS] = [const { AtomicU64::new(0) }; RACE_ROUNDS];
+
+/// Race rounds: still-large 2 MiB pages of the direct map that every CPU
+/// marks at once (each round splits one for good: a pool frame).
+const RACE_ROUNDS: usize = 24;
+/// The first rounds run free (whether a CPU's lockless check sees the
+/// page whole before another CPU's split is up to timing); in the rest
+/// CPU 0 splits under the split lock once the others wait for it.
+const RACE_FREE: usize = 12;
+/// Split races counted by the end of the free rounds.
+static FREE_RACES: AtomicU64 = AtomicU64::new(0);
+/// Pages each CPU marks in a race round (CPU `c` from page `37 c`: the
+/// ranges of neighbouring CPUs overlap).
+const RACE_PAGES_PER_CPU: u64 = 48;
 
 /// A worker pinned to CPU `cpu`: random rounds on its own frames (disjoint
-/// from every other CPU's), then one page of the shared large page marked
-/// and unmarked, all CPUs starting together. Returns 0 or a failure code.
+/// from every other CPU's), then the race rounds: all CPUs start together
+/// and mark overlapping ranges of the same still-large page (the lockless
+/// check finds a split to make; the first CPU under the lock splits, the
+/// others' re-check finds the table), read every page of their range
+/// through the direct map while the others split and mark (a hole would
+/// be a fatal fault), and unmark it (lockless now: 4 KiB leaves). In the
+/// rounds after [`RACE_FREE`] CPU 0 makes its change holding the split
+/// lock until the others wait for it, so the race happens on every boot,
+/// however the host schedules the CPUs. Returns 0 or a failure code.
 fn worker(cpu: u64) -> u64 {
-    let n = WORKERS.load(Ordering::Acquire) as usize;
+    let n = WORKERS.load(Ordering::Acquire);
     let share = SHARES[cpu as usize % percpu::MAX_CPUS].lock();
     let Some(mine) = share.as_ref() else {
-        READY.fetch_add(1, Ordering::AcqRel);
+        READY.fetch_add(RACE_ROUNDS as u64 + 1, Ordering::AcqRel);
         return 1;
     };
     let mut rng = Rng((crate::platform::rdtsc() ^ (cpu << 32)) | 1);
     for _ in 0..ROUNDS_PER_CPU {
         if let Err(e) = round(&mut rng, mine) {
             log::error!("cpa on cpu {cpu}: {e}");
-            READY.fetch_add(1, Ordering::AcqRel);
+            READY.fetch_add(RACE_ROUNDS as u64 + 1, Ordering::AcqRel);
             return 2;
         }
     }
-    // Everyone at the line, then the same large page from every CPU.
-    READY.fetch_add(1, Ordering::AcqRel);
-    while READY.load(Ordering::Acquire) < n as u64 {
-        core::hint::spin_loop();
-    }
-    let base = SAME_PAGE.load(Ordering::Acquire);
-    if base == 0 {
-        return 0;
-    }
-    let va = base + (cpu * 37 % 512) * 4096;
-    let bit = CPA_TEST_BIT;
-    let marked = kspace::change_page_attr(va, 4096, bit, Flags::empty()).and_then(|done| {
-        SAME_SPLITS.fetch_add(u64::from(done.splits), Ordering::AcqRel);
-        kspace::change_page_attr(va, 4096, Flags::empty(), bit)
-    });
-    match marked {
-        Ok(_) => 0,
-        Err(e) => {
+    let rounds = RACE_COUNT.load(Ordering::Acquire) as usize;
+    let mut code = 0;
+    for (r, page) in RACE_PAGES.iter().enumerate() {
+        // Everyone at the line (a failed CPU still arrives at every line).
+        READY.fetch_add(1, Ordering::AcqRel);
+        while READY.load(Ordering::Acquire) < n * (r as u64 + 1) {
+            core::hint::spin_loop();
+        }
+        if r == RACE_FREE && cpu == 0 {
+            // Every CPU at the line: no call in flight.
+            FREE_RACES.store(kspace::cpa_fast_counts().1, Ordering::Release);
+        }
+        if r >= rounds || code != 0 {
+            continue;
+        }
+        let base = page.load(Ordering::Acquire);
+        let va = base + (cpu * 37 % (512 - RACE_PAGES_PER_CPU)) * 4096;
+        let len = RACE_PAGES_PER_CPU * 4096;
+        let bit = CPA_TEST_BIT;
+        let first = if r >= RACE_FREE && cpu == 0 && n > 1 {
+            // CPU 0 splits under the split lock once every other CPU's
+            // lockless check has found the page whole and waits for it
+            // (or after 2 s): their re-checks find it split.
+            let deadline = crate::clock::now_ns() + 2_000_000_000;
+            kspace::change_page_attr_holding(va, len, bit, Flags::empty(), || {
+                kspace::split_waiters() + 1 >= n || crate::clock::now_ns() > deadline
+            })
+        } else {
+            kspace::change_page_attr(va, len, bit, Flags::empty())
+        };
+        let marked = first.and_then(|done| {
+            RACE_SPLITS[r].fetch_add(u64::from(done.splits), Ordering::AcqRel);
+            for k in 0..RACE_PAGES_PER_CPU {
+                // SAFETY: a RAM page of the direct map, mapped (the
+                // page is still large, or split into a complete table):
+                // reading it changes nothing.
+                unsafe { core::ptr::read_volatile((va + k * 4096) as *const u64) };
+            }
+            kspace::change_page_attr(va, len, Flags::empty(), bit)
+        });
+        if let Err(e) = marked {
             log::error!("cpa marker on cpu {cpu} at {va:#x}: {e:?}");
-            3
+            code = 3;
         }
     }
+    READY.fetch_add(1, Ordering::AcqRel);
+    code
 }
 
-/// A 2 MiB page of the direct map still mapped whole (natively, without
+/// 2 MiB pages of the direct map still mapped whole (natively, without
 /// DEBUG_PAGEALLOC) and holding none of `owned` (whose rounds would split
-/// it first), for the CPUs to split at once.
-fn unsplit_large_page(kernel: &Kernel, owned: &Owned) -> Option<u64> {
-    let dm = kernel.direct_map.as_ref()?;
+/// them first), for the CPUs to split at once: into `out`, how many.
+fn unsplit_large_pages(kernel: &Kernel, owned: &Owned, out: &mut [u64]) -> usize {
+    let Some(dm) = kernel.direct_map.as_ref() else {
+        return 0;
+    };
     let base = crate::directmap::DIRECT_MAP_BASE;
+    let mut found = 0;
     for r in dm.mem.ram() {
         let mut va = DirectMem::va(r.start).next_multiple_of(1 << 21);
-        while va + (1 << 21) <= DirectMem::va(r.end) {
+        while va + (1 << 21) <= DirectMem::va(r.end) && found < out.len() {
             let first = (va - base) / 4096;
             let holds_owned = owned.frames[..owned.n]
                 .iter()
                 .any(|&f| (first..first + 512).contains(&f));
-            match kspace::translate(va) {
-                Ok(t) if t.granule == pvmmu::Granule::Size2MiB && !holds_owned => return Some(va),
-                _ => va += 1 << 21,
+            if let Ok(t) = kspace::translate(va) {
+                if t.granule == pvmmu::Granule::Size2MiB && !holds_owned {
+                    out[found] = va;
+                    found += 1;
+                }
             }
+            va += 1 << 21;
         }
     }
-    None
+    found
 }
 
 fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
     let n = percpu::online_count();
     let owned = Owned::take(kernel)?;
-    let same = unsplit_large_page(kernel, &owned);
-    SAME_SPLITS.store(0, Ordering::Release);
+    let mut pages = [0u64; RACE_ROUNDS];
+    let races = unsplit_large_pages(kernel, &owned, &mut pages);
+    for (r, split) in RACE_SPLITS.iter().enumerate() {
+        split.store(0, Ordering::Release);
+        RACE_PAGES[r].store(pages[r], Ordering::Release);
+    }
+    RACE_COUNT.store(races as u64, Ordering::Release);
+    let (fast0, races0) = kspace::cpa_fast_counts();
     let per = owned.n / n;
     for (cpu, share) in SHARES.iter().enumerate().take(n) {
         *share.lock() = Some(Owned::share(&owned, cpu * per, (cpu + 1) * per));
     }
     WORKERS.store(n as u64, Ordering::Release);
     READY.store(0, Ordering::Release);
-    SAME_PAGE.store(same.unwrap_or(0), Ordering::Release);
     let before = kspace::cpa_stats().unwrap_or_default();
     let t0 = crate::clock::now_ns();
     let mut threads = [None; percpu::MAX_CPUS];
@@ -648,24 +706,32 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
         i += 1;
     }
     owned.give_back(kernel);
+    let (fast1, races1) = kspace::cpa_fast_counts();
+    let free = FREE_RACES.load(Ordering::Acquire).max(races0);
     log::info!(
-        "cpa on {n} CPUs at once: {} calls, {} splits in {} ms; shared large page {:?}",
+        "cpa on {n} CPUs at once: {} calls ({} lockless), {} splits in {} ms; \
+         {races} large pages raced for, split races {} in {RACE_FREE} free rounds + {} \
+         with the split lock held, exchanges lost {}, joined {}",
         after.calls - before.calls,
+        fast1 - fast0,
         after.splits - before.splits,
         (crate::clock::now_ns() - t0) / 1_000_000,
-        same
+        free - races0,
+        races1 - free,
+        after.lost - before.lost,
+        after.joined - before.joined,
     );
     result?;
     check(
         threads.iter().take(n).all(Option::is_some),
         "a worker on every CPU",
     )?;
-    if let Some(base) = same {
+    for (r, &base) in pages.iter().enumerate().take(races) {
         // Split once, by whichever CPU came first (the others found the
         // table): one table, every page at its own frame, no mark left.
         check_eq(
             "splits of the large page every CPU marked",
-            SAME_SPLITS.load(Ordering::Acquire),
+            RACE_SPLITS[r].load(Ordering::Acquire),
             1,
         )?;
         for k in 0..512 {
@@ -676,13 +742,11 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
                 "the shared large page was split",
             )?;
             check(!t.flags.contains(CPA_TEST_BIT), "marks cleared")?;
-            if k == 0 {
-                check_eq(
-                    "frame of the shared large page",
-                    t.pfn.0,
-                    (base - crate::directmap::DIRECT_MAP_BASE) / 4096,
-                )?;
-            }
+            check_eq(
+                "frame of the shared large page",
+                t.pfn.0,
+                (base - crate::directmap::DIRECT_MAP_BASE) / 4096 + k,
+            )?;
         }
     }
     Ok(())

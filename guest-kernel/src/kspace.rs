@@ -13,8 +13,10 @@
 //! shows as a pool count that does not come back.
 //!
 //! The same space is the kernel's change_page_attr ([`change_page_attr`]):
-//! attribute changes over the direct map, under the same lock and with the
-//! same cross-CPU flush.
+//! attribute changes over the direct map, with the same cross-CPU flush;
+//! natively most of them take no lock (pvmmu's lockless CPA path over the
+//! direct map and the image, whose tables are never freed), splits and
+//! loosening changes take this lock as the split lock.
 //!
 //! Invariant: every stack slot is `[guard page][stack pages]`, and the guard
 //! page of a slot is never mapped; fixmap pages are mapped once at init and
@@ -28,7 +30,7 @@ use pvmmu::backend::{CacheEncoding, CacheMode, FlushTargets, LargePages, Native,
 use pvmmu::cpus::ActiveCpus;
 use pvmmu::entry::Flags;
 use pvmmu::lazy_task::BatchOwner;
-use pvmmu::space::{Protected, StaticProtection};
+use pvmmu::space::{CpaFast, Protected, SlowPath, StaticProtection};
 use pvmmu::{AddressSpace, Backend, Error, Flush, FrameAllocator, Mfn, Pfn, Translation};
 
 use crate::directmap::{DirectMem, KernelAliases, DIRECT_MAP_BASE};
@@ -315,8 +317,103 @@ pub fn protect_kernel(kernel: &Kernel) -> Result<(), KspaceError> {
                 s.cpa_protect(*p)?;
             });
         }
+        // Natively: the lockless CPA path over the direct map and the
+        // image, whose tables are never freed (pvmmu refuses an unmap
+        // there from now on).
+        if let Space::Native(s) = &mut ks.space {
+            s.cpa_stable(DIRECT_MAP_BASE, DIRECT_MAP_BASE + (1 << 39))?;
+            s.cpa_stable(crate::boot::KERNEL_VMA, u64::MAX)?;
+            let mem = *s.backend().mem();
+            let large = s.backend().large_pages();
+            // SAFETY: the handle is used only with `Native` backends over
+            // the direct map (`mem`), which reach this tree; the live tree
+            // is never destroyed.
+            let handle = unsafe { s.cpa_fast() };
+            FAST.call_once(|| FastCpa { handle, mem, large });
+        }
         Ok(())
     })
+}
+
+/// What the lockless CPA path needs (natively, once the static
+/// protections are registered): the handle and how to build a backend
+/// over the live tree on the calling CPU.
+struct FastCpa {
+    handle: CpaFast,
+    mem: DirectMem,
+    large: LargePages,
+}
+
+static FAST: spin::Once<FastCpa> = spin::Once::new();
+
+/// CPA calls that completed on the lockless path (no kspace lock).
+static CPA_FAST: AtomicU64 = AtomicU64::new(0);
+/// The lockless path's share of [`cpa_stats`]: refusals, page-by-page and
+/// full TLB flushes, range and whole cache flushes.
+static FAST_STATS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// Counts a lockless call's flushes (or its refusal) in [`FAST_STATS`].
+fn count_fast(done: Option<&pvmmu::space::CpaDone>) {
+    use pvmmu::backend::TlbScope;
+    let Some(done) = done else {
+        FAST_STATS[0].fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    CPA_FAST.fetch_add(1, Ordering::Relaxed);
+    let kinds = [(done.flush, 1), (done.cache, 3)];
+    for (scope, first) in kinds {
+        match scope {
+            Some(TlbScope::Range { .. }) => FAST_STATS[first].fetch_add(1, Ordering::Relaxed),
+            Some(TlbScope::All) => FAST_STATS[first + 1].fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+    }
+}
+/// CPA calls whose lockless check found a large page to split, and whose
+/// locked re-check then found (some of) those splits done by another CPU.
+static CPA_SPLIT_RACES: AtomicU64 = AtomicU64::new(0);
+
+/// Counters of the lockless CPA path: calls done without the lock, and
+/// splits found done by another CPU at the locked re-check.
+pub fn cpa_fast_counts() -> (u64, u64) {
+    (
+        CPA_FAST.load(Ordering::Relaxed),
+        CPA_SPLIT_RACES.load(Ordering::Relaxed),
+    )
+}
+
+/// The lockless attempt: `Ok(result)` when it decided the call (done, or
+/// refused as the locked path would refuse it), `Err(splits)` when the
+/// locked path must take it (`splits`: the large pages the lockless check
+/// found to split, 0 for any other reason).
+fn cpa_lockless(
+    va: u64,
+    len: u64,
+    set: Flags,
+    clear: Flags,
+) -> Result<Result<pvmmu::space::CpaDone, KspaceError>, u32> {
+    let Some(fast) = FAST.get() else {
+        return Err(0);
+    };
+    // Preemption off (the shootdown runs on this CPU), interrupts on: the
+    // other CPUs' shootdowns are answered while this one waits.
+    let _p = crate::sched::preempt_disable();
+    let mut backend = Native::with_tlb(fast.mem, ShootdownTlb).with_large_pages(fast.large);
+    match fast
+        .handle
+        .change_page_attr_set_clr(&mut backend, va, len, set, clear)
+    {
+        Ok(done) => {
+            count_fast(Some(&done));
+            Ok(Ok(done))
+        }
+        Err(Error::SlowPath(SlowPath::Split { splits })) => Err(splits),
+        Err(Error::SlowPath(_)) => Err(0),
+        Err(e) => {
+            count_fast(None);
+            Ok(Err(e.into()))
+        }
+    }
 }
 
 /// What CPA must keep on the live tree: the kernel's text and read-only
@@ -472,6 +569,14 @@ pub fn free_stack(stack: Stack) -> Result<(), KspaceError> {
 /// shootdown natively, Xen's all-vCPU flush under PV). Tables made by
 /// splits come from the pool and stay in the tree (never reassembled).
 ///
+/// Natively the call first tries pvmmu's lockless path (no lock: the
+/// direct map or image, no split, nothing loosened, no alias to carry,
+/// no caching change: its alias check runs under the lock); otherwise it takes
+/// the lock (the split lock), where the locked check pass re-checks: a
+/// split the lockless check counted and another CPU made meanwhile is
+/// counted as a split race ([`cpa_fast_counts`]). Under PV every call
+/// takes the lock (no compare-and-exchange of live entries).
+///
 /// Aliases: the kernel image's `.data`/`.bss` frames are mapped twice, at
 /// their image address and in the direct map. A change of what must agree
 /// across the two (writable or not, the caching bits) on a range wholly
@@ -493,13 +598,39 @@ pub fn change_page_attr(
     } else {
         image_data_alias(va, len)
     };
-    with(|ks| {
-        let caching = (set | clear).intersects(CACHE_SELECT);
+    let caching = (set | clear).intersects(CACHE_SELECT);
+    // Natively, without an alias to carry or a caching change (whose
+    // alias check reads the kernel's mappings under the lock): the
+    // lockless path first.
+    let mut counted = 0;
+    if alias.is_none() && !caching {
+        match cpa_lockless(va, len, set, clear) {
+            Ok(result) => return result,
+            Err(splits) => counted = splits,
+        }
+    }
+    // The locked path: kspace's lock is the split lock, and its check pass
+    // the re-check (a split the lockless check counted may be done by now).
+    let waiting = counted > 0;
+    if waiting {
+        SPLIT_WAITERS.fetch_add(1, Ordering::AcqRel);
+    }
+    let entered = core::cell::Cell::new(false);
+    let leave = || {
+        if waiting && !entered.replace(true) {
+            SPLIT_WAITERS.fetch_sub(1, Ordering::AcqRel);
+        }
+    };
+    let r = with(|ks| {
+        leave();
         if caching && on_space!(&ks.space, s => s.backend().flushes_caches()) {
             let aliases = ALIASES.get().ok_or(KspaceError::NotReady)?;
             cache_alias_check(aliases, va, len, alias)?;
         }
         let done = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?;
+        if counted > done.splits {
+            CPA_SPLIT_RACES.fetch_add(u64::from(counted - done.splits), Ordering::Relaxed);
+        }
         if let Some(other) = alias {
             let r = on_space!(&mut ks.space, s => s.change_page_attr_set_clr(other, len, alias_set, alias_clear));
             if let Err(e) = r {
@@ -513,6 +644,40 @@ pub fn change_page_attr(
             ALIAS_CHANGES.fetch_add(1, Ordering::Relaxed);
         }
         Ok(done)
+    });
+    // Refused before the closure ran (not ready, a lazy batch's error).
+    leave();
+    r
+}
+
+/// CPUs whose lockless CPA check found a split to make and that wait for
+/// the split lock (kspace's) or hold it before their locked call starts.
+static SPLIT_WAITERS: AtomicU64 = AtomicU64::new(0);
+
+/// How many CPUs wait for the split lock after a lockless check that
+/// found a split to make.
+pub fn split_waiters() -> u64 {
+    SPLIT_WAITERS.load(Ordering::Acquire)
+}
+
+/// [`change_page_attr`] on the locked path, the lock taken first and held
+/// until `go()` returns true, then the change made under it: for the CPA
+/// self-test, to split a large page while other CPUs, whose lockless
+/// check saw it whole, wait for the split lock (as they would behind any
+/// long split), so that their re-check finds it split. `go` must return
+/// true eventually (the caller bounds its wait).
+pub fn change_page_attr_holding(
+    va: u64,
+    len: u64,
+    set: Flags,
+    clear: Flags,
+    mut go: impl FnMut() -> bool,
+) -> Result<pvmmu::space::CpaDone, KspaceError> {
+    with(|ks| {
+        while !go() {
+            core::hint::spin_loop();
+        }
+        Ok(on_space!(&mut ks.space, s => s.change_page_attr_set_clr(va, len, set, clear))?)
     })
 }
 
@@ -673,6 +838,10 @@ fn pv_absent_batched(va: u64, len: u64) -> Result<pvmmu::space::CpaDone, KspaceE
 pub fn direct_map_present(pfn: Pfn, pages: u64) -> Result<(), KspaceError> {
     let va = DirectMem::va(pfn);
     let len = pages * 4096;
+    if !crate::platform::is_xen_pv() {
+        change_page_attr(va, len, Flags::PRESENT, Flags::empty())?;
+        return Ok(());
+    }
     with(|ks| match &mut ks.space {
         Space::Native(s) => {
             s.change_page_attr_set_clr(va, len, Flags::PRESENT, Flags::empty())?;
@@ -712,9 +881,18 @@ pub fn pool_top_up(frames: &mut Frames, target: usize) -> Result<(), KspaceError
     })
 }
 
-/// Counters of every CPA call on the live tree (`None` before [`init`]).
+/// Counters of every CPA call on the live tree, the lockless path's
+/// included (`None` before [`init`]).
 pub fn cpa_stats() -> Option<pvmmu::space::CpaStats> {
-    with(|ks| Ok(on_space!(&ks.space, s => s.cpa_stats()))).ok()
+    let mut st = with(|ks| Ok(on_space!(&ks.space, s => s.cpa_stats()))).ok()?;
+    let fast = |i: usize| FAST_STATS[i].load(Ordering::Relaxed);
+    st.calls += CPA_FAST.load(Ordering::Relaxed);
+    st.refused += fast(0);
+    st.flush_pages += fast(1);
+    st.flush_all += fast(2);
+    st.cache_lines += fast(3);
+    st.cache_all += fast(4);
+    Some(st)
 }
 
 /// What pvmmu's tree says about `va`.

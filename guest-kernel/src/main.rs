@@ -625,10 +625,13 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.shootdowns = shootdowns;
     (kernel.report.tlb_rounds, kernel.report.tlb_stale) = smp_tests::totals();
     kernel.report.smp_stress_ops = smp_stress::ops_done();
+    let (cpa_fast, cpa_split_races) = kspace::cpa_fast_counts();
     if let Some(cpa) = kspace::cpa_stats() {
         kernel.report.cpa_calls = cpa.calls;
         kernel.report.cpa_splits = cpa.splits;
     }
+    kernel.report.cpa_fast = cpa_fast;
+    kernel.report.cpa_split_races = cpa_split_races;
     kernel.report.cpa_faults_verified = cpa_tests::faults_verified();
     kernel.report.pagealloc_unmaps = pagealloc::unmaps();
     kernel.report.pagealloc_faults = pagealloc_tests::faults_caught();

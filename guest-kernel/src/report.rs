@@ -77,6 +77,11 @@ pub struct Report {
     pub cpa_calls: u64,
     /// Large pages CPA split.
     pub cpa_splits: u64,
+    /// CPA calls done on the lockless path (natively; 0 under PV).
+    pub cpa_fast: u64,
+    /// CPA calls whose lockless check found a large page to split that
+    /// the locked re-check found split by another CPU.
+    pub cpa_split_races: u64,
     /// Faults the CPA self-test expected and took (write to RO, exec of NX).
     pub cpa_faults_verified: u64,
     /// Frames DEBUG_PAGEALLOC unmapped from the direct map (at free, and
@@ -145,6 +150,8 @@ impl Report {
             smp_stress_ops: 0,
             cpa_calls: 0,
             cpa_splits: 0,
+            cpa_fast: 0,
+            cpa_split_races: 0,
             cpa_faults_verified: 0,
             pagealloc_unmaps: 0,
             pagealloc_faults: 0,
@@ -232,12 +239,15 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_faults_verified\":{},\
+            ",\"cpa_calls\":{},\"cpa_splits\":{},\"cpa_fast\":{},\"cpa_split_races\":{},\
+             \"cpa_faults_verified\":{},\
              \"pagealloc_unmaps\":{},\"pagealloc_faults\":{},\
              \"lazy_batches\":{},\"lazy_batches_preempted\":{},\"lazy_migrations\":{},\
              \"lazy_tick_us\":{}",
             self.cpa_calls,
             self.cpa_splits,
+            self.cpa_fast,
+            self.cpa_split_races,
             self.cpa_faults_verified,
             self.pagealloc_unmaps,
             self.pagealloc_faults,

@@ -460,6 +460,18 @@ fn smp_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), Strin
             "concurrent stress: smp_stress_ops is {ops}, need {need}"
         ));
     }
+    // Natively with large pages: CPA's lockless path ran, and the CPA
+    // self-test's CPUs raced for the same large page (a lockless check
+    // counted a split that the locked re-check found done by another CPU).
+    if row.mode == Mode::Native && !row.cmdline.contains("pvmmu.4k") {
+        let fast = report.counter("cpa_fast").unwrap_or(0);
+        let races = report.counter("cpa_split_races").unwrap_or(0);
+        if fast == 0 || races == 0 {
+            return Err(format!(
+                "lockless CPA: cpa_fast is {fast}, cpa_split_races is {races}, need both above 0"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -1024,6 +1036,20 @@ selftest xen_pvh_c ... ok";
             .unwrap_err()
             .contains("stale"));
         assert!(judge(&smp2, &Verdict::Pass(smp_report(2, 9_999, 0))).is_err());
+        // A native SMP row: the lockless CPA path ran and raced.
+        let native2 = boot(Mode::Native, 512, "", Expect::Pass, Check::Nothing).smp(2);
+        let native_report = |fast: u64, races: u64| {
+            parse_report(&format!(
+                r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":2,"tlb_rounds":10000,"tlb_stale":0,"smp_stress_ops":10000,"cpa_fast":{fast},"cpa_split_races":{races}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(judge(&native2, &Verdict::Pass(native_report(5, 1))), Ok(()));
+        for (fast, races) in [(0, 1), (5, 0)] {
+            assert!(judge(&native2, &Verdict::Pass(native_report(fast, races)))
+                .unwrap_err()
+                .contains("cpa_split_races"));
+        }
         // A row asking for a fast lazy tick: the report must show it.
         let fast = boot(Mode::Xen, 512, FAST_LAZY_TICK, Expect::Pass, Check::Nothing);
         let tick_report = |us: u64| {
