@@ -584,13 +584,25 @@ fn worker(cpu: u64) -> u64 {
     let rounds = RACE_COUNT.load(Ordering::Acquire) as usize;
     let mut code = 0;
     for (r, page) in RACE_PAGES.iter().enumerate() {
-        // Everyone at the line (a failed CPU still arrives at every line).
-        READY.fetch_add(1, Ordering::AcqRel);
-        while READY.load(Ordering::Acquire) < n * (r as u64 + 1) {
-            core::hint::spin_loop();
+        let line = n * (r as u64 + 1);
+        // CPU 0 holds the split lock in this round (below): it waits for
+        // the others at the line first, and lets them go only once it
+        // holds the lock, so none of them can take it first.
+        let holder = cpu == 0 && r >= RACE_FREE && r < rounds && n > 1 && code == 0;
+        if holder {
+            while READY.load(Ordering::Acquire) + 1 < line {
+                core::hint::spin_loop();
+            }
+        } else {
+            // Everyone at the line (a failed CPU still arrives at every
+            // line).
+            READY.fetch_add(1, Ordering::AcqRel);
+            while READY.load(Ordering::Acquire) < line {
+                core::hint::spin_loop();
+            }
         }
         if r == RACE_FREE && cpu == 0 {
-            // Every CPU at the line: no call in flight.
+            // Every other CPU at the line: no call in flight.
             FREE_RACES.store(kspace::cpa_fast_counts().1, Ordering::Release);
         }
         if r >= rounds || code != 0 {
@@ -600,14 +612,24 @@ fn worker(cpu: u64) -> u64 {
         let va = base + (cpu * 37 % (512 - RACE_PAGES_PER_CPU)) * 4096;
         let len = RACE_PAGES_PER_CPU * 4096;
         let bit = CPA_TEST_BIT;
-        let first = if r >= RACE_FREE && cpu == 0 && n > 1 {
+        let first = if holder {
             // CPU 0 splits under the split lock once every other CPU's
             // lockless check has found the page whole and waits for it
             // (or after 2 s): their re-checks find it split.
+            let arrived = core::cell::Cell::new(false);
+            let arrive = || {
+                if !arrived.replace(true) {
+                    READY.fetch_add(1, Ordering::AcqRel);
+                }
+            };
             let deadline = crate::clock::now_ns() + 2_000_000_000;
-            kspace::change_page_attr_holding(va, len, bit, Flags::empty(), || {
+            let done = kspace::change_page_attr_holding(va, len, bit, Flags::empty(), || {
+                arrive();
                 kspace::split_waiters() + 1 >= n || crate::clock::now_ns() > deadline
-            })
+            });
+            // Refused before the lock was held: the others still go.
+            arrive();
+            done
         } else {
             kspace::change_page_attr(va, len, bit, Flags::empty())
         };
