@@ -718,6 +718,9 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
         }
     }
     let after = kspace::cpa_stats().unwrap_or_default();
+    // Before the frames go back (under DEBUG_PAGEALLOC each free is a
+    // lockless call).
+    let (fast1, races1) = kspace::cpa_fast_counts();
     for share in &SHARES {
         *share.lock() = None;
     }
@@ -728,7 +731,6 @@ fn every_cpu_at_once(kernel: &mut Kernel) -> TestResult {
         i += 1;
     }
     owned.give_back(kernel);
-    let (fast1, races1) = kspace::cpa_fast_counts();
     let free = FREE_RACES.load(Ordering::Acquire).max(races0);
     log::info!(
         "cpa on {n} CPUs at once: {} calls ({} lockless), {} splits in {} ms; \
