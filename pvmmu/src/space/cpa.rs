@@ -49,7 +49,7 @@ use super::slots::slots;
 use super::{range_last, AddressSpace, Error, Granule, Request};
 use crate::backend::cache::CACHE_SELECT;
 use crate::backend::{Backend, CacheMode, LargePages, TlbScope, INVLPG_LIMIT};
-use crate::entry::{Entry, FlagError, Flags, Level, HARDWARE_SET};
+use crate::entry::{Entry, FlagError, Flags, Level, HARDWARE_SET, PAT_4K, PAT_LARGE};
 use crate::install::{install_table, update_leaf, EntryCell, InstallError, Leaf};
 use crate::phys::FrameAllocator;
 use crate::types::{Pfn, ENTRIES, ENTRY_FRAME_MASK, PAGE_SIZE};
@@ -58,10 +58,6 @@ use core::sync::atomic::AtomicU64;
 /// Most frames one call can need for splits (two ends, each a 1 GiB and a
 /// 2 MiB page).
 pub const MAX_SPLITS: usize = 4;
-
-/// PAT bit of a 4 KiB entry (bit 7) and of a large one (bit 12).
-const PAT_4K: u64 = 1 << 7;
-const PAT_LARGE: u64 = 1 << 12;
 
 /// A software-available bit CPA may set and clear with no effect on
 /// access (as Linux's cpa-test marks pages): for self-tests.
@@ -1060,7 +1056,8 @@ impl<B: Backend> Checker<'_, B> {
             return Err(Error::WriteExecute);
         }
         if new.is_present() {
-            let frame = self.child_of(e)?;
+            let mfn = e.leaf_mfn(level);
+            let frame = self.backend.to_pfn(mfn).ok_or(Error::ForeignFrame(mfn))?;
             self.backend
                 .leaf_entry(level, frame, flags - Flags::HUGE_PAGE - HARDWARE_SET)?;
         }
