@@ -1,9 +1,12 @@
 //! The oracle's replay on the host against transcripts recorded under real
 //! Xen (the kernel's `ORACLE` lines with `pvmmu.oracle_lines`, cut after
 //! 2,000 requests): the Xen model must print exactly what Xen printed, line
-//! for line. The 4.17 dom0 transcript holds the case that taught the model
-//! Xen's half-validated ("stuck") tables, at request 1,255; the domU one
-//! (an `xl` guest) the refusals of cache attributes without I/O privilege.
+//! for line. The domU transcript (an `xl` guest) holds the refusals of
+//! cache attributes and cache flushes without I/O privilege. The three were
+//! recorded again (same seeds: `pvmmu.seed` is the header's seed xor
+//! 0x0a11ce00) when the request mix gained `MMUEXT_FLUSH_CACHE(_GLOBAL)`;
+//! the half-validated ("stuck") tables the first dom0 transcript taught the
+//! model are kept by the model's own tests (`model/tests.rs`).
 
 use pvmmu::model::{DomainKind, ModelNegativeEnv};
 use pvmmu::oracle::{self, End};
