@@ -142,6 +142,12 @@ pub fn send_ipi(apic_id: u32, vector: u8) {
         unsafe { Msr::new(0x830).write((u64::from(apic_id) << 32) | u64::from(vector)) };
         return;
     }
+    // xAPIC: the destination and the command are two MMIO writes. An
+    // interrupt between them whose handler sends an IPI of its own (a
+    // reschedule from the tick) would rewrite ICR_HIGH, and our write of
+    // ICR_LOW would send our vector to its destination: a shootdown lost
+    // for the CPU it was meant for. Interrupts stay off across the pair.
+    let _g = crate::irq::save();
     write(reg::ICR_HIGH, apic_id << 24);
     write(reg::ICR_LOW, u32::from(vector));
     wait_icr_idle();
@@ -159,6 +165,8 @@ pub fn send_init_sipi(apic_id: u32, sipi_page: Option<u8>) {
         unsafe { Msr::new(0x830).write((u64::from(apic_id) << 32) | u64::from(low)) };
         return;
     }
+    // As in `send_ipi`: the two writes are one command.
+    let _g = crate::irq::save();
     write(reg::ICR_HIGH, apic_id << 24);
     write(reg::ICR_LOW, low);
     wait_icr_idle();
