@@ -30,6 +30,7 @@ pub fn send_resched(cpu: usize) {
         return;
     }
     SENT.fetch_add(1, Ordering::Relaxed);
+    target.resched_ipis_sent.fetch_add(1, Ordering::Relaxed);
     if platform::is_xen_pv() {
         let port = target.ipi_port.load(Ordering::Acquire);
         if port != u32::MAX {

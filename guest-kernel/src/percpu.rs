@@ -78,6 +78,8 @@ pub struct PerCpu {
     pub migrate_to: AtomicUsize,
     /// Reschedule IPIs received on this CPU.
     pub resched_ipis: AtomicU64,
+    /// Reschedule IPIs sent to this CPU (by any CPU).
+    pub resched_ipis_sent: AtomicU64,
 }
 
 /// Offsets of the `%gs:` fields (checked below).
@@ -126,6 +128,7 @@ const CPU_INIT: PerCpu = PerCpu {
     switches: AtomicU64::new(0),
     migrate_to: AtomicUsize::new(NONE),
     resched_ipis: AtomicU64::new(0),
+    resched_ipis_sent: AtomicU64::new(0),
 };
 
 /// Every CPU's data.

@@ -372,8 +372,9 @@ fn spin_until(ns: u64, cond: impl Fn() -> bool) -> bool {
 
 /// A thread pinned to CPU 1 parks; the test thread, on CPU 0, waits until
 /// CPU 1 went idle (the waiter is parked) and unparks it: every such
-/// wake-up is counted remote and CPU 1 receives a reschedule IPI for it;
-/// the waiter wakes on CPU 1, every round.
+/// wake-up is counted remote and sends CPU 1 a reschedule IPI, which CPU 1
+/// receives (three quarters at least: see below); the waiter wakes on
+/// CPU 1, every round.
 fn remote_wakeup(_: &mut Kernel) -> TestResult {
     if percpu::online_count() < 2 {
         crate::kprintln!("selftest note: one CPU, no other CPU to wake");
@@ -384,7 +385,11 @@ fn remote_wakeup(_: &mut Kernel) -> TestResult {
     WOKEN.store(0, Ordering::SeqCst);
     WOKE_ON.store(0, Ordering::SeqCst);
     let s0 = sched::stats();
-    let ipis0 = percpu::CPUS[1].resched_ipis.load(Ordering::SeqCst);
+    let cpu1 = &percpu::CPUS[1];
+    let (sent0, got0) = (
+        cpu1.resched_ipis_sent.load(Ordering::SeqCst),
+        cpu1.resched_ipis.load(Ordering::SeqCst),
+    );
     let w = match sched::spawn_on(1, "runq-waiter", waiter, WAKE_ROUNDS) {
         Ok(w) => w,
         Err(e) => {
@@ -418,11 +423,13 @@ fn remote_wakeup(_: &mut Kernel) -> TestResult {
     let joined = sched::join(w).map_err(sched_failure);
     sched::pin_current(None);
     let s1 = sched::stats();
-    let ipis = percpu::CPUS[1].resched_ipis.load(Ordering::SeqCst) - ipis0;
+    let sent = cpu1.resched_ipis_sent.load(Ordering::SeqCst) - sent0;
+    let got = cpu1.resched_ipis.load(Ordering::SeqCst) - got0;
     let remote = s1.remote_wakeups - s0.remote_wakeups;
     log::info!(
         "runq: {WAKE_ROUNDS} wake-ups from cpu 0 to cpu 1: {parked_rounds} while parked, \
-         {remote} remote wake-ups, {ipis} reschedule IPIs received on cpu 1, slowest {} us, \
+         {remote} remote wake-ups, {sent} reschedule IPIs sent to cpu 1 and {got} received \
+         there, slowest {} us, \
          woke on cpus {:#x}",
         latency_max / 1000,
         WOKE_ON.load(Ordering::SeqCst)
@@ -442,5 +449,16 @@ fn remote_wakeup(_: &mut Kernel) -> TestResult {
         remote >= parked_rounds,
         "every wake-up of a parked thread was remote",
     )?;
-    check(ipis >= parked_rounds, "cpu 1 got an IPI per remote wake-up")
+    check(
+        sent >= parked_rounds,
+        "an IPI was sent to cpu 1 per remote wake-up",
+    )?;
+    // Received: an IPI sent while the previous one is still pending is
+    // merged with it (an event channel's pending bit; the APIC's request
+    // register), which happened under Xen on an overloaded TCG host (49 of
+    // 51 with 4 vCPUs, once a vCPU stalled 0.8 s); most must arrive.
+    check(
+        got * 4 >= parked_rounds * 3,
+        "cpu 1 received the reschedule IPIs",
+    )
 }
