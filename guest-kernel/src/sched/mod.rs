@@ -47,7 +47,11 @@
 //! thread on that CPU once the switch has saved `t`'s registers
 //! (`finish_switch`). A CPU picks, and a steal takes, only a thread whose
 //! owner is none (or, on its own CPU, the running thread itself); `join`
-//! frees a dead thread's stack only once its owner is none.
+//! frees a dead thread's stack only once its owner is none. (Either check
+//! alone keeps a thread from running twice: a steal that moved an owned
+//! thread leaves it queued until the owner clears, and a pick never meets
+//! an owned thread that a steal did not bring. Both are kept; removing
+//! each alone was tried and no test can tell.)
 //!
 //! Preemption happens only at interrupt return (the dispatcher calls
 //! [`irq_return`] when the outermost handler ends), and only when this CPU's
