@@ -36,7 +36,9 @@
 //! that looks at its target's queue) are taken in increasing CPU id
 //! ([`with_two`]). Every one of them is taken with interrupts off (the
 //! tick and the IPI take them), none is held across the stack switch, and
-//! nothing waits for another CPU while holding one. A thread's state
+//! nothing waits for another CPU while holding one (a run-queue or
+//! descriptor lock taken or released with interrupts on panics: the tick
+//! taking it on the same CPU would spin forever). A thread's state
 //! changes only under the lock of the queue it belongs to, and `CPU_OF`
 //! only under both the old and the new queue's locks, so whoever holds the
 //! queue lock `CPU_OF[t]` named when it locked owns `t`'s state.
@@ -173,8 +175,62 @@ const NO_CPU: usize = usize::MAX;
 
 /// Thread descriptors (leaf locks; see the module docs for who owns a
 /// thread's state).
-static THREADS: [spin::Mutex<Thread>; MAX_THREADS] =
-    [const { spin::Mutex::new(FREE) }; MAX_THREADS];
+static THREADS: [Slot; MAX_THREADS] = [const { Slot::new() }; MAX_THREADS];
+
+/// A thread descriptor behind its leaf lock, which is taken and released
+/// only with interrupts off: the tick and the reschedule IPI take
+/// descriptor locks (`schedule` takes the running thread's), so one still
+/// held when interrupts come back on deadlocks its CPU if an interrupt that
+/// switches lands in that window. Checked at both ends, in every build: a
+/// guard that outlives the [`irq::IrqGuard`] meant to cover it (a temporary
+/// in a block's tail expression is dropped after the block's locals) panics
+/// at its release instead of hanging a later switch.
+struct Slot(spin::Mutex<Thread>);
+
+impl Slot {
+    const fn new() -> Self {
+        Slot(spin::Mutex::new(FREE))
+    }
+
+    /// Locks the descriptor. Interrupts must be off (checked).
+    fn lock(&self) -> SlotGuard<'_> {
+        assert!(
+            !irq::enabled(),
+            "thread descriptor locked with interrupts on"
+        );
+        SlotGuard(self.0.lock())
+    }
+}
+
+/// A locked descriptor; checks at release that interrupts are still off.
+struct SlotGuard<'a>(spin::MutexGuard<'a, Thread>);
+
+impl core::ops::Deref for SlotGuard<'_> {
+    type Target = Thread;
+    fn deref(&self) -> &Thread {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for SlotGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Thread {
+        &mut self.0
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        // Before the lock is released (the field drops after this).
+        if irq::enabled() {
+            // No tick may switch into a spin on this lock during the panic.
+            irq::disable();
+            panic!(
+                "thread descriptor released with interrupts on (an interrupt \
+                 switching here would spin on it forever)"
+            );
+        }
+    }
+}
 /// Saved stack pointers (written by the switch itself).
 static RSP: [AtomicU64; MAX_THREADS] = [const { AtomicU64::new(0) }; MAX_THREADS];
 /// The CPU whose run queue each thread belongs to.
@@ -753,7 +809,10 @@ pub fn current() -> ThreadId {
 /// The running thread's name.
 pub fn current_name() -> &'static str {
     let _g = irq::save();
-    THREADS[cur()].lock().name
+    // A local, not a temporary of the tail expression: released before
+    // `_g` turns interrupts back on (see [`Slot`]).
+    let t = THREADS[cur()].lock();
+    t.name
 }
 
 /// The CPU whose context holds `id` right now (a snapshot), if any.
@@ -1065,7 +1124,7 @@ pub fn preemptions_of(id: ThreadId) -> u64 {
 /// Only from a path that never returns to the interrupted code: the locks
 /// are broken if they are held.
 pub unsafe fn guard_owner(va: u64) -> Option<&'static str> {
-    THREADS.iter().find_map(|slot| {
+    THREADS.iter().map(|slot| &slot.0).find_map(|slot| {
         if slot.is_locked() {
             // SAFETY: the caller guarantees the holder never runs again.
             unsafe { slot.force_unlock() };

@@ -94,9 +94,13 @@ impl Rq {
         }
     }
 
-    /// Locks the queue. Interrupts must be off (the tick takes it).
+    /// Locks the queue. Interrupts must be off (the tick takes it; checked
+    /// here and at the release, in every build, as for a thread descriptor).
     pub fn lock(&self) -> RqGuard<'_> {
-        debug_assert!(!crate::irq::enabled());
+        assert!(
+            !crate::irq::enabled(),
+            "run queue locked with interrupts on"
+        );
         RqGuard {
             g: self.q.lock(),
             queued: &self.queued,
@@ -131,6 +135,10 @@ impl DerefMut for RqGuard<'_> {
 impl Drop for RqGuard<'_> {
     fn drop(&mut self) {
         // Before the lock is released (the fields drop after this).
+        assert!(
+            !crate::irq::enabled(),
+            "run queue released with interrupts on"
+        );
         self.queued.store(self.g.len, Ordering::Relaxed);
     }
 }
