@@ -1,5 +1,6 @@
-//! Inter-processor interrupts: reschedule (wake an idle CPU that has work)
-//! and TLB shootdown requests.
+//! Inter-processor interrupts: reschedule (a thread was made ready on the
+//! target's run queue: a remote wake-up, a spawn placed there, a thread
+//! pinned there) and TLB shootdown requests.
 //!
 //! Under Xen PV each vCPU has an event channel bound with
 //! `EVTCHNOP_bind_ipi`; sending is `EVTCHNOP_send` on the target's port.
@@ -29,6 +30,7 @@ pub fn send_resched(cpu: usize) {
         return;
     }
     SENT.fetch_add(1, Ordering::Relaxed);
+    target.resched_ipis_sent.fetch_add(1, Ordering::Relaxed);
     if platform::is_xen_pv() {
         let port = target.ipi_port.load(Ordering::Acquire);
         if port != u32::MAX {
@@ -42,23 +44,13 @@ pub fn send_resched(cpu: usize) {
     }
 }
 
-/// Wakes every other online CPU that runs its idle thread.
-pub fn kick_idle_cpus() {
-    if percpu::online_count() <= 1 {
-        return;
-    }
-    let me = percpu::cpu_id();
-    for cpu in 0..percpu::MAX_CPUS {
-        if cpu != me && percpu::CPUS[cpu].online.load(Ordering::Acquire) && sched::cpu_is_idle(cpu)
-        {
-            send_resched(cpu);
-        }
-    }
-}
-
 /// The reschedule IPI arrived (interrupts off).
 pub fn on_resched() {
     RECEIVED.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: an interrupt handler: interrupts are off.
+    unsafe { percpu::this_cpu_irqs_off() }
+        .resched_ipis
+        .fetch_add(1, Ordering::Relaxed);
     sched::resched_ipi();
 }
 

@@ -41,6 +41,7 @@ mod pvmmu_tests;
 mod report;
 mod rk_tests;
 mod running;
+mod runq_tests;
 mod sched;
 mod selftest;
 mod shootdown;
@@ -83,6 +84,7 @@ const SUITES: &[&[SelfTest]] = &[dm_tests::SUITE, pvmmu_tests::SUITE, xen_hvm_te
 const RUNNING_SUITES: &[&[SelfTest]] = &[
     rk_tests::SUITE,
     smp_tests::SUITE,
+    runq_tests::SUITE,
     smp_stress::SUITE,
     cpa_tests::SUITE,
     pagealloc_tests::SUITE,
@@ -620,6 +622,8 @@ fn kernel_main(mut kernel: Kernel) -> ! {
     kernel.report.threads = st.threads;
     kernel.report.cpus = percpu::online_count() as u64;
     kernel.report.migrations = st.migrations;
+    kernel.report.sched_steals = st.steals;
+    kernel.report.sched_remote_wakeups = st.remote_wakeups;
     let (shootdowns, shootdown_ipis, _, timeouts) = shootdown::counts();
     kernel.report.ipis = ipi::counts().0 + shootdown_ipis;
     kernel.report.shootdowns = shootdowns;

@@ -73,6 +73,13 @@ pub struct PerCpu {
     pub interrupts: AtomicU64,
     /// Thread switches on this CPU.
     pub switches: AtomicU64,
+    /// The CPU whose run queue the thread switched away from goes to once
+    /// its registers are saved (it was pinned elsewhere), or none.
+    pub migrate_to: AtomicUsize,
+    /// Reschedule IPIs received on this CPU.
+    pub resched_ipis: AtomicU64,
+    /// Reschedule IPIs sent to this CPU (by any CPU).
+    pub resched_ipis_sent: AtomicU64,
 }
 
 /// Offsets of the `%gs:` fields (checked below).
@@ -119,6 +126,9 @@ const CPU_INIT: PerCpu = PerCpu {
     ipi_port: AtomicU32::new(u32::MAX),
     interrupts: AtomicU64::new(0),
     switches: AtomicU64::new(0),
+    migrate_to: AtomicUsize::new(NONE),
+    resched_ipis: AtomicU64::new(0),
+    resched_ipis_sent: AtomicU64::new(0),
 };
 
 /// Every CPU's data.

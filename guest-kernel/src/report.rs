@@ -63,6 +63,11 @@ pub struct Report {
     pub interrupts: u64,
     /// Thread switches that moved a thread to another CPU.
     pub migrations: u64,
+    /// Threads moved from another CPU's run queue (idle steals and the
+    /// tick's balance pulls).
+    pub sched_steals: u64,
+    /// Wake-ups that queued a thread on another CPU (each with an IPI).
+    pub sched_remote_wakeups: u64,
     /// Inter-processor interrupts sent (reschedule and shootdown).
     pub ipis: u64,
     /// Native TLB shootdowns initiated (under PV Xen does them: 0).
@@ -143,6 +148,8 @@ impl Report {
             preemptions: 0,
             interrupts: 0,
             migrations: 0,
+            sched_steals: 0,
+            sched_remote_wakeups: 0,
             ipis: 0,
             shootdowns: 0,
             tlb_rounds: 0,
@@ -222,7 +229,7 @@ impl fmt::Display for Report {
         write!(
             f,
             ",\"cpus\":{},\"cpus_offered\":{},\"timer_irqs\":{},\"interrupts\":{},\"context_switches\":{},\
-             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{},\"smp_stress_ops\":{}",
+             \"preemptions\":{},\"threads\":{},\"migrations\":{},\"sched_steals\":{},\"sched_remote_wakeups\":{},\"ipis\":{},\"shootdowns\":{},\"tlb_rounds\":{},\"tlb_stale\":{},\"smp_stress_ops\":{}",
             self.cpus,
             self.cpus_offered,
             self.timer_irqs,
@@ -231,6 +238,8 @@ impl fmt::Display for Report {
             self.preemptions,
             self.threads,
             self.migrations,
+            self.sched_steals,
+            self.sched_remote_wakeups,
             self.ipis,
             self.shootdowns,
             self.tlb_rounds,

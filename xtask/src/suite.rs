@@ -472,8 +472,23 @@ fn smp_judgement(row: &Boot, report: &crate::report::Report) -> Result<(), Strin
             ));
         }
     }
+    // The per-CPU run queues (runq_tests.rs): idle CPUs stole queued
+    // threads, and wake-ups crossed CPUs with an IPI.
+    if let Some(key) = SMP_SCHED_COUNTERS
+        .iter()
+        .find(|key| report.counter(key).unwrap_or(0) == 0)
+    {
+        return Err(format!(
+            "report counter {key} is 0 or missing on an SMP row"
+        ));
+    }
     Ok(())
 }
+
+/// Report counters every passing row with several CPUs must show above
+/// zero: threads stolen from another CPU's run queue, and wake-ups that
+/// queued a thread on another CPU (with a reschedule IPI).
+pub const SMP_SCHED_COUNTERS: &[&str] = &["sched_steals", "sched_remote_wakeups"];
 
 /// A row that sets `pvmmu.lazy_tick_us=N` must report that the lazy
 /// stress ran with that tick.
@@ -1014,7 +1029,7 @@ selftest xen_pvh_c ... ok";
         let smp2 = boot(Mode::Xen, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let smp_report_ops = |cpus: u64, rounds: u64, stale: u64, ops: u64| {
             parse_report(&format!(
-                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale},"smp_stress_ops":{ops}}}"#
+                r#"{{"platform":"xen-pv","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":{cpus},"tlb_rounds":{rounds},"tlb_stale":{stale},"smp_stress_ops":{ops},"sched_steals":4,"sched_remote_wakeups":50}}"#
             ))
             .unwrap()
         };
@@ -1040,7 +1055,7 @@ selftest xen_pvh_c ... ok";
         let native2 = boot(Mode::Native, 512, "", Expect::Pass, Check::Nothing).smp(2);
         let native_report = |fast: u64, races: u64| {
             parse_report(&format!(
-                r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":2,"tlb_rounds":10000,"tlb_stale":0,"smp_stress_ops":10000,"cpa_fast":{fast},"cpa_split_races":{races}}}"#
+                r#"{{"platform":"native","mem_mib":512,"pages_mapped":1,"tables_created":1,"hypercalls":0,"mmu_update_entries":0,"map_cycles":1,"selftests_passed":3,"selftests_failed":0,"random_ops":200000,"timer_irqs":7,"context_switches":5,"lazy_batches_preempted":2,"kmaps":9,"cpus":2,"tlb_rounds":10000,"tlb_stale":0,"smp_stress_ops":10000,"sched_steals":4,"sched_remote_wakeups":50,"cpa_fast":{fast},"cpa_split_races":{races}}}"#
             ))
             .unwrap()
         };
@@ -1050,6 +1065,19 @@ selftest xen_pvh_c ... ok";
                 .unwrap_err()
                 .contains("cpa_split_races"));
         }
+        // ... and the run queues' steals and remote wake-ups.
+        let mut no_steals = smp_report(2, 10_000, 0);
+        no_steals
+            .fields
+            .insert("sched_steals".into(), serde_json::Value::from(0u64));
+        assert!(judge(&smp2, &Verdict::Pass(no_steals))
+            .unwrap_err()
+            .contains("sched_steals"));
+        let mut no_wakeups = smp_report(2, 10_000, 0);
+        no_wakeups.fields.remove("sched_remote_wakeups");
+        assert!(judge(&smp2, &Verdict::Pass(no_wakeups))
+            .unwrap_err()
+            .contains("sched_remote_wakeups"));
         // A row asking for a fast lazy tick: the report must show it.
         let fast = boot(Mode::Xen, 512, FAST_LAZY_TICK, Expect::Pass, Check::Nothing);
         let tick_report = |us: u64| {
