@@ -144,9 +144,10 @@ pub fn send_ipi(apic_id: u32, vector: u8) {
     }
     // xAPIC: the destination and the command are two MMIO writes. An
     // interrupt between them whose handler sends an IPI of its own (a
-    // reschedule from the tick) would rewrite ICR_HIGH, and our write of
-    // ICR_LOW would send our vector to its destination: a shootdown lost
-    // for the CPU it was meant for. Interrupts stay off across the pair.
+    // reschedule after a preemption or a wake-up) would rewrite ICR_HIGH,
+    // and our write of ICR_LOW would send our vector to its destination: a
+    // shootdown lost for the CPU it was meant for. Interrupts stay off
+    // across the pair.
     let _g = crate::irq::save();
     write(reg::ICR_HIGH, apic_id << 24);
     write(reg::ICR_LOW, u32::from(vector));
