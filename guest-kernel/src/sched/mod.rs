@@ -481,9 +481,6 @@ pub fn spawn_near(
     entry: Entry,
     arg: u64,
 ) -> Result<ThreadId, SchedError> {
-    if !online(cpu) {
-        return Err(SchedError::NoSuchCpu(cpu));
-    }
     create(name, entry, arg, DEFAULT_STACK_PAGES, Place::Near(cpu))
 }
 
@@ -496,6 +493,13 @@ fn create(
     pages: usize,
     place: Place,
 ) -> Result<ThreadId, SchedError> {
+    // A thread placed on a CPU needs that CPU up (its idle thread is
+    // created while it comes up).
+    if let Place::Pinned(c) | Place::Near(c) = place {
+        if !online(c) {
+            return Err(SchedError::NoSuchCpu(c));
+        }
+    }
     if !READY.load(Ordering::Acquire) {
         return Err(SchedError::NotReady);
     }
@@ -794,9 +798,6 @@ pub fn spawn_on_with_stack(
     arg: u64,
     pages: usize,
 ) -> Result<ThreadId, SchedError> {
-    if !online(cpu) {
-        return Err(SchedError::NoSuchCpu(cpu));
-    }
     create(name, entry, arg, pages, Place::Pinned(cpu))
 }
 
